@@ -1,0 +1,193 @@
+"""All run output in one place: training_log.txt, the CSV logs and the console.
+
+Every text-log line starts with `[time] Step N |`, and every CSV row with its
+step, so on resume everything after the restored step can be dropped and the
+files read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+EVENT_COLUMNS = ["step", "tokens", "event", "layer", "action", "expert", "parents", "usage",
+                 "threshold", "n_before", "n_after", "probe_loss_before", "probe_loss_after"]
+EVAL_COLUMNS = ["step", "tokens", "source", "loss", "ppl"]
+
+
+def train_columns(n_layers: int) -> list[str]:
+    return (["step", "tokens", "loss", "loss_ce", "loss_lb", "loss_z", "loss_lb_scaled",
+             "loss_z_scaled", "lr", "grad_norm", "grad_scale", "tokens_per_s", "elapsed_s"]
+            + [f"experts_L{i}" for i in range(n_layers)]
+            + [f"usage_entropy_L{i}" for i in range(n_layers)]
+            + [f"max_load_L{i}" for i in range(n_layers)])
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return repr(value)  # shortest exact text: per-step losses compare bit for bit
+    return str(value)
+
+
+class CsvLog:
+    """An append-only CSV file with a fixed header, flushed after every row."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns = path, columns
+        if not path.exists() or path.stat().st_size == 0:
+            path.write_text(",".join(columns) + "\n", encoding="utf-8")
+        self._file = open(path, "a", encoding="utf-8", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore",
+                                      lineterminator="\n")
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow({k: _fmt(v) for k, v in row.items()})
+        self._file.flush()
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def truncate_csv(path: Path, last_step: int) -> int:
+    """Keep the header and rows with step <= last_step (whole rows only); returns rows dropped."""
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        return 0
+    header = lines[0] if lines[0].endswith("\n") else lines[0] + "\n"
+    width = len(next(csv.reader([header])))
+    kept, dropped = [header], 0
+    for line in lines[1:]:
+        fields = next(csv.reader([line]), [])
+        complete = line.endswith("\n") and len(fields) == width
+        if complete and fields[0].isdigit() and int(fields[0]) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    _atomic_write(path, "".join(kept))
+    return dropped
+
+
+_STEP_OF_LINE = re.compile(r"^\[[^\]]*\] Step (\d+) \|")
+
+
+def truncate_text_log(path: Path, last_step: int) -> int:
+    """Drop text-log lines of steps after last_step (and a partial last line)."""
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.endswith("\n")
+            and (m := _STEP_OF_LINE.match(ln)) is not None and int(m.group(1)) <= last_step]
+    _atomic_write(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """training_log.txt, training_log.csv, events.csv, eval.csv and the console."""
+
+    def __init__(self, log_dir: Path, n_layers: int, console: str, total_tokens: int):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir
+        self.train_csv = CsvLog(log_dir / "training_log.csv", train_columns(n_layers))
+        self.events_csv = CsvLog(log_dir / "events.csv", EVENT_COLUMNS)
+        self.eval_csv = CsvLog(log_dir / "eval.csv", EVAL_COLUMNS)
+        self._text = open(log_dir / "training_log.txt", "a", encoding="utf-8")
+        use_rich = console == "rich" or (console == "auto" and sys.stdout.isatty())
+        self.console = Console()
+        self.progress = None
+        if use_rich:
+            self.progress = Progress(
+                TextColumn("[bold]nemoe"), BarColumn(), TextColumn("{task.fields[tokens]}"),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+                TextColumn("experts {task.fields[experts]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=self.console, transient=False)
+            self._task = self.progress.add_task("train", total=total_tokens, tokens="", loss="-",
+                                                speed="-", experts="-")
+            self.progress.start()
+
+    @staticmethod
+    def truncate_after(log_dir: Path, step: int) -> int:
+        """On resume: drop every row and line after `step`; returns how many went."""
+        dropped = 0
+        for name in ("training_log.csv", "events.csv", "eval.csv"):
+            dropped += truncate_csv(log_dir / name, step)
+        return dropped + truncate_text_log(log_dir / "training_log.txt", step)
+
+    # -- writing ---------------------------------------------------------------- #
+    def line(self, step: int, text: str, echo: bool = True) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        full = f"[{stamp}] Step {step} | {text}"
+        self._text.write(full + "\n")
+        self._text.flush()
+        if echo:
+            self.print(full)
+
+    def print(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def warn(self, step: int, text: str) -> None:
+        self.line(step, f"Warning | {text}")
+
+    def train_row(self, row: dict, summary: str, experts: str) -> None:
+        self.train_csv.write(row)
+        self.line(row["step"], summary, echo=self.progress is None)
+        if self.progress is not None:
+            self.progress.update(self._task, completed=row["tokens"], tokens=f"{row['tokens']:,}",
+                                 loss=f"{row['loss_ce']:.4f}", speed=f"{row['tokens_per_s']:,.0f}",
+                                 experts=experts)
+
+    def event_row(self, row: dict, text: str) -> None:
+        self.events_csv.write(row)
+        self.line(row["step"], text)
+
+    def eval_rows(self, rows: list[dict], text: str) -> None:
+        for row in rows:
+            self.eval_csv.write(row)
+        self.line(rows[0]["step"], text)
+
+    def sync(self) -> None:
+        """Push every log to disk (before a checkpoint claims these steps are done)."""
+        for log in (self.train_csv, self.events_csv, self.eval_csv):
+            log.sync()
+        self._text.flush()
+        os.fsync(self._text.fileno())
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        for log in (self.train_csv, self.events_csv, self.eval_csv):
+            log.close()
+        self._text.close()
+
+
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """Rows as CSV text (used by tests and tools that want the same formatting)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(v) for k, v in row.items()})
+    return buf.getvalue()

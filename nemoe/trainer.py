@@ -1,0 +1,427 @@
+"""The training loop, as a sequence of named calls.
+
+One `Trainer` owns the model, optimizer, GradScaler, morphogenesis controller,
+data stream and logs. Its `state_dict` is the checkpoint: restoring it and
+continuing gives the same per-step losses, bit for bit on CPU in fp32, as never
+having stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nemoe import checkpoint as ckpt
+from nemoe.config import Config, dump_config
+from nemoe.data import TokenStream, heldout_batches
+from nemoe.errors import UserError
+from nemoe.evolution import MorphController, MorphEvent
+from nemoe.logs import RunLogger
+from nemoe.model import NemoeLM, split_block
+from nemoe.tokenizer import get_tokenizer
+
+
+# --------------------------------------------------------------------------- #
+# Device, precision, schedule, RNG
+# --------------------------------------------------------------------------- #
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device={name} but no CUDA GPU is visible; use train.device=auto or cpu")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """fp32 on CPU; on CUDA bf16 only with native support (sm >= 8.0), else fp16 + GradScaler.
+
+    torch.cuda.is_bf16_supported() says True on a T4 (sm 7.5) because it counts
+    emulation, so the compute capability decides.
+    """
+    if device.type != "cuda":
+        if name in ("fp16", "bf16"):
+            raise UserError(f"train.precision={name} needs a CUDA GPU; this run is on {device}")
+        return "fp32"
+    native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+    if name == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if name == "bf16" and not native_bf16:
+        raise UserError("train.precision=bf16 needs a GPU with compute capability >= 8.0; use fp16")
+    return name
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up to train.lr, then cosine decay to train.min_lr at the token target."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, cfg.total_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": _numpy_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # As a tensor, so the checkpoint loads with torch.load(weights_only=True).
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+            "has_gauss": has_gauss, "gauss": gauss}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- #
+# The trainer
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class RunPaths:
+    log_dir: Path
+    ckpt_dir: Path
+
+    @classmethod
+    def of(cls, run_dir: Path, run_name: str) -> "RunPaths":
+        return cls(run_dir / "logs" / run_name, run_dir / "checkpoints" / run_name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, paths: RunPaths, resume: bool = False, max_steps: int | None = None):
+        self.cfg, self.paths, self.max_steps = cfg, paths, max_steps
+        self.device = resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        seed_everything(cfg.train.seed)
+
+        self.tokenizer = get_tokenizer("gpt2")
+        if cfg.model.vocab_size < self.tokenizer.n_vocab:
+            raise UserError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
+                            f"tokenizer's vocabulary ({self.tokenizer.n_vocab})")
+        self.model = NemoeLM(cfg).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.param_groups(cfg.train.weight_decay), lr=cfg.train.lr,
+            betas=(cfg.train.beta1, cfg.train.beta2), fused=self.device.type == "cuda")
+        # A GradScaler only for fp16; bf16 and fp32 have fp32's exponent range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.controller = MorphController(cfg, cfg.model.n_layers)
+        self.stream = TokenStream(cfg.data, self.tokenizer, cfg.model.seq_len)
+        self.eval_batches = heldout_batches(cfg.data, self.tokenizer, cfg.model.seq_len,
+                                            cfg.eval.batches, cfg.eval.batch_size)
+        # Probe batch: the first held-out batch of each source, fixed for the run.
+        self.probe_batch = torch.cat([batches[0] for batches in self.eval_batches.values()])
+
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.window = self._empty_window()
+        self.stop_requested = False
+        self._restore_or_start(resume)
+        self.forward = torch.compile(self.model) if cfg.train.compile and self.device.type == "cuda" else self.model
+
+    # -- start / resume ------------------------------------------------------- #
+    def _restore_or_start(self, resume: bool) -> None:
+        paths = self.paths
+        existing = ckpt.list_checkpoints(paths.ckpt_dir)
+        if existing and not resume:
+            raise UserError(f"run folder {paths.ckpt_dir} already has checkpoints (newest: step "
+                            f"{existing[0][0]}); add --resume to continue it, or pick a new --run-name")
+        paths.log_dir.mkdir(parents=True, exist_ok=True)
+        notes = []
+        loaded = None
+        if resume:
+            ckpt.remove_temporaries(paths.ckpt_dir)
+            loaded = ckpt.load_latest(paths.ckpt_dir, warn=notes.append)
+            if loaded is None and existing:
+                raise UserError(f"--resume: none of the {len(existing)} checkpoints in {paths.ckpt_dir} "
+                                f"could be loaded ({'; '.join(notes)}); nothing was deleted")
+        if loaded is not None:
+            path, state = loaded
+            self._check_compatible(state["config"], path)
+            self.load_state_dict(state)
+            notes.append(f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)")
+        elif resume:
+            notes.append(f"--resume: no checkpoint in {paths.ckpt_dir} yet, starting fresh")
+        RunLogger.truncate_after(paths.log_dir, self.step)
+        self.log = RunLogger(paths.log_dir, self.cfg.model.n_layers, self.cfg.log.console,
+                             self.cfg.train.total_tokens)
+        (paths.log_dir / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+        params = self.model.count_params()
+        self.log.line(self.step, f"Start | device {self.device} | precision {self.precision} | params "
+                      f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
+                      f"{self.cfg.tokens_per_step:,} tokens/step | target {self.cfg.train.total_tokens:,} tokens "
+                      f"({self.cfg.total_steps:,} steps)")
+        for note in notes:
+            self.log.line(self.step, f"Note | {note}")
+
+    def _check_compatible(self, saved: dict, path: Path) -> None:
+        """Refuse a checkpoint whose model, expert pool or data differ from this config."""
+        now = self.cfg.to_dict()
+        diffs = [f"{section}.{key}: checkpoint {saved[section].get(key)!r}, config {value!r}"
+                 for section in ("model", "moe") for key, value in now[section].items()
+                 if saved.get(section, {}).get(key) != value]
+        if saved.get("data", {}).get("sources") != now["data"]["sources"]:
+            diffs.append("data.sources differ")
+        if diffs:
+            raise UserError(f"{path} was written by an incompatible config:\n  - " + "\n  - ".join(diffs))
+
+    # -- the loop --------------------------------------------------------------- #
+    def train(self) -> None:
+        cfg = self.cfg
+        target_steps = cfg.total_steps if self.max_steps is None else min(self.max_steps, cfg.total_steps)
+        if self.step >= target_steps:
+            self.log.line(self.step, f"Note | nothing to do: step {self.step} already reached the target "
+                                     f"({target_steps} steps)")
+            self.log.close()
+            return
+        old_handlers = self._install_signal_handlers()
+        last_save = time.monotonic()
+        try:
+            if self.step == 0:
+                self.evaluate()
+            self.controller.update_routing(self.model.moe_layers, self.step)
+            while self.step < target_steps and not self.stop_requested:
+                started = time.perf_counter()
+                loss_ce = self.train_step()
+                events = self.evolve()
+                self.elapsed += time.perf_counter() - started
+                self.report(events, loss_ce)
+                if self._due(cfg.eval.every_steps) or self.step == target_steps:
+                    self.evaluate()
+                if self._due(cfg.log.sample_every_steps):
+                    self.sample()
+                minutes = (time.monotonic() - last_save) / 60
+                if (self._due(cfg.checkpoint.every_steps) or self.step == target_steps
+                        or (cfg.checkpoint.every_minutes and minutes >= cfg.checkpoint.every_minutes)):
+                    self.save()
+                    last_save = time.monotonic()
+            if self.stop_requested:
+                self.save()
+                self.log.line(self.step, "Note | stopped by signal after saving a checkpoint; "
+                                         "rerun with --resume to continue")
+            else:
+                self.log.line(self.step, f"Done | {self.tokens:,} tokens in {self.elapsed:.1f}s")
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            self.log.close()
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean CE (on device)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_ce = torch.zeros((), device=self.device)
+        for _ in range(cfg.train.grad_accum):
+            batch = self.stream.next_batch(cfg.train.batch_size).to(self.device, non_blocking=True)
+            inputs, targets = split_block(batch)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                out = self.forward(inputs, targets)
+            loss = out.loss_ce + cfg.moe.lb_coef * out.loss_lb + cfg.moe.z_coef * out.loss_z
+            self.scaler.scale(loss / cfg.train.grad_accum).backward()
+            total_ce += out.loss_ce.detach()
+            self._accumulate(out)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += cfg.tokens_per_step
+        w = self.window
+        w["steps"] += 1
+        w["grad_norm"] += grad_norm.detach().float()
+        w["lr"] = lr
+        self.controller.update_routing(model.moe_layers, self.step)
+        return total_ce / cfg.train.grad_accum
+
+    def _accumulate(self, out) -> None:
+        w = self.window
+        w["micro"] += 1
+        w["loss_ce"] += out.loss_ce.detach()
+        w["loss_lb"] += out.loss_lb.detach()
+        w["loss_z"] += out.loss_z.detach()
+        w["counts"] += torch.stack(out.counts).to(w["counts"].device)
+
+    def _empty_window(self) -> dict:
+        n_layers, n_slots = self.cfg.model.n_layers, self.cfg.moe.experts_max
+        zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        return {"steps": 0, "micro": 0, "lr": 0.0, "loss_ce": zero(), "loss_lb": zero(),
+                "loss_z": zero(), "grad_norm": zero(), "wall_start": self.elapsed,
+                "counts": torch.zeros(n_layers, n_slots, dtype=torch.long, device=self.device)}
+
+    def evolve(self) -> list[MorphEvent]:
+        """Run the controller at its interval (always at an optimizer-step boundary)."""
+        if not self.controller.due(self.step):
+            return []
+        return self.controller.evolve(self.model.moe_layers, self.optimizer, self.step, self.tokens,
+                                      self.probe_loss)
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Loss on the fixed probe batch, eval mode, fp32-accumulated."""
+        return self._loss_on([self.probe_batch])
+
+    @torch.no_grad()
+    def _loss_on(self, batches: list[torch.Tensor]) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        for batch in batches:
+            batch = batch.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                out = self.model(*split_block(batch))
+            total += out.loss_ce.item()
+        self.model.train(was_training)
+        return total / len(batches)
+
+    # -- output ----------------------------------------------------------------- #
+    def report(self, events: list[MorphEvent], loss_ce: torch.Tensor) -> None:
+        if events:
+            step_text = self._step_text(loss_ce.item(), None)
+            counts = self.controller.expert_counts()
+            for e in events:
+                parents = f" | Parents {e.parents}" if e.parents else ""
+                self.log.event_row(e.as_row(), (
+                    f"{step_text} | Event {e.event} | Layer {e.layer} | Action {e.action} | "
+                    f"Expert {e.expert}{parents} | Usage {e.usage:.4f} | Thresh {e.threshold:g} | "
+                    f"{e.n_before}→{e.n_after} | Probe {e.probe_loss_before:.4f}→{e.probe_loss_after:.4f}"))
+            self.log.line(self.step, f"Experts | {' '.join(map(str, counts))}", echo=False)
+        if self.step % self.cfg.log.every_steps == 0:
+            self._write_train_row()
+
+    def _step_text(self, loss_ce: float, loss_lb: float | None) -> str:
+        lb = f" | LossLB {loss_lb:.4f}" if loss_lb is not None else ""
+        return (f"Tokens {self.tokens:,} | LossCE {loss_ce:.4f}{lb} | "
+                f"LR {self.window['lr']:.2e}")
+
+    def _write_train_row(self) -> None:
+        w, cfg = self.window, self.cfg
+        micro, steps = max(w["micro"], 1), max(w["steps"], 1)
+        loss_ce = (w["loss_ce"] / micro).item()
+        loss_lb = (w["loss_lb"] / micro).item()
+        loss_z = (w["loss_z"] / micro).item()
+        tokens_per_s = steps * cfg.tokens_per_step / max(self.elapsed - w["wall_start"], 1e-9)
+        counts = w["counts"].double().cpu()
+        share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        experts = self.controller.expert_counts()
+        row = {"step": self.step, "tokens": self.tokens, "loss_ce": loss_ce, "loss_lb": loss_lb,
+               "loss_z": loss_z, "loss_lb_scaled": cfg.moe.lb_coef * loss_lb,
+               "loss_z_scaled": cfg.moe.z_coef * loss_z,
+               "loss": loss_ce + cfg.moe.lb_coef * loss_lb + cfg.moe.z_coef * loss_z,
+               "lr": w["lr"], "grad_norm": (w["grad_norm"] / steps).item(),
+               "grad_scale": self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+               "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(self.elapsed, 3)}
+        for i, n in enumerate(experts):
+            p = share[i][share[i] > 0]
+            row[f"experts_L{i}"] = n
+            row[f"usage_entropy_L{i}"] = round(float(-(p * p.log()).sum()), 6)
+            row[f"max_load_L{i}"] = round(float(share[i].max() * n), 6)  # max / mean over live experts
+        self.log.train_row(row, f"{self._step_text(loss_ce, loss_lb)} | GradNorm {row['grad_norm']:.3f} | "
+                                f"Tok/s {tokens_per_s:,.0f} | Experts {'/'.join(map(str, experts))}",
+                           experts="/".join(map(str, experts)))
+        self.window = self._empty_window()
+
+    def evaluate(self) -> None:
+        rows = []
+        for source, batches in self.eval_batches.items():
+            loss = self._loss_on(batches)
+            rows.append({"step": self.step, "tokens": self.tokens, "source": source, "loss": loss,
+                         "ppl": math.exp(min(loss, 50.0))})
+        weights = [len(b) for b in self.eval_batches.values()]
+        mixed = sum(r["loss"] * n for r, n in zip(rows, weights)) / sum(weights)
+        rows.append({"step": self.step, "tokens": self.tokens, "source": "all", "loss": mixed,
+                     "ppl": math.exp(min(mixed, 50.0))})
+        self.log.eval_rows(rows, "Eval | " + " | ".join(f"{r['source']} {r['loss']:.4f}" for r in rows))
+
+    @torch.no_grad()
+    def sample(self) -> None:
+        """A generated sample in the log, drawn with its own generator (training RNG untouched)."""
+        cfg = self.cfg.log
+        if not cfg.sample_tokens:
+            return
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + self.step)
+        prompt = torch.tensor([self.tokenizer.encode(cfg.sample_prompt)], device=self.device)
+        self.model.eval()
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            out = self.model.generate(prompt, cfg.sample_tokens, temperature=0.8, generator=generator)
+        self.model.train()
+        text = self.tokenizer.decode(out[0].tolist())
+        self.log.line(self.step, f"Sample | {text!r}")
+
+    # -- checkpoints -------------------------------------------------------------- #
+    def save(self) -> None:
+        self.log.sync()
+        path = ckpt.save_checkpoint(self.paths.ckpt_dir, self.state_dict(), self.cfg.checkpoint.keep_last)
+        self.log.line(self.step, f"Checkpoint | {path}", echo=False)
+
+    def state_dict(self) -> dict:
+        window = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.window.items()}
+        return {"step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "controller": self.controller.state_dict(), "data": self.stream.state_dict(),
+                "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                            "window": window},
+                "rng": rng_state(), "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.controller.load_state_dict(state["controller"])
+        self.stream.load_state_dict(state["data"])
+        t = state["trainer"]
+        self.step, self.tokens, self.elapsed = t["step"], t["tokens"], t["elapsed"]
+        self.window = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t["window"].items()}
+        set_rng_state(state["rng"])
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT / SIGTERM: finish the current step, save, exit cleanly."""
+        def request_stop(signum, frame):
+            if self.stop_requested:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.log.print(f"received signal {signum}: saving a checkpoint after this step ...")
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+        return old

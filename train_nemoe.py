@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Train a nemoe model.
+
+    python train_nemoe.py --config local.yaml              # offline, CPU, built-in corpus
+    python train_nemoe.py --config t4.yaml                 # Colab T4, streamed web text
+    python train_nemoe.py --config t4.yaml --resume        # after a disconnect
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nemoe.errors import UserError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a neuro-evolutionary mixture-of-experts LM.")
+    p.add_argument("--config", default=None,
+                   help="NAME, configs/NAME or configs/NAME.yaml (default: local.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--run-name", default=None, help="run folder name (default: the config's name)")
+    p.add_argument("--run-dir", default=".", help="where logs/ and checkpoints/ go (default: .)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest valid checkpoint of this run (none yet: start fresh)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N optimizer steps (the LR schedule still follows the token target)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        # Imported here so `--help` answers without loading torch.
+        from nemoe.config import load_config
+        from nemoe.trainer import RunPaths, Trainer
+
+        if args.max_steps is not None and args.max_steps < 1:
+            raise UserError("--max-steps must be >= 1")
+        cfg = load_config(args.config, args.overrides)
+        paths = RunPaths.of(Path(args.run_dir), args.run_name or cfg.name)
+        Trainer(cfg, paths, resume=args.resume, max_steps=args.max_steps).train()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
