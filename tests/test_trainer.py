@@ -1,0 +1,181 @@
+"""End-to-end trainer runs: exact resume (invariant 5), checkpoints (6), signals, logs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from nemoe import checkpoint as ckpt
+from tests.conftest import REPO
+from train_nemoe import main
+
+pytestmark = pytest.mark.slow
+
+# A tiny run: two built-in sources, events every 4 steps, per-step CSV rows.
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=16", "model.d_expert=64",
+    "model.dropout=0.1",  # dropout on: resume must restore the RNG too
+    "moe.experts_init=2", "moe.experts_max=4",
+    "morph.interval=4", "morph.probation_steps=4", "morph.split_usage=0.3", "morph.prune_usage=0.2",
+    "morph.crossover_prob=0.5", "morph.probation_min_usage=0.2",
+    "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=3", "train.total_tokens=1920",
+    "train.device=cpu", "train.precision=fp32",
+    "log.every_steps=1", "log.sample_every_steps=0", "log.console=plain",
+    "eval.every_steps=8", "eval.batches=1", "eval.batch_size=2",
+    "checkpoint.every_steps=5", "checkpoint.every_minutes=0", "checkpoint.keep_last=3",
+]
+
+
+def run(run_dir, *extra, name="tiny"):
+    args = ["--config", "local", "--run-dir", str(run_dir), "--run-name", name]
+    for item in TINY:
+        args += ["--set", item]
+    return main(args + list(extra))
+
+
+def logs(run_dir, name="tiny"):
+    d = run_dir / "logs" / name
+    return (pd.read_csv(d / "training_log.csv"), pd.read_csv(d / "events.csv"),
+            pd.read_csv(d / "eval.csv"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    assert run(run_dir, "--max-steps", "24") == 0
+    return run_dir
+
+
+def test_run_writes_every_output(uninterrupted):
+    train, events, evals = logs(uninterrupted)
+    assert list(train["step"]) == list(range(1, 25))
+    for col in ("step", "tokens", "loss_ce", "loss_lb", "loss_z", "lr", "grad_norm", "tokens_per_s",
+                "elapsed_s", "experts_L0", "experts_L1"):
+        assert col in train.columns
+    assert train["tokens"].iloc[-1] == 24 * 4 * 16
+    assert set(evals["source"]) == {"prose", "code", "all"}
+    assert sorted(set(evals["step"])) == [0, 8, 16, 24]
+    assert len(events) > 0 and {"split"} <= set(events["action"])
+    text = (uninterrupted / "logs" / "tiny" / "training_log.txt").read_text()
+    assert "Event evolve_split | Layer" in text and "→" in text
+    assert (uninterrupted / "logs" / "tiny" / "config.yaml").exists()
+    steps = [s for s, _ in ckpt.list_checkpoints(uninterrupted / "checkpoints" / "tiny")]
+    assert steps == [24, 20, 15], "keep_last=3 and a final checkpoint"
+
+
+def test_expert_counts_in_csv_follow_the_events(uninterrupted):
+    train, events, _ = logs(uninterrupted)
+    for layer in (0, 1):
+        counts = dict(zip(train["step"], train[f"experts_L{layer}"]))
+        n = 2
+        for _, e in events[events["layer"] == layer].iterrows():
+            assert e["n_before"] == n
+            n = e["n_after"]
+            assert counts[e["step"]] == n or e["step"] == events[events["layer"] == layer]["step"].iloc[0]
+        assert counts[24] == n
+        assert train[f"experts_L{layer}"].between(2, 4).all()
+
+
+def test_births_keep_probe_loss(uninterrupted):
+    _, events, _ = logs(uninterrupted)
+    births = events[events["action"].isin(["split", "crossover"])]
+    assert len(births) > 0
+    rel = (births["probe_loss_after"] - births["probe_loss_before"]).abs() / births["probe_loss_before"]
+    assert rel.max() < 1e-3
+
+
+def test_resume_is_bit_exact_across_events(uninterrupted, tmp_path):
+    # Stop at 13 (final checkpoint 13), then lose checkpoint 13 as if the VM died
+    # before it landed: resume must go back to step 10, drop rows 11..13 and replay.
+    assert run(tmp_path, "--max-steps", "13") == 0
+    (tmp_path / "checkpoints" / "tiny" / "nemo_ckpt_step13.pt").unlink()
+    assert run(tmp_path, "--resume", "--max-steps", "24") == 0
+    straight_train, straight_events, straight_eval = logs(uninterrupted)
+    train, events, evals = logs(tmp_path)
+    assert list(train["step"]) == list(range(1, 25)), "each step exactly once, in order"
+    assert train["loss_ce"].tolist() == straight_train["loss_ce"].tolist()   # bit for bit
+    assert train["grad_norm"].tolist() == straight_train["grad_norm"].tolist()
+    pd.testing.assert_frame_equal(events, straight_events)
+    assert evals["loss"].tolist() == straight_eval["loss"].tolist()
+    assert events["step"].min() < 10 < events["step"].max(), "events before and after the resume point"
+    text = (tmp_path / "logs" / "tiny" / "training_log.txt").read_text()
+    assert "resumed from nemo_ckpt_step10.pt at step 10" in text
+
+
+def test_same_seed_same_events(uninterrupted, tmp_path):
+    assert run(tmp_path, "--max-steps", "24") == 0
+    pd.testing.assert_frame_equal(logs(tmp_path)[1], logs(uninterrupted)[1])
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, capsys):
+    assert run(tmp_path, "--max-steps", "10") == 0
+    newest = tmp_path / "checkpoints" / "tiny" / "nemo_ckpt_step10.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    assert run(tmp_path, "--resume", "--max-steps", "12") == 0
+    out = capsys.readouterr().out
+    assert "skipping" in out and "nemo_ckpt_step10.pt" in out
+    assert "resumed from nemo_ckpt_step5.pt" in out
+    assert list(logs(tmp_path)[0]["step"]) == list(range(1, 13))
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
+    assert run(tmp_path, "--resume", "--max-steps", "2") == 0
+    assert "no checkpoint" in capsys.readouterr().out
+    assert list(logs(tmp_path)[0]["step"]) == [1, 2]
+
+
+def test_fresh_start_on_existing_run_is_refused(tmp_path, capsys):
+    assert run(tmp_path, "--max-steps", "5") == 0
+    assert run(tmp_path, "--max-steps", "5") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints" / "tiny")] == [5]
+
+
+def test_resume_with_an_incompatible_model_is_refused(tmp_path, capsys):
+    assert run(tmp_path, "--max-steps", "5") == 0
+    assert run(tmp_path, "--resume", "--set", "model.d_model=48", "--set", "model.n_heads=2") == 2
+    assert "model.d_model: checkpoint 32, config 48" in capsys.readouterr().err
+
+
+def test_checkpoint_save_is_atomic_and_keeps_last(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, {"step": step, "x": torch.ones(3) * step}, keep_last=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 3]
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary files left behind"
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    path = tmp_path / "nemo_ckpt_step1.pt"
+    torch.save({"step": 1}, path)
+    with pytest.raises(Exception, match="not a nemoe checkpoint"):
+        ckpt.load_checkpoint(path)
+    path.write_bytes(os.urandom(256))
+    with pytest.raises(Exception, match="unreadable checkpoint"):
+        ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
+    args = [sys.executable, str(REPO / "train_nemoe.py"), "--config", "local", "--run-dir", str(tmp_path),
+            "--run-name", "tiny"]
+    for item in TINY + ["checkpoint.every_steps=0", "train.total_tokens=10000000"]:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    csv = tmp_path / "logs" / "tiny" / "training_log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not csv.exists() or len(csv.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    saved = ckpt.list_checkpoints(tmp_path / "checkpoints" / "tiny")
+    assert len(saved) == 1
+    last_row = int(csv.read_text().splitlines()[-1].split(",")[0])
+    assert saved[0][0] == last_row, "the checkpoint is at the last logged step"
+    assert "stopped by signal" in out
