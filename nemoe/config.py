@@ -116,6 +116,8 @@ class TrainConfig:
     """Recompute block activations in the backward pass to save memory."""
     compile: bool = False
     """Wrap the model in torch.compile (CUDA only)."""
+    max_bad_steps: int = 20
+    """Consecutive steps with a non-finite loss or gradient (update skipped) before the run saves and stops."""
 
 
 @dataclass
@@ -343,6 +345,7 @@ def validate(cfg: Config) -> list[str]:
         (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
         (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables)"),
+        (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
         (t.total_tokens > 0, "train.total_tokens must be > 0"),
         (t.precision in ("auto", "fp32", "fp16", "bf16"),
          f"train.precision must be auto, fp32, fp16 or bf16, got {t.precision!r}"),

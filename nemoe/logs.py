@@ -8,7 +8,6 @@ files read as one uninterrupted run.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import sys
@@ -181,13 +180,3 @@ class RunLogger:
         for log in (self.train_csv, self.events_csv, self.eval_csv):
             log.close()
         self._text.close()
-
-
-def csv_text(rows: list[dict], columns: list[str]) -> str:
-    """Rows as CSV text (used by tests and tools that want the same formatting)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(v) for k, v in row.items()})
-    return buf.getvalue()

@@ -142,6 +142,7 @@ class Trainer:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.window = self._empty_window()
         self.stop_requested = False
+        self.bad_steps, self.diverged = 0, False
         self._restore_or_start(resume)
         self.forward = torch.compile(self.model) if cfg.train.compile and self.device.type == "cuda" else self.model
 
@@ -206,7 +207,7 @@ class Trainer:
             if self.step == 0:
                 self.evaluate()
             self.controller.update_routing(self.model.moe_layers, self.step)
-            while self.step < target_steps and not self.stop_requested:
+            while self.step < target_steps and not (self.stop_requested or self.diverged):
                 started = time.perf_counter()
                 loss_ce = self.train_step()
                 events = self.evolve()
@@ -221,6 +222,11 @@ class Trainer:
                         or (cfg.checkpoint.every_minutes and minutes >= cfg.checkpoint.every_minutes)):
                     self.save()
                     last_save = time.monotonic()
+            if self.diverged:
+                self.save()
+                raise UserError(f"stopped at step {self.step}: {self.bad_steps} steps in a row had a "
+                                f"non-finite loss or gradient (train.max_bad_steps); the checkpoint holds "
+                                f"the last finite weights. Lower train.lr or check the data.")
             if self.stop_requested:
                 self.save()
                 self.log.line(self.step, "Note | stopped by signal after saving a checkpoint; "
@@ -256,9 +262,13 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
+        # One host sync per step: a non-finite gradient must not reach the weights.
+        finite = bool(torch.isfinite(grad_norm))
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # the GradScaler skips non-finite steps itself
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._note_bad_step(finite)
         self.step += 1
         self.tokens += cfg.tokens_per_step
         w = self.window
@@ -267,6 +277,17 @@ class Trainer:
         w["lr"] = lr
         self.controller.update_routing(model.moe_layers, self.step)
         return total_ce / cfg.train.grad_accum
+
+    def _note_bad_step(self, finite: bool) -> None:
+        if finite:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        what = "gradient overflow (fp16 loss scale lowered)" if self.scaler.is_enabled() else \
+            "non-finite loss or gradient"
+        self.log.warn(self.step + 1, f"{what}: update skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            self.diverged = True
 
     def _accumulate(self, out) -> None:
         w = self.window
@@ -396,7 +417,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "controller": self.controller.state_dict(), "data": self.stream.state_dict(),
                 "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                            "window": window},
+                            "bad_steps": self.bad_steps, "window": window},
                 "rng": rng_state(), "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -407,6 +428,7 @@ class Trainer:
         self.stream.load_state_dict(state["data"])
         t = state["trainer"]
         self.step, self.tokens, self.elapsed = t["step"], t["tokens"], t["elapsed"]
+        self.bad_steps = t["bad_steps"]
         self.window = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t["window"].items()}
         set_rng_state(state["rng"])
 

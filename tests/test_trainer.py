@@ -73,10 +73,11 @@ def test_expert_counts_in_csv_follow_the_events(uninterrupted):
     for layer in (0, 1):
         counts = dict(zip(train["step"], train[f"experts_L{layer}"]))
         n = 2
-        for _, e in events[events["layer"] == layer].iterrows():
-            assert e["n_before"] == n
-            n = e["n_after"]
-            assert counts[e["step"]] == n or e["step"] == events[events["layer"] == layer]["step"].iloc[0]
+        for step, group in events[events["layer"] == layer].groupby("step", sort=True):
+            for _, e in group.iterrows():
+                assert e["n_before"] == n, "events chain: each starts from the previous count"
+                n = e["n_after"]
+            assert counts[step] == n, "the CSV row of an event step shows the count after it"
         assert counts[24] == n
         assert train[f"experts_L{layer}"].between(2, 4).all()
 
@@ -168,7 +169,8 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     csv = tmp_path / "logs" / "tiny" / "training_log.csv"
     deadline = time.time() + 120
-    while time.time() < deadline and (not csv.exists() or len(csv.read_text().splitlines()) < 4):
+    while proc.poll() is None and time.time() < deadline and (
+            not csv.exists() or len(csv.read_text().splitlines()) < 4):
         time.sleep(0.2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
@@ -179,3 +181,26 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     last_row = int(csv.read_text().splitlines()[-1].split(",")[0])
     assert saved[0][0] == last_row, "the checkpoint is at the last logged step"
     assert "stopped by signal" in out
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, capsys, monkeypatch):
+    from nemoe import trainer as trainer_module
+
+    real = trainer_module.Trainer._accumulate
+
+    def poisoned(self, out):  # every gradient from step 3 on is NaN
+        if self.step >= 3:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        real(self, out)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_accumulate", poisoned)
+    assert run(tmp_path, "--set", "train.max_bad_steps=3", "--max-steps", "20") == 2
+    captured = capsys.readouterr()
+    assert "non-finite loss or gradient" in captured.err
+    (step, path), = ckpt.list_checkpoints(tmp_path / "checkpoints" / "tiny")[:1]
+    assert step == 6
+    state = ckpt.load_checkpoint(path)
+    weights = {k: v for k, v in state["model"].items() if not k.endswith("route_offset")}  # -inf = free slot
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
