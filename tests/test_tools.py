@@ -1,0 +1,362 @@
+"""tools/: plots, lineage, generate, evaluate, summary -- on hand-written logs and a tiny real run.
+
+The hand-written logs (fast) pin the reading rules: a resumed run reads as one
+timeline, a partial last line is skipped, bad input gives one message and no
+traceback. The real run (slow: a module fixture trains a tiny model with two
+resumes) checks every tool end to end on files the trainer wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from nemoe.logs import EVAL_COLUMNS, EVENT_COLUMNS, train_columns
+from tools import evaluate, generate, lineage, plot_experts, plot_training, summary
+from tools._common import read_training_log
+
+slow = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of a PNG that opens."""
+    from matplotlib.image import imread
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    return image.shape[:2]
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run tools/<name>.py as a user would, from the repo root."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def assert_one_error(rc: int, err: str, *words: str) -> None:
+    """Non-zero exit, one 'error:' message on stderr, no traceback."""
+    assert rc != 0
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+# --------------------------------------------------------------------------- #
+# Hand-written logs
+# --------------------------------------------------------------------------- #
+
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """Rows as the trainer writes them: a header, then one line per row."""
+    lines = [",".join(columns)] + [",".join(str(row[c]) for c in columns) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def train_row(step: int, counts: list[int], loss: float | None = None) -> dict:
+    loss = 8.0 - 0.1 * step if loss is None else loss
+    row = {"step": step, "tokens": 64 * step, "loss": loss, "loss_ce": loss, "loss_lb": 1.05,
+           "loss_z": 0.4, "loss_lb_scaled": 0.0105, "loss_z_scaled": 0.0004, "lr": 1e-3,
+           "grad_norm": 0.9, "grad_scale": 1.0, "tokens_per_s": 900.0, "elapsed_s": 0.07 * step}
+    for i, n in enumerate(counts):
+        row |= {f"experts_L{i}": n, f"usage_entropy_L{i}": 0.6, f"max_load_L{i}": 1.3}
+    return row
+
+
+def event(step, layer, action, expert, parents="", n_before=2, n_after=3, usage=0.5, threshold=0.3):
+    return {"step": step, "tokens": 64 * step, "event": f"evolve_{action}", "layer": layer, "action": action,
+            "expert": expert, "parents": parents, "usage": usage, "threshold": threshold,
+            "n_before": n_before, "n_after": n_after, "probe_loss_before": 7.0, "probe_loss_after": 7.0}
+
+
+# Two layers, two founders each (ids 0 1 | 2 3); ids 4.. are born in events.
+EVENTS = [
+    event(4, 0, "split", 4, "0"),
+    event(4, 1, "split", 5, "3"),
+    event(8, 0, "graduate", 4, n_before=3, n_after=3),
+    event(8, 1, "failed_probation", 5, n_before=3, n_after=2, usage=0.01, threshold=0.2),
+    event(8, 1, "crossover", 6, "2 3", n_before=2, n_after=3),
+    event(12, 0, "prune", 1, n_before=3, n_after=2, usage=0.0, threshold=0.2),
+]
+COUNTS = {4: [3, 3], 8: [3, 3], 12: [2, 3]}
+
+
+def counts_at(step: int) -> list[int]:
+    done = [s for s in COUNTS if s <= step]
+    return COUNTS[max(done)] if done else [2, 2]
+
+
+def write_logs(log_dir, train_rows=None, events=EVENTS, config=True):
+    """A log folder in the trainer's formats (nemoe.logs), 16 steps unless told."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    train_rows = train_rows or [train_row(s, counts_at(s)) for s in range(1, 17)]
+    (log_dir / "training_log.csv").write_text(csv_text(train_rows, train_columns(2)))
+    (log_dir / "events.csv").write_text(csv_text(events, EVENT_COLUMNS))
+    evals = [{"step": s, "tokens": 64 * s, "source": src, "loss": 8.0 - 0.1 * s - d, "ppl": 1.0}
+             for s in (0, 8, 16) for src, d in (("prose", 0.0), ("code", 0.5), ("all", 0.2))]
+    (log_dir / "eval.csv").write_text(csv_text(evals, EVAL_COLUMNS))
+    if config:
+        (log_dir / "config.yaml").write_text(
+            "model: {n_layers: 2, seq_len: 16}\nmoe: {experts_init: 2}\n"
+            "train: {batch_size: 4, grad_accum: 1, total_tokens: 2048}\n")
+    return log_dir
+
+
+@pytest.fixture
+def hand_run(tmp_path):
+    return write_logs(tmp_path / "logs" / "hand")
+
+
+def test_a_run_resumed_twice_reads_as_one_timeline(tmp_path):
+    # Rows 1..10, a restart from 6 that wrote 6..12, then one from 11 that wrote 11..14,
+    # all appended (as if nothing truncated the log): the last timeline wins, each step once.
+    rows = ([train_row(s, [2, 2], loss=1.0) for s in range(1, 11)]
+            + [train_row(s, [2, 2], loss=2.0) for s in range(6, 13)]
+            + [train_row(s, [2, 2], loss=3.0) for s in range(11, 15)])
+    log_dir = write_logs(tmp_path / "logs" / "resumed", train_rows=rows)
+    train = read_training_log(log_dir / "training_log.csv")
+    assert train["step"].tolist() == list(range(1, 15))
+    assert train["loss_ce"].tolist() == [1.0] * 5 + [2.0] * 5 + [3.0] * 4
+    train, events, _ = plot_experts.load(str(log_dir))
+    assert train["step"].is_monotonic_increasing and train["step"].is_unique
+    out = tmp_path / "experts.png"
+    assert plot_experts.main([str(log_dir), "-o", str(out)]) == 0
+    assert image_size(out)[1] > 600
+
+
+def test_plot_experts_from_csv_path_and_by_tokens(hand_run, tmp_path):
+    out = tmp_path / "experts.png"
+    assert plot_experts.main([str(hand_run / "training_log.csv"), "-o", str(out), "--x", "tokens"]) == 0
+    height, width = image_size(out)
+    assert 400 < height < 2000 and 800 < width < 2000
+
+
+def test_plot_training(hand_run, tmp_path):
+    out = tmp_path / "training.png"
+    assert plot_training.main([str(hand_run), "-o", str(out)]) == 0
+    height, width = image_size(out)
+    assert height > 800 and width > 1000
+
+
+def test_lineage_from_hand_written_events(hand_run, tmp_path, capsys):
+    out = tmp_path / "lineage.png"
+    assert lineage.main([str(hand_run), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4  split from 0 @ step 4 · graduated @ 8 · alive" in text
+    assert "5  split from 3 @ step 4 · failed probation @ 8 (usage 0.010 < 0.2)" in text
+    assert "6  crossover of 2 × 3 @ step 8 · alive (on probation)" in text
+    assert "1  founder · pruned @ 12" in text
+    assert "alive at step 16: 0, 4" in text and "alive at step 16: 2, 3, 6" in text
+    assert image_size(out)[0] > 300
+    assert lineage.main([str(hand_run), "--layer", "1", "--no-picture"]) == 0
+    text = capsys.readouterr().out
+    assert "layer 1" in text and "layer 0" not in text
+
+
+def test_lineage_without_config_infers_founders(tmp_path, capsys):
+    log_dir = write_logs(tmp_path / "logs" / "nocfg", config=False)
+    assert lineage.main([str(log_dir), "--no-picture"]) == 0
+    captured = capsys.readouterr()
+    assert "inferred" in captured.err
+    assert "0  founder" in captured.out and "6  crossover of 2 × 3" in captured.out
+
+
+def test_summary_of_hand_written_logs(hand_run, capsys):
+    assert summary.main([str(hand_run)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("16 / 32 (50%)", "split 2", "crossover 1", "prune 1", "failed probation 1",
+                     "graduate 1", "2 / 3", "mixed 6.2000", "none in"):
+        assert expected in text, expected
+
+
+def test_partial_last_line_is_skipped_with_a_note(hand_run, tmp_path):
+    csv = hand_run / "training_log.csv"
+    csv.write_text(csv.read_text() + "17,1088,6.3,6.3,1.0")      # a row being written
+    result = run_script("plot_experts", hand_run, "-o", tmp_path / "e.png")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "partial last line" in result.stderr
+    assert read_training_log(csv)["step"].max() == 16
+
+
+@pytest.mark.parametrize("tool", ["plot_experts", "plot_training", "lineage", "summary"])
+def test_log_errors_one_message(tool, tmp_path, capsys):
+    main = {"plot_experts": plot_experts, "plot_training": plot_training, "lineage": lineage,
+            "summary": summary}[tool].main
+    out = ["-o", str(tmp_path / "x.png")] if tool != "summary" else []
+    name = "events.csv" if tool == "lineage" else "training_log.csv"
+    log_dir = write_logs(tmp_path / "logs" / "bad")
+
+    cases = {
+        "missing folder": (tmp_path / "nope", "no such file"),
+        "empty file": ("", "empty file"),
+        "header only": (None, "no complete rows") if tool != "lineage" else None,
+        "only a partial row": ("PARTIAL", "no complete rows") if tool != "lineage" else None,
+        "not a nemoe log": ("a,b\n1,2\n", "not a nemoe log"),
+    }
+    header = (log_dir / name).read_text().splitlines()[0] + "\n"
+    for case, spec in cases.items():
+        if spec is None:
+            continue
+        content, words = spec
+        if case != "missing folder":
+            text = {None: header, "PARTIAL": header + "1,64,7.9"}.get(content, content)
+            (log_dir / name).write_text(text)
+        target = content if case == "missing folder" else log_dir
+        assert main([str(target), *out]) != 0, case
+        assert_one_error(2, capsys.readouterr().err, words)
+
+
+def test_errors_from_a_subprocess_have_no_traceback(tmp_path):
+    result = run_script("plot_training", tmp_path / "no_such_run")
+    assert_one_error(result.returncode, result.stderr, "no such file or folder")
+    fake = tmp_path / "nemo_ckpt_step1.pt"
+    torch.save({"step": 1, "model": {}}, fake)
+    result = run_script("generate", fake, "--prompt", "hi")
+    assert_one_error(result.returncode, result.stderr, "not a nemoe checkpoint")
+
+
+@pytest.mark.parametrize("content", ["foreign", "random", "truncated"])
+def test_checkpoint_errors_one_message(content, tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    if content == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    elif content == "random":
+        path.write_bytes(os.urandom(512))
+    else:
+        torch.save({"weights": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    for tool in (generate, evaluate):
+        assert tool.main([str(path), "--device", "cpu"]) != 0
+        err = capsys.readouterr().err
+        assert_one_error(2, err, str(path))
+        assert "not a nemoe checkpoint" in err or "unreadable checkpoint" in err
+    assert generate.main([str(tmp_path / "missing.pt")]) != 0
+    assert_one_error(2, capsys.readouterr().err, "no such file")
+
+
+# --------------------------------------------------------------------------- #
+# A tiny real run, resumed twice
+# --------------------------------------------------------------------------- #
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """<run-dir>/logs/tiny and checkpoints/tiny of 24 steps: 13 steps, the step-13
+    checkpoint lost (the logs roll back to 10 on resume), then --resume to 20 and to 24."""
+    from tests.test_trainer import TINY
+    from train_nemoe import main
+
+    run_dir = tmp_path_factory.mktemp("tools_run")
+
+    def train(*extra):
+        args = ["--config", "local", "--run-dir", str(run_dir), "--run-name", "tiny"]
+        for item in TINY:
+            args += ["--set", item]
+        assert main(args + list(extra)) == 0
+
+    train("--max-steps", "13")
+    (run_dir / "checkpoints" / "tiny" / "nemo_ckpt_step13.pt").unlink()
+    train("--resume", "--max-steps", "20")
+    train("--resume", "--max-steps", "24")
+    log_dir = run_dir / "logs" / "tiny"
+    assert (log_dir / "training_log.txt").read_text().count("resumed from") == 2
+    return log_dir
+
+
+def checkpoint_of(log_dir, step=24):
+    return log_dir.parent.parent / "checkpoints" / "tiny" / f"nemo_ckpt_step{step}.pt"
+
+
+@slow
+def test_real_run_plots(real_run, tmp_path):
+    train, events, _ = plot_experts.load(str(real_run))
+    assert train["step"].tolist() == list(range(1, 25)), "one continuous curve across both resumes"
+    assert len(events) > 0
+    for args, name in (([str(real_run)], "experts.png"),
+                       ([str(real_run / "training_log.csv"), "--x", "tokens"], "experts_tokens.png")):
+        assert plot_experts.main(args + ["-o", str(tmp_path / name)]) == 0
+        height, width = image_size(tmp_path / name)
+        assert 400 < height < 2000 and 800 < width < 2000
+    assert plot_training.main([str(real_run), "-o", str(tmp_path / "training.png")]) == 0
+    height, width = image_size(tmp_path / "training.png")
+    assert 800 < height < 3000 and 1000 < width < 3000
+
+
+@slow
+def test_real_run_lineage(real_run, tmp_path, capsys):
+    assert lineage.main([str(real_run), "-o", str(tmp_path / "lineage.png")]) == 0
+    text = capsys.readouterr().out
+    events = pd.read_csv(real_run / "events.csv", dtype={"parents": str}, keep_default_na=False)
+    births = events[events["action"].isin(["split", "crossover"])]
+    assert len(births) > 0
+    for e in births.itertuples():
+        parents = " × ".join(str(e.parents).split())
+        expected = f"{e.expert}  split from {parents}" if e.action == "split" else \
+            f"{e.expert}  crossover of {parents}"
+        assert f"{expected} @ step {e.step}" in text, expected
+    for e in events[events["action"].isin(["prune", "failed_probation"])].itertuples():
+        assert f"{e.action.replace('_', ' ').replace('prune', 'pruned')} @ {e.step}" in text
+    assert image_size(tmp_path / "lineage.png")[0] > 300
+
+
+@slow
+def test_real_run_generate(real_run, capsys):
+    from nemoe.tokenizer import get_tokenizer
+
+    n = 12
+    assert generate.main([str(checkpoint_of(real_run)), "--prompt", "The quick brown fox",
+                          "--max-new-tokens", str(n), "--seed", "3", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 24 and len(out["tokens"]) == 1 and len(out["tokens"][0]) == n
+    tokenizer = get_tokenizer("gpt2")
+    assert out["prompt_tokens"] == tokenizer.encode("The quick brown fox")
+    assert out["completions"][0] == tokenizer.decode(out["tokens"][0]) and out["completions"][0]
+    # The run's checkpoint folder works too (its newest checkpoint); plain text output.
+    assert generate.main([str(real_run.parent.parent / "checkpoints" / "tiny"), "--prompt", "def f(",
+                          "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def f(") and "nemo_ckpt_step24.pt" in captured.err
+
+
+@slow
+def test_real_run_evaluate(real_run, capsys):
+    assert evaluate.main([str(checkpoint_of(real_run)), "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"checkpoint", "step", "tokens_trained", "batches", "batch_size", "seq_len", "sources",
+            "usage"} <= set(result)
+    assert set(result["sources"]) == {"prose", "code", "all"}
+    for r in result["sources"].values():
+        assert set(r) == {"loss", "ppl", "tokens"} and r["tokens"] > 0
+        assert math.isfinite(r["loss"]) and math.isfinite(r["ppl"]) and r["loss"] > 0
+    # Same held-out batches and weights as the trainer's own evaluation at step 24.
+    evals = pd.read_csv(real_run / "eval.csv")
+    logged = evals[(evals["step"] == 24) & (evals["source"] == "all")]["loss"].item()
+    assert result["sources"]["all"]["loss"] == pytest.approx(logged, rel=1e-5)
+    state = torch.load(checkpoint_of(real_run), map_location="cpu", weights_only=True)
+    train = pd.read_csv(real_run / "training_log.csv")
+    assert len(result["usage"]) == 2
+    for u in result["usage"]:
+        live = sorted(r["id"] for r in state["controller"]["records"][u["layer"]] if r is not None)
+        assert sorted(e["id"] for e in u["experts"]) == live
+        assert len(live) == train[f"experts_L{u['layer']}"].iloc[-1]
+        assert sum(e["share"] for e in u["experts"]) == pytest.approx(1.0)
+        assert math.isfinite(u["entropy"]) and math.isfinite(u["max_load"])
+    assert evaluate.main([str(checkpoint_of(real_run)), "--device", "cpu", "--batches", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out loss" in text and "mixed" in text and "expert usage" in text
+
+
+@slow
+def test_real_run_summary(real_run):
+    result = run_script("summary", real_run)      # as a user runs it, from the repo root
+    assert result.returncode == 0, result.stderr
+    for expected in ("24 / 30 (80%)", "1,536 / 1,920", "finished", "nemo_ckpt_step24.pt",
+                     "held-out loss, best", "experts per layer now"):
+        assert expected in result.stdout, expected

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Plot live experts per layer over a run, with its morph events marked.
+
+    python tools/plot_experts.py logs/<run-name> -o experts.png
+    python tools/plot_experts.py logs/<run-name>/training_log.csv --x tokens
+
+Reads training_log.csv (one `experts_L<i>` column per layer) and, next to it,
+events.csv (split, crossover, prune and failed-probation markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
+
+from tools._common import (EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard,  # noqa: E402
+                           human, layer_columns, note, pyplot, read_events, read_training_log,
+                           save_figure, steps_to_tokens)
+from nemoe.errors import UserError  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Plot experts per layer over a run, with morph events marked.")
+    p.add_argument("run", metavar="RUN_OR_CSV",
+                   help="a run's log folder (logs/<run-name>) or its training_log.csv")
+    p.add_argument("-o", "--output", default="experts.png", help="PNG to write (default: experts.png)")
+    p.add_argument("--x", choices=("steps", "tokens"), default="steps",
+                   help="x axis: optimizer steps (tokens on a second axis) or tokens (default: steps)")
+    return p.parse_args(argv)
+
+
+def load(arg: str):
+    """(training log, events, run name) for a log folder or a training_log.csv path."""
+    path = Path(arg).expanduser()
+    if path.suffix == ".csv":
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        csv_path, log_dir = path, path.parent
+    else:
+        log_dir = find_log_dir(path)
+        csv_path = log_dir / TRAIN_CSV
+    train = read_training_log(csv_path)
+    if not layer_columns(train):
+        raise UserError(f"{csv_path}: no experts_L<i> columns; is this a nemoe training log?")
+    if not (log_dir / EVENTS_CSV).is_file():
+        note(f"no {EVENTS_CSV} next to {csv_path.name}: plotting without event markers")
+    events = read_events(log_dir / EVENTS_CSV)
+    return train, events, log_dir.name
+
+
+def event_markers(events, layer: int, xcol: str, span: float) -> list[tuple[float, float, str]]:
+    """(x, y, action) of one layer's event markers.
+
+    Each sits on the layer's line: at the count after all of that step's events
+    (what the training log shows). Several events at one step (a failed probation
+    and a split, say) are spread sideways by a small fraction of the x range.
+    """
+    if not len(events):
+        return []
+    rows = events[(events["layer"] == layer) & events["action"].isin(list(EVENT_STYLE))]
+    markers = []
+    for _, group in rows.groupby("step", sort=True):
+        x_at, final = float(group[xcol].iloc[0]), float(group["n_after"].iloc[-1])
+        gap = 0.012 * span
+        for k, action in enumerate(group["action"]):
+            markers.append((x_at + (k - (len(group) - 1) / 2) * gap, final, action))
+    return markers
+
+
+def with_start(train, events):
+    """The training log with a step-0 row prepended: the counts every layer started with.
+
+    The first CSV row comes after `log.every_steps` steps; a layer's starting count
+    is its first event's `n_before` when that event is not later than the first
+    row, else the first row's count.
+    """
+    import pandas as pd
+    first = train.iloc[0]
+    if first["step"] <= 0:
+        return train
+    start = {"step": 0, "tokens": 0}
+    for i, column in enumerate(layer_columns(train)):
+        start[column] = first[column]
+        early = events[(events["layer"] == i) & (events["step"] <= first["step"])] if len(events) else events
+        if len(early):
+            start[column] = early["n_before"].iloc[0]
+    return pd.concat([pd.DataFrame([start]), train[["step", "tokens", *layer_columns(train)]]],
+                     ignore_index=True)
+
+
+def plot(train, events, run_name: str, x: str = "steps"):
+    plt = pyplot()
+    train = with_start(train, events)
+    columns = layer_columns(train)
+    n_layers = len(columns)
+    xcol = "step" if x == "steps" else "tokens"
+    # Counts are small integers shared by many layers: offset each layer a little
+    # so overlapping lines stay visible; y ticks stay on the integers.
+    spread = min(0.3, 0.08 * (n_layers - 1))
+    offsets = [(i / (n_layers - 1) - 0.5) * spread if n_layers > 1 else 0.0 for i in range(n_layers)]
+    colors = plt.get_cmap("tab10" if n_layers <= 10 else "viridis")
+
+    span = float(train[xcol].max() - min(train[xcol].min(), 0)) or 1.0
+    fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
+    for i, column in enumerate(columns):
+        color = colors(i % 10) if n_layers <= 10 else colors(i / max(n_layers - 1, 1))
+        ax.plot(train[xcol], train[column] + offsets[i], drawstyle="steps-post", lw=1.8,
+                color=color, label=f"layer {i}")
+        for x_pos, y, action in event_markers(events, i, xcol, span):
+            style = EVENT_STYLE[action]
+            ax.scatter([x_pos], [y + offsets[i]], marker=style["marker"], s=90 if style["marker"] == "*" else 60,
+                       facecolor=style["color"], edgecolor="black", linewidth=0.6, zorder=3)
+    # Legend: one entry per layer (line colour) and per event type seen (marker).
+    handles, labels = ax.get_legend_handles_labels()
+    seen = set(events["action"]) if len(events) else set()
+    for action, style in EVENT_STYLE.items():
+        if action in seen:
+            handles.append(ax.scatter([], [], marker=style["marker"], s=60, facecolor=style["color"],
+                                      edgecolor="black", linewidth=0.6))
+            labels.append(style["label"])
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+    counts = train[columns].to_numpy()
+    low, high = int(counts.min()), int(counts.max())
+    ax.set_yticks(range(low, high + 1))
+    ax.set_ylim(low - 0.5, high + 0.5)
+    ax.grid(True, alpha=0.3)
+    ax.set_ylabel("live experts" + (" (layers offset slightly)" if n_layers > 1 else ""))
+    if x == "steps":
+        ax.set_xlabel("optimizer step")
+        forward, inverse = steps_to_tokens(train)
+        top = ax.secondary_xaxis("top", functions=(forward, inverse))
+        top.set_xlabel("tokens trained")
+        top.xaxis.set_major_formatter(lambda v, _pos: human(v))
+    else:
+        ax.set_xlabel("tokens trained")
+        ax.xaxis.set_major_formatter(lambda v, _pos: human(v))
+    last = train.iloc[-1]
+    n_events = int(events["action"].isin(list(EVENT_STYLE)).sum()) if len(events) else 0
+    ax.set_title(f"{run_name}: experts per layer (step {int(last['step']):,}, "
+                 f"{human(last['tokens'])} tokens, {n_events} events)")
+    return fig
+
+
+@guard
+def main(argv=None):
+    args = parse_args(argv)
+    train, events, run_name = load(args.run)
+    fig = plot(train, events, run_name, args.x)
+    save_figure(fig, args.output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Plot a run's training curves: losses, held-out loss per source, LR, throughput.
+
+    python tools/plot_training.py logs/<run-name> -o training.png
+
+Six panels over optimizer steps -- train loss (raw and smoothed) with the mixed
+held-out loss, held-out loss per source, load-balance loss, router z-loss,
+learning rate and tokens/s -- each with a vertical mark at every morph event.
+Reads training_log.csv, eval.csv and events.csv of the run's log folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
+
+from tools._common import (EVAL_CSV, EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard,  # noqa: E402
+                           human, pyplot, read_eval, read_events, read_training_log, save_figure)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Plot a run's losses, held-out loss, LR and throughput.")
+    p.add_argument("run", metavar="RUN", help="a run's log folder (logs/<run-name>)")
+    p.add_argument("-o", "--output", default="training.png", help="PNG to write (default: training.png)")
+    p.add_argument("--smooth", type=int, default=0, metavar="N",
+                   help="rows in the train-loss moving average (default: about 1/30 of the rows)")
+    return p.parse_args(argv)
+
+
+def load(arg: str):
+    log_dir = find_log_dir(arg)
+    return (read_training_log(log_dir / TRAIN_CSV), read_eval(log_dir / EVAL_CSV),
+            read_events(log_dir / EVENTS_CSV), log_dir.name)
+
+
+def _mark_events(ax, events) -> None:
+    """A thin vertical line per (step, event type); births and deaths only."""
+    if not len(events):
+        return
+    for action, style in EVENT_STYLE.items():
+        for step in sorted(set(events.loc[events["action"] == action, "step"])):
+            ax.axvline(step, color=style["color"], lw=0.8, alpha=0.45, ls="--", zorder=0)
+
+
+def plot(train, evals, events, run_name: str, smooth: int = 0):
+    import numpy as np
+    plt = pyplot()
+    # A skipped non-finite step logs inf/nan; leave a gap rather than break the axis.
+    train = train.replace([np.inf, -np.inf], np.nan)
+    fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True, layout="constrained")
+    steps = train["step"]
+    window = smooth or max(1, round(len(train) / 30))
+
+    ax = axes[0, 0]
+    ax.plot(steps, train["loss_ce"], color="tab:blue", lw=0.8, alpha=0.35, label="train (raw)")
+    ax.plot(steps, train["loss_ce"].rolling(window, min_periods=1).mean(), color="tab:blue", lw=1.8,
+            label=f"train (mean of {window} rows)" if window > 1 else "train")
+    mixed = evals[evals["source"] == "all"] if len(evals) else evals
+    if len(mixed):
+        ax.plot(mixed["step"], mixed["loss"], "o-", color="black", ms=4, lw=1.2, label="held-out (mixed)")
+    ax.set_title("cross-entropy loss")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize=9)
+
+    ax = axes[0, 1]
+    sources = [s for s in dict.fromkeys(evals["source"])] if len(evals) else []
+    for source in sources:
+        rows = evals[evals["source"] == source]
+        style = {"color": "black", "lw": 2.0} if source == "all" else {"lw": 1.4}
+        ax.plot(rows["step"], rows["loss"], marker="o", ms=4, label="mixed" if source == "all" else source,
+                **style)
+    if sources:
+        ax.legend(fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no held-out evaluation yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("held-out loss per source")
+    ax.set_ylabel("loss (nats/token)")
+
+    ax = axes[1, 0]
+    ax.plot(steps, train["loss_lb"], color="tab:green", lw=1.2)
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":", label="perfect balance = 1")
+    ax.set_title("load-balance loss (unscaled)")
+    ax.set_ylabel("loss_lb")
+    ax.legend(fontsize=9)
+
+    ax = axes[1, 1]
+    ax.plot(steps, train["loss_z"], color="tab:brown", lw=1.2)
+    ax.set_title("router z-loss (unscaled)")
+    ax.set_ylabel("loss_z")
+
+    ax = axes[2, 0]
+    ax.plot(steps, train["lr"], color="tab:red", lw=1.4)
+    ax.set_title("learning rate")
+    ax.set_ylabel("lr")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+
+    ax = axes[2, 1]
+    ax.plot(steps, train["tokens_per_s"], color="tab:gray", lw=1.0)
+    ax.set_title("throughput")
+    ax.set_ylabel("tokens / s")
+    ax.yaxis.set_major_formatter(lambda v, _pos: human(v))
+
+    for ax in axes.flat:
+        _mark_events(ax, events)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[2]:
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_tick_params(labelbottom=True)
+
+    seen = set(events["action"]) if len(events) else set()
+    handles = [plt.Line2D([], [], color=s["color"], ls="--", lw=1.2, label=f"{s['label']} event")
+               for a, s in EVENT_STYLE.items() if a in seen]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+    last = train.iloc[-1]
+    fig.suptitle(f"{run_name}: step {int(last['step']):,}, {human(last['tokens'])} tokens")
+    return fig
+
+
+@guard
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smooth < 0:
+        from nemoe.errors import UserError
+        raise UserError("--smooth must be >= 0")
+    train, evals, events, run_name = load(args.run)
+    save_figure(plot(train, evals, events, run_name, args.smooth), args.output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
