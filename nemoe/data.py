@@ -1,0 +1,583 @@
+"""Data: sources -> documents -> tokens -> packed blocks, with an exactly resumable state.
+
+Pipeline (DESIGN section 6), per source:
+
+    load (hf hub / local files / built-in corpus), streaming
+    -> documents {"text", "source"}      format: text field, alpaca template, wikitext articles
+    -> held-out rule                      the source's eval split, else a hash of the text
+    -> repeat forever (on_exhausted: cycle)
+then `interleave_datasets` draws each next document from a source chosen at random
+with the configured weights. `TokenStream` tokenizes documents with GPT-2 BPE, ends
+each with <|endoftext|> and cuts the concatenation into blocks of seq_len + 1
+tokens; what is left of a document carries into the next block (no truncation).
+
+There is no shuffle buffer: its content would not be in `state_dict()`. The stream's
+state is the `datasets` state (which example of which shard each source reached,
+the interleave's RNG) plus the tokens read but not yet emitted, so a new stream
+that loads it yields the same next batches, bit for bit.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import glob
+import hashlib
+import logging
+import math
+import os
+import re
+import time
+import weakref
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import datasets
+import pyarrow
+import torch
+from datasets import Dataset, Features, IterableDataset, Value, interleave_datasets, load_dataset
+
+from nemoe.errors import UserError
+
+KINDS = ("hf", "files", "builtin")
+FORMATS = ("text", "alpaca", "wikitext")
+BUILTIN_CORPORA = ("prose", "code")
+ON_EXHAUSTED = ("cycle", "stop")
+FILE_LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+DOC_FEATURES = Features({"text": Value("string"), "source": Value("string")})
+
+# Reaching the Hub: attempts and the first back-off delay (doubling). Tests patch these.
+HUB_ATTEMPTS = 3
+HUB_BACKOFF_S = 2.0
+# Rows per batched formatting call. WikiText rows are lines and articles are grouped
+# within one call, so an article that straddles two calls becomes two documents:
+# larger calls cut fewer articles (WikiText-103 averages ~60 lines per article).
+MAP_BATCH_ROWS = 256
+WIKITEXT_BATCH_ROWS = 2048
+
+# Built-in corpus: folders of the standard library that are not its own prose/code
+# (tests, third-party packages, the IDE, the retired 2to3 tool).
+STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
+                              "__pycache__", "turtledemo"})
+CODE_CHUNK_LINES = 120  # a code document ends at the first top-level def/class after this many lines
+
+
+# --------------------------------------------------------------------------- #
+# Configuration
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    """Label of the source in logs and eval.csv; unique within data.sources."""
+    kind: str = "hf"
+    """Where documents come from: hf (Hugging Face Hub), files (local files) or builtin."""
+    path: str = ""
+    """hf: dataset id; files: a file path or glob (.parquet, .jsonl/.json, .txt); builtin: prose or code."""
+    config: str | None = None
+    """hf: the dataset's config name (e.g. sample-10BT, wikitext-103-raw-v1)."""
+    split: str = "train"
+    """hf: the split streamed for training."""
+    format: str = "text"
+    """text: one field per row; alpaca: instruction/input/output rows become one prompt-response
+    document; wikitext: rows are lines, grouped into articles at ' = Title = ' headings."""
+    text_field: str = "text"
+    """Column holding the document text (format text and wikitext; builtin ignores it)."""
+    weight: float = 1.0
+    """Relative share of documents drawn from this source (weights are normalised)."""
+    eval_split: str | None = None
+    """Held-out text of this source: hf, a split name (e.g. validation); files, a path or glob of
+    held-out files. The training stream then uses all of `split`/`path`. None: the hash rule."""
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [SourceConfig(name="prose", kind="builtin", path="prose", weight=0.7),
+            SourceConfig(name="code", kind="builtin", path="code", weight=0.3)]
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    """The mixture; each entry a SourceConfig (or a mapping with its keys)."""
+    heldout_fraction: float = 0.01
+    """Hash rule: the share of a source's documents held out for evaluation (sources without eval_split)."""
+    seed: int = 1234
+    """Seed of the mixture's source choices."""
+    on_exhausted: str = "cycle"
+    """When a source runs out: cycle (start it again) or stop (end training data with an error)."""
+
+    def __post_init__(self):
+        if not isinstance(self.sources, (list, tuple)):
+            raise UserError(f"data.sources: expected a list of sources, got {self.sources!r}")
+        self.sources = [_source_from(item, i) for i, item in enumerate(self.sources)]
+
+    def validate(self) -> list[str]:
+        """Every problem with this data config, one readable line each (empty when usable)."""
+        problems = []
+        if not self.sources:
+            problems.append("data.sources is empty: list at least one source "
+                            "(e.g. {name: prose, kind: builtin, path: prose})")
+        names = [s.name for s in self.sources]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"data.sources: the name {dup!r} is used more than once; names must be unique")
+        for i, src in enumerate(self.sources):
+            problems += _source_problems(src, f"data.sources[{i}] ({src.name or 'unnamed'})")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            problems.append(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.on_exhausted not in ON_EXHAUSTED:
+            problems.append(f"data.on_exhausted must be one of {', '.join(ON_EXHAUSTED)}, got {self.on_exhausted!r}")
+        return problems
+
+
+def _source_from(item, index: int) -> SourceConfig:
+    """A SourceConfig from a SourceConfig or a YAML mapping; unknown keys are a UserError."""
+    if isinstance(item, SourceConfig):
+        return item
+    if not isinstance(item, dict):
+        raise UserError(f"data.sources[{index}]: expected a mapping of source keys, got {item!r}")
+    valid = [f.name for f in fields(SourceConfig)]
+    unknown = [k for k in item if k not in valid]
+    if unknown:
+        raise UserError(f"data.sources[{index}]: unknown key(s) {', '.join(map(str, unknown))} "
+                        f"(valid keys: {', '.join(valid)})")
+    return SourceConfig(**item)
+
+
+def _source_problems(src: SourceConfig, where: str) -> list[str]:
+    problems = []
+    if not src.name:
+        problems.append(f"{where}: name is empty; give every source a unique name")
+    if src.kind not in KINDS:
+        problems.append(f"{where}: unknown kind {src.kind!r} (valid: {', '.join(KINDS)})")
+    if src.format not in FORMATS:
+        problems.append(f"{where}: unknown format {src.format!r} (valid: {', '.join(FORMATS)})")
+    if not (isinstance(src.weight, (int, float)) and math.isfinite(src.weight) and src.weight > 0):
+        problems.append(f"{where}: weight must be a number > 0, got {src.weight!r}")
+    if not src.text_field:
+        problems.append(f"{where}: text_field is empty")
+    if src.kind == "builtin":
+        if src.path not in BUILTIN_CORPORA:
+            problems.append(f"{where}: builtin path must be one of {', '.join(BUILTIN_CORPORA)}, got {src.path!r}")
+        if src.format != "text":
+            problems.append(f"{where}: builtin sources have format text, got {src.format!r}")
+        if src.eval_split is not None:
+            problems.append(f"{where}: builtin sources have no eval_split; the hash rule holds text out")
+    elif src.kind == "hf" and not src.path:
+        problems.append(f"{where}: path is empty; give the Hub dataset id (e.g. HuggingFaceFW/fineweb)")
+    elif src.kind == "files":
+        for role, pattern in (("path", src.path), ("eval_split", src.eval_split)):
+            if role == "path" or pattern is not None:
+                problems += [f"{where}: {role} {msg}" for msg in _file_problems(pattern)]
+    return problems
+
+
+def _file_problems(pattern: str) -> list[str]:
+    if not pattern:
+        return ["is empty; give a file path or glob"]
+    files = _matching_files(pattern)
+    if not files:
+        return [f"{pattern!r} matches no file (relative paths start at {os.getcwd()})"]
+    loaders = {_loader_for(f) for f in files}
+    if None in loaders:
+        return [f"{pattern!r} matches files of an unsupported type; use {', '.join(FILE_LOADERS)}"]
+    if len(loaders) > 1:
+        return [f"{pattern!r} mixes file types ({', '.join(sorted(loaders))}); use one type per source"]
+    return []
+
+
+def _matching_files(pattern: str) -> list[str]:
+    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+
+
+def _loader_for(path: str) -> str | None:
+    return FILE_LOADERS.get(Path(path).suffix.lower())
+
+
+def _weights(cfg: DataConfig) -> list[float]:
+    total = sum(s.weight for s in cfg.sources)
+    return [s.weight / total for s in cfg.sources]
+
+
+def _check(cfg: DataConfig) -> None:
+    problems = cfg.validate()
+    if problems:
+        raise UserError("invalid data config:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------- #
+# Documents: formats and the held-out rule
+# --------------------------------------------------------------------------- #
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """The hash rule: a stable 64-bit digest of the text, read as a number in [0, 1), is below `fraction`.
+
+    hashlib, not hash(): Python salts str hashes per process, which would move
+    documents between training and evaluation from one run (or resume) to the next.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2.0**64
+
+
+def alpaca_document(instruction: str, input_text: str | None, output: str) -> str:
+    """One Alpaca row as a prompt-response document (the input section only when non-empty)."""
+    parts = [f"### Instruction:\n{(instruction or '').strip()}"]
+    if input_text and input_text.strip():
+        parts.append(f"### Input:\n{input_text.strip()}")
+    parts.append(f"### Response:\n{(output or '').strip()}")
+    return "\n\n".join(parts)
+
+
+# " = Valkyria Chronicles III = " opens an article; " = = Gameplay = = " is a section inside one.
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def wikitext_articles(lines: list[str]) -> list[str]:
+    """WikiText rows (one line each, blank rows between) grouped into article documents."""
+    articles, current = [], []
+    for line in lines:
+        if not isinstance(line, str) or not line.strip():
+            continue
+        if _WIKITEXT_TITLE.match(line.rstrip("\n")) and current:
+            articles.append(current)
+            current = []
+        current.append(line)
+    if current:
+        articles.append(current)
+    # Lines keep their own "\n"; joining with another gives the blank line between
+    # paragraphs that the raw WikiText files have.
+    return ["\n".join(article) for article in articles]
+
+
+def _format_batch(batch: dict, src: SourceConfig) -> dict:
+    """A batch of raw rows -> {"text": [...], "source": [...]}, empty documents dropped."""
+    if src.format == "alpaca":
+        inputs = batch.get("input") or [None] * len(batch["instruction"])
+        texts = [alpaca_document(i, x, o) for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
+    elif src.format == "wikitext":
+        texts = wikitext_articles(batch[_text_column(src)])
+    else:
+        texts = batch[_text_column(src)]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    return {"text": texts, "source": [src.name] * len(texts)}
+
+
+def _text_column(src: SourceConfig) -> str:
+    return "text" if src.kind == "builtin" else src.text_field
+
+
+def _required_columns(src: SourceConfig) -> list[str]:
+    return ["instruction", "output"] if src.format == "alpaca" else [_text_column(src)]
+
+
+# --------------------------------------------------------------------------- #
+# Built-in corpus: Python's own documentation and standard library
+# --------------------------------------------------------------------------- #
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[tuple[str, str], ...]:
+    """(relative path, source) of every UTF-8 standard-library .py file, in sorted path order."""
+    root = Path(os.__file__).resolve().parent
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]
+        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    files = []
+    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
+        try:
+            files.append((path.relative_to(root).as_posix(), path.read_bytes().decode("utf-8")))
+        except (OSError, UnicodeDecodeError):
+            continue  # unreadable or not UTF-8: not worth a special case
+    return tuple(files)
+
+
+def _module_docstrings(source: str) -> str:
+    """All docstrings of one module (module, classes, functions) in source order."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)), key=lambda n: getattr(n, "lineno", 0))
+    docs = (ast.get_docstring(n) for n in nodes)
+    return "\n\n".join(d for d in docs if d and d.strip())
+
+
+def _code_chunks(source: str) -> list[str]:
+    """A module's source cut at top-level def/class/decorator lines into documents of ~CODE_CHUNK_LINES."""
+    chunks, current = [], []
+    for line in source.splitlines(keepends=True):
+        starts_definition = line.startswith(("def ", "class ", "async def ", "@"))
+        if starts_definition and len(current) >= CODE_CHUNK_LINES:
+            chunks.append("".join(current))
+            current = []
+        current.append(line)
+    if current:
+        chunks.append("".join(current))
+    return chunks
+
+
+@functools.lru_cache(maxsize=len(BUILTIN_CORPORA))
+def builtin_corpus(name: str) -> Dataset:
+    """The built-in corpus `name` as an in-memory Dataset with one `text` column (cached per process).
+
+    prose: the interpreter's documentation topics (pydoc_data) and, per standard-library
+    module, its docstrings (read with `ast`, never imported). code: the standard-library
+    source, cut into chunks. Deterministic for a given Python version; needs no network.
+    """
+    if name == "prose":
+        from pydoc_data.topics import topics
+        texts = [topics[key] for key in sorted(topics)]
+        texts += [_module_docstrings(source) for _, source in _stdlib_files()]
+    elif name == "code":
+        texts = [chunk for _, source in _stdlib_files() for chunk in _code_chunks(source)]
+    else:
+        raise UserError(f"unknown builtin corpus {name!r} (valid: {', '.join(BUILTIN_CORPORA)})")
+    return Dataset.from_dict({"text": [t for t in texts if t.strip()]})
+
+
+# --------------------------------------------------------------------------- #
+# Opening sources (errors a user can cause become UserErrors that name the source)
+# --------------------------------------------------------------------------- #
+
+def _describe(src: SourceConfig) -> str:
+    config = f", config {src.config}" if src.config else ""
+    return f"data source {src.name!r} ({src.kind}: {src.path}{config})"
+
+
+def _hub_failure_message(src: SourceConfig, err: Exception, kind: str) -> str:
+    what = "was not found or is not accessible" if kind == "not_found" else "cannot be reached"
+    hint = ("Check its path and config against huggingface.co (a gated dataset needs "
+            "`huggingface-cli login`). To train without it, " if kind == "not_found"
+            else "Without access to the Hugging Face Hub, ")
+    return (f"{_describe(src)} {what}: {type(err).__name__}: {err}\n{hint}train on the built-in corpus "
+            "with `--config local.yaml`, or point this source at local copies of the data with "
+            "`kind: files` and `path: <file or glob>`.")
+
+
+def _hub_error_kind(err: BaseException) -> str | None:
+    """'transient' (worth retrying), 'unreachable', 'not_found', or None (not a data access error)."""
+    if not isinstance(err, OSError):  # ConnectionError, TimeoutError and the Hub's HTTP errors are
+        return None
+    if datasets.config.HF_HUB_OFFLINE:
+        return "unreachable"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, (FileNotFoundError, PermissionError)) or status in (401, 403, 404):
+        return "not_found"
+    return "transient"
+
+
+def _with_hub_retries(action, src: SourceConfig):
+    """Run `action()` for an hf source, retrying transient failures with a doubling back-off."""
+    for attempt in range(HUB_ATTEMPTS):
+        try:
+            return action()
+        except Exception as err:  # noqa: BLE001 -- classified below; anything else re-raises
+            kind = _hub_error_kind(err)
+            if kind is None:
+                raise
+            if kind == "transient" and attempt + 1 < HUB_ATTEMPTS:
+                delay = HUB_BACKOFF_S * 2**attempt
+                # A formatted string, not `err` itself: a log record holding the exception
+                # would keep every frame of its traceback (and their streams) alive.
+                logging.getLogger(__name__).warning(
+                    f"{_describe(src)}: {type(err).__name__}: {err}; retrying in {delay:.0f} s")
+                time.sleep(delay)
+                continue
+            raise UserError(_hub_failure_message(src, err, kind)) from None
+    raise AssertionError("unreachable")
+
+
+def _load_raw(src: SourceConfig, part: str) -> IterableDataset:
+    """The source's raw rows, streaming; `part` is "train" or "heldout" (its eval split)."""
+    if src.kind == "builtin":
+        return builtin_corpus(src.path).to_iterable_dataset(num_shards=1)
+    if src.kind == "files":
+        pattern = src.eval_split if part == "heldout" and src.eval_split else src.path
+        files = _matching_files(pattern)
+        if not files:
+            raise UserError(f"{_describe(src)}: no file matches {pattern!r}")
+        loader = _loader_for(files[0])
+        options = {"sample_by": "paragraph"} if loader == "text" else {}
+        try:
+            return load_dataset(loader, data_files=files, split="train", streaming=True, **options)
+        except (OSError, ValueError) as err:  # unreadable file (pyarrow's errors are ValueErrors)
+            raise UserError(f"{_describe(src)}: cannot read {pattern!r}: {type(err).__name__}: {err}") from None
+    split = src.eval_split if part == "heldout" and src.eval_split else src.split
+
+    def load():
+        try:
+            return load_dataset(src.path, src.config, split=split, streaming=True)
+        except ValueError as err:  # unknown config or split name
+            raise UserError(f"{_describe(src)}: {err}") from None
+    return _with_hub_retries(load, src)
+
+
+def _columns(raw: IterableDataset, src: SourceConfig) -> list[str]:
+    """Column names of a raw source, reading the first row when the loader does not declare them."""
+    if raw.column_names is not None:
+        return raw.column_names
+    first = _first_row(raw, src)
+    return list(first) if first is not None else _required_columns(src)
+
+
+def _first_row(ds: IterableDataset, src: SourceConfig) -> dict | None:
+    """The first row of `ds` (None when empty); access errors become UserErrors naming the source."""
+    def read():
+        rows = iter(ds)
+        try:
+            return next(rows, None)
+        finally:
+            rows.close()  # end the probe now rather than at garbage collection
+    if src.kind == "hf":
+        return _with_hub_retries(read, src)
+    try:
+        return read()
+    except (OSError, pyarrow.ArrowException) as err:  # an unreadable local file
+        raise UserError(f"{_describe(src)}: cannot read it: {type(err).__name__}: {err}") from None
+
+
+def source_documents(src: SourceConfig, cfg: DataConfig, part: str) -> IterableDataset:
+    """One source as a stream of {"text", "source"} documents; part "train" or "heldout"."""
+    raw = _load_raw(src, part)
+    columns = _columns(raw, src)
+    missing = [c for c in _required_columns(src) if c not in columns]
+    if missing:
+        raise UserError(f"{_describe(src)} has no column {', '.join(map(repr, missing))} "
+                        f"(format {src.format}); its columns are: {', '.join(columns)}. "
+                        "Set text_field to the column holding the text.")
+    docs = raw.map(_format_batch, batched=True, fn_kwargs={"src": src}, remove_columns=columns,
+                   batch_size=WIKITEXT_BATCH_ROWS if src.format == "wikitext" else MAP_BATCH_ROWS,
+                   features=DOC_FEATURES)
+    if src.eval_split is None:  # the hash rule splits this source's own stream
+        keep_heldout = part == "heldout"
+        docs = docs.filter(lambda doc: is_heldout(doc["text"], cfg.heldout_fraction) == keep_heldout)
+    return docs
+
+
+def training_mixture(cfg: DataConfig) -> IterableDataset:
+    """All sources' training documents interleaved by weight (a `datasets` IterableDataset)."""
+    parts = []
+    for src in cfg.sources:
+        docs = source_documents(src, cfg, "train")
+        if _first_row(docs, src) is None:
+            raise UserError(f"{_describe(src)} yields no training documents (is it empty, or all held out?)")
+        parts.append(docs.repeat(None) if cfg.on_exhausted == "cycle" else docs)
+    # With every source repeating forever, "first_exhausted" never triggers under "cycle";
+    # under "stop" it ends the mixture when any source runs out, keeping the proportions honest.
+    return interleave_datasets(parts, probabilities=_weights(cfg), seed=cfg.seed,
+                               stopping_strategy="first_exhausted")
+
+
+# --------------------------------------------------------------------------- #
+# Tokens and packing
+# --------------------------------------------------------------------------- #
+
+class DataExhausted(UserError):
+    """The training mixture ran out (data.on_exhausted: stop)."""
+
+
+class TokenStream:
+    """Infinite stream of packed (B, seq_len+1) int64 blocks from the training mixture."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, seq_len: int):
+        _check(cfg)
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.block_len = seq_len + 1
+        self.mixture = training_mixture(cfg)
+        self._documents = None  # opened on first use, so a loaded state applies
+        self._closer = None  # closes _documents: on close(), garbage collection or interpreter exit
+        self._loaded_state: dict | None = None  # dataset state loaded but not yet iterated from
+        self._pending: list[int] = []  # tokens read but not yet emitted: the packer's leftovers
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.cfg.sources]
+
+    def next_document(self) -> dict:
+        """The next training document of the mixture: {"text": str, "source": name}."""
+        if self._documents is None:
+            self._documents = iter(self.mixture)
+            self._loaded_state = None
+            # A generator left to interpreter shutdown is closed after the modules its clean-up
+            # needs are gone ("Exception ignored in ..."); a finalizer runs while they still exist.
+            self._closer = weakref.finalize(self, self._documents.close)
+        try:
+            return next(self._documents)
+        except StopIteration:
+            raise DataExhausted("the training data ran out: a source was exhausted and data.on_exhausted "
+                                "is 'stop'; set data.on_exhausted: cycle or lower train.total_tokens") from None
+        except (OSError, pyarrow.ArrowException) as err:  # a lost connection (after datasets' own
+            # retries) or a corrupt row in a local file
+            raise UserError(f"reading the training data failed ({type(err).__name__}: {err}); fix the file "
+                            "or, after a lost connection, run the same command with --resume") from None
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        """The next `batch_size` blocks, (B, seq_len+1) int64 on the CPU; inputs/targets are the trainer's shift."""
+        need = batch_size * self.block_len
+        while len(self._pending) < need:
+            self._pending.extend(self.tokenizer.encode(self.next_document()["text"]))
+            self._pending.append(self.tokenizer.eot_id)
+        flat, self._pending = self._pending[:need], self._pending[need:]
+        return torch.tensor(flat, dtype=torch.int64).view(batch_size, self.block_len)
+
+    def close(self) -> None:
+        """Stop reading: ends the interleave's prefetch threads. The stream reopens on the next read.
+
+        With parquet sources this takes ~5 s: `datasets` sleeps on closing to let arrow's
+        threads finish (config.SLEEP_TIME_ON_THREADS_SHUTDOWN).
+        """
+        if self._closer is not None:
+            position = self.mixture.state_dict()
+            self._closer()
+            self.mixture.load_state_dict(position)  # so reopening continues from here
+            self._loaded_state = position
+        self._documents = self._closer = None
+
+    def state_dict(self) -> dict:
+        """Plain python: the `datasets` mixture state and the pending tokens."""
+        dataset_state = self._loaded_state if self._loaded_state is not None else self.mixture.state_dict()
+        return {"sources": self.source_names, "dataset": dataset_state, "pending_tokens": list(self._pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("sources") != self.source_names:
+            raise UserError(f"the data state is for sources {state.get('sources')}, "
+                            f"but data.sources are {self.source_names}")
+        self.close()
+        self.mixture.load_state_dict(state["dataset"])
+        self._loaded_state = state["dataset"]
+        self._pending = [int(t) for t in state["pending_tokens"]]
+
+
+def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int,
+                    batch_size: int) -> dict[str, list[torch.Tensor]]:
+    """Fixed evaluation batches per source name, each (B, seq_len+1), from that source's held-out text.
+
+    Deterministic: the first held-out documents of each source, packed like training
+    data. A source with too little held-out text gives fewer batches (at least one).
+    """
+    _check(cfg)
+    return {src.name: _source_heldout_batches(src, cfg, tokenizer, seq_len + 1, n_batches, batch_size)
+            for src in cfg.sources}
+
+
+def _source_heldout_batches(src: SourceConfig, cfg: DataConfig, tokenizer, block_len: int,
+                            n_batches: int, batch_size: int) -> list[torch.Tensor]:
+    batch_tokens = batch_size * block_len
+    documents = source_documents(src, cfg, "heldout")
+    tokens: list[int] = []
+    # The probe reads under the Hub retries/messages; the loop then reads from the start again.
+    if _first_row(documents, src) is not None:
+        for doc in documents:
+            tokens += tokenizer.encode(doc["text"])
+            tokens.append(tokenizer.eot_id)
+            if len(tokens) >= n_batches * batch_tokens:
+                break
+    n_full = min(n_batches, len(tokens) // batch_tokens)
+    if n_full == 0:
+        rule = f"split {src.eval_split!r}" if src.eval_split else f"heldout_fraction {cfg.heldout_fraction}"
+        raise UserError(f"{_describe(src)}: its held-out text ({rule}) has {len(tokens)} tokens, fewer than one "
+                        f"evaluation batch ({batch_size} x {block_len} = {batch_tokens}); raise "
+                        "data.heldout_fraction, give the source an eval_split, or lower eval.batch_size")
+    blocks = torch.tensor(tokens[:n_full * batch_tokens], dtype=torch.int64)
+    return list(blocks.view(n_full, batch_size, block_len).unbind(0))
+
