@@ -115,6 +115,14 @@ def hand_run(tmp_path):
     return write_logs(tmp_path / "logs" / "hand")
 
 
+@pytest.mark.parametrize("tool", [plot_experts, plot_training, lineage, generate, evaluate, summary])
+def test_every_tool_has_help(tool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
 def test_a_run_resumed_twice_reads_as_one_timeline(tmp_path):
     # Rows 1..10, a restart from 6 that wrote 6..12, then one from 11 that wrote 11..14,
     # all appended (as if nothing truncated the log): the last timeline wins, each step once.
@@ -280,7 +288,8 @@ def test_real_run_plots(real_run, tmp_path):
     assert train["step"].tolist() == list(range(1, 25)), "one continuous curve across both resumes"
     assert len(events) > 0
     for args, name in (([str(real_run)], "experts.png"),
-                       ([str(real_run / "training_log.csv"), "--x", "tokens"], "experts_tokens.png")):
+                       ([str(real_run / "training_log.csv"), "--x", "tokens", "--layout", "panels"],
+                        "experts_panels.png")):
         assert plot_experts.main(args + ["-o", str(tmp_path / name)]) == 0
         height, width = image_size(tmp_path / name)
         assert 400 < height < 2000 and 800 < width < 2000
@@ -355,8 +364,13 @@ def test_real_run_evaluate(real_run, capsys):
 
 @slow
 def test_real_run_summary(real_run):
+    import yaml
+    config = yaml.safe_load((real_run / "config.yaml").read_text())
+    per_step = config["train"]["batch_size"] * config["train"]["grad_accum"] * config["model"]["seq_len"]
+    total_steps = math.ceil(config["train"]["total_tokens"] / per_step)
     result = run_script("summary", real_run)      # as a user runs it, from the repo root
     assert result.returncode == 0, result.stderr
-    for expected in ("24 / 30 (80%)", "1,536 / 1,920", "finished", "nemo_ckpt_step24.pt",
+    for expected in (f"24 / {total_steps} ", f"{24 * per_step:,} / {config['train']['total_tokens']:,}",
+                     "finished", "nemo_ckpt_step24.pt",
                      "held-out loss, best", "experts per layer now"):
         assert expected in result.stdout, expected

@@ -25,17 +25,18 @@ from nemoe.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Held-out loss, perplexity and expert usage of a checkpoint.")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="nemo_ckpt_step<N>.pt, or a run's checkpoint/log folder (newest checkpoint)")
-    p.add_argument("--config", default=None,
+    p.add_argument("--config", default=None, metavar="NAME",
                    help="take the held-out data from this config (NAME, configs/NAME[.yaml]); "
                         "default: the checkpoint's own")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of --config, e.g. --set data.heldout_fraction=0.05")
-    p.add_argument("--batches", type=int, default=None,
+    p.add_argument("--batches", type=int, default=None, metavar="N",
                    help="held-out batches per source (default: the config's eval.batches)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="sequences per batch (default: the config's eval.batch_size)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -23,16 +23,18 @@ from nemoe.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Sample text from a nemoe checkpoint.")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="nemo_ckpt_step<N>.pt, or a run's checkpoint/log folder (newest checkpoint)")
     p.add_argument("--prompt", default="The quick brown fox", help='text to continue (default: "%(default)s")')
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample (default: 64)")
-    p.add_argument("--temperature", type=float, default=0.8,
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to sample (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
                    help="softmax temperature; 0 means greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all (default: 50)")
-    p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: 1337)")
-    p.add_argument("--samples", type=int, default=1, help="independent continuations (default: 1)")
+    p.add_argument("--top-k", type=int, default=50, metavar="K",
+                   help="sample among the k likeliest tokens; 0 = all (default: 50)")
+    p.add_argument("--seed", type=int, default=1337, metavar="S", help="sampling seed (default: 1337)")
+    p.add_argument("--samples", type=int, default=1, metavar="N", help="independent continuations (default: 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true",
                    help="print JSON: prompt, completions and their token ids")

@@ -52,7 +52,8 @@ class Expert:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Show the expert family tree of a run (text and picture).")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="a run's log folder (logs/<run-name>)")
     p.add_argument("--layer", type=int, default=None, metavar="L", help="only this layer (default: all)")
     p.add_argument("-o", "--output", default="lineage.png", help="PNG to write (default: lineage.png)")

@@ -23,12 +23,15 @@ from nemoe.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Plot experts per layer over a run, with morph events marked.")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_OR_CSV",
                    help="a run's log folder (logs/<run-name>) or its training_log.csv")
     p.add_argument("-o", "--output", default="experts.png", help="PNG to write (default: experts.png)")
     p.add_argument("--x", choices=("steps", "tokens"), default="steps",
                    help="x axis: optimizer steps (tokens on a second axis) or tokens (default: steps)")
+    p.add_argument("--layout", choices=("auto", "overlay", "panels"), default="auto",
+                   help="all layers on one axis, or one panel per layer (default auto: panels above 4 layers)")
     return p.parse_args(argv)
 
 
@@ -91,21 +94,30 @@ def with_start(train, events):
                      ignore_index=True)
 
 
-def plot(train, events, run_name: str, x: str = "steps"):
+def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
+    """One line per layer: overlaid on one axis, or one panel per layer (auto: > 4 layers)."""
     plt = pyplot()
     train = with_start(train, events)
     columns = layer_columns(train)
     n_layers = len(columns)
     xcol = "step" if x == "steps" else "tokens"
-    # Counts are small integers shared by many layers: offset each layer a little
-    # so overlapping lines stay visible; y ticks stay on the integers.
-    spread = min(0.3, 0.08 * (n_layers - 1))
-    offsets = [(i / (n_layers - 1) - 0.5) * spread if n_layers > 1 else 0.0 for i in range(n_layers)]
+    panels = layout == "panels" or (layout == "auto" and n_layers > 4)
+    if panels:
+        offsets = [0.0] * n_layers
+        fig, axes = plt.subplots(n_layers, 1, figsize=(10, 1.5 + 1.15 * n_layers), sharex=True,
+                                 sharey=True, layout="constrained")
+        axes = list(axes) if n_layers > 1 else [axes]
+    else:
+        # Counts are small integers shared by many layers: offset each layer a little
+        # so overlapping lines stay visible; y ticks stay on the integers.
+        spread = min(0.3, 0.08 * (n_layers - 1))
+        offsets = [(i / (n_layers - 1) - 0.5) * spread if n_layers > 1 else 0.0 for i in range(n_layers)]
+        fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
+        axes = [ax] * n_layers
     colors = plt.get_cmap("tab10" if n_layers <= 10 else "viridis")
-
     span = float(train[xcol].max() - min(train[xcol].min(), 0)) or 1.0
-    fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
-    for i, column in enumerate(columns):
+
+    for i, (column, ax) in enumerate(zip(columns, axes)):
         color = colors(i % 10) if n_layers <= 10 else colors(i / max(n_layers - 1, 1))
         ax.plot(train[xcol], train[column] + offsets[i], drawstyle="steps-post", lw=1.8,
                 color=color, label=f"layer {i}")
@@ -113,34 +125,43 @@ def plot(train, events, run_name: str, x: str = "steps"):
             style = EVENT_STYLE[action]
             ax.scatter([x_pos], [y + offsets[i]], marker=style["marker"], s=90 if style["marker"] == "*" else 60,
                        facecolor=style["color"], edgecolor="black", linewidth=0.6, zorder=3)
-    # Legend: one entry per layer (line colour) and per event type seen (marker).
-    handles, labels = ax.get_legend_handles_labels()
+
+    # Legend: the layers' line colours (overlay only) and each event type seen (marker).
+    handles, labels = ([], []) if panels else axes[0].get_legend_handles_labels()
     seen = set(events["action"]) if len(events) else set()
     for action, style in EVENT_STYLE.items():
         if action in seen:
-            handles.append(ax.scatter([], [], marker=style["marker"], s=60, facecolor=style["color"],
-                                      edgecolor="black", linewidth=0.6))
+            handles.append(plt.Line2D([], [], ls="", marker=style["marker"], markersize=9 if action ==
+                                      "crossover" else 8, markerfacecolor=style["color"],
+                                      markeredgecolor="black", markeredgewidth=0.6))
             labels.append(style["label"])
-    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if handles:
+        axes[0].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
     counts = train[columns].to_numpy()
     low, high = int(counts.min()), int(counts.max())
-    ax.set_yticks(range(low, high + 1))
-    ax.set_ylim(low - 0.5, high + 0.5)
-    ax.grid(True, alpha=0.3)
-    ax.set_ylabel("live experts" + (" (layers offset slightly)" if n_layers > 1 else ""))
+    for i, ax in enumerate(dict.fromkeys(axes)):      # each distinct axis once
+        ax.set_yticks(range(low, high + 1))
+        ax.set_ylim(low - 0.5, high + 0.5)
+        ax.grid(True, alpha=0.3)
+        if panels:
+            ax.set_ylabel(f"layer {i}")
+    if panels:
+        fig.supylabel("live experts")
+    else:
+        axes[0].set_ylabel("live experts" + (" (layers offset slightly)" if n_layers > 1 else ""))
     if x == "steps":
-        ax.set_xlabel("optimizer step")
+        axes[-1].set_xlabel("optimizer step")
         forward, inverse = steps_to_tokens(train)
-        top = ax.secondary_xaxis("top", functions=(forward, inverse))
+        top = axes[0].secondary_xaxis("top", functions=(forward, inverse))
         top.set_xlabel("tokens trained")
         top.xaxis.set_major_formatter(lambda v, _pos: human(v))
     else:
-        ax.set_xlabel("tokens trained")
-        ax.xaxis.set_major_formatter(lambda v, _pos: human(v))
+        axes[-1].set_xlabel("tokens trained")
+        axes[-1].xaxis.set_major_formatter(lambda v, _pos: human(v))
     last = train.iloc[-1]
     n_events = int(events["action"].isin(list(EVENT_STYLE)).sum()) if len(events) else 0
-    ax.set_title(f"{run_name}: experts per layer (step {int(last['step']):,}, "
+    fig.suptitle(f"{run_name}: experts per layer (step {int(last['step']):,}, "
                  f"{human(last['tokens'])} tokens, {n_events} events)")
     return fig
 
@@ -149,7 +170,7 @@ def plot(train, events, run_name: str, x: str = "steps"):
 def main(argv=None):
     args = parse_args(argv)
     train, events, run_name = load(args.run)
-    fig = plot(train, events, run_name, args.x)
+    fig = plot(train, events, run_name, args.x, args.layout)
     save_figure(fig, args.output)
 
 

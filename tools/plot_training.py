@@ -22,7 +22,8 @@ from tools._common import (EVAL_CSV, EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_lo
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Plot a run's losses, held-out loss, LR and throughput.")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="a run's log folder (logs/<run-name>)")
     p.add_argument("-o", "--output", default="training.png", help="PNG to write (default: training.png)")
     p.add_argument("--smooth", type=int, default=0, metavar="N",

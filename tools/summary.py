@@ -25,7 +25,8 @@ EVENT_ORDER = ["split", "crossover", "prune", "failed_probation", "graduate"]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Summarise a run in one table.")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="a run's log folder (logs/<run-name>)")
     return p.parse_args(argv)
 
