@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=".", help="where logs/ and checkpoints/ go (default: .)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint of this run (none yet: start fresh)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept changed model/expert/data settings (shapes must still match)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimizer steps (the LR schedule still follows the token target)")
     return p.parse_args(argv)
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--max-steps must be >= 1")
         cfg = load_config(args.config, args.overrides)
         paths = RunPaths.of(Path(args.run_dir), args.run_name or cfg.name)
-        Trainer(cfg, paths, resume=args.resume, max_steps=args.max_steps).train()
+        Trainer(cfg, paths, resume=args.resume, max_steps=args.max_steps,
+                allow_config_change=args.allow_config_change).train()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from nemoe.errors import UserError
+from nemoe.files import fsync_dir
 
 FORMAT = "nemoe-checkpoint-v1"
 _NAME = re.compile(r"^nemo_ckpt_step(\d+)\.pt$")
@@ -34,29 +35,6 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform / file system
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(directory: Path) -> list[Path]:
-    """Delete leftovers of saves that were killed mid-write (one writer per run)."""
-    removed = []
-    if directory.is_dir():
-        for p in directory.glob(".nemo_ckpt_step*.tmp*"):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
 def save_checkpoint(directory: Path, state: dict, keep_last: int) -> Path:
     """Write `state` atomically as nemo_ckpt_step<step>.pt; delete all but the newest `keep_last`."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -70,7 +48,7 @@ def save_checkpoint(directory: Path, state: dict, keep_last: int) -> Path:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     for _, old in list_checkpoints(directory)[keep_last:]:
         old.unlink(missing_ok=True)
     return final
@@ -89,11 +67,20 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_latest(directory: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads, warning about each newer one that does not."""
+def load_latest(directory: Path, warn: Callable[[str], None],
+                reject: Callable[[dict], str | None] = lambda state: None) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads and `reject` does not object to.
+
+    Each newer one passed over is reported through `warn`, with the reason.
+    """
     for _, path in list_checkpoints(directory):
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
         except UserError as err:
-            warn(f"skipping {err}")
+            warn(str(err))
+            continue
+        reason = reject(state)
+        if reason is None:
+            return path, state
+        warn(f"{path}: {reason}")
     return None

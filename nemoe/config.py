@@ -152,6 +152,8 @@ class CheckpointConfig:
     """Also save when this many minutes passed since the last save (0 disables)."""
     keep_last: int = 3
     """Checkpoints of this run to keep; older ones are deleted after a successful save."""
+    max_failures: int = 3
+    """Failed saves in a row (full disk, read-only folder) after which the run stops."""
 
 
 @dataclass
@@ -360,6 +362,7 @@ def validate(cfg: Config) -> list[str]:
         (cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.every_minutes >= 0,
          "checkpoint.every_steps and checkpoint.every_minutes must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (cfg.checkpoint.max_failures >= 1, "checkpoint.max_failures must be >= 1"),
     ]
     problems = [msg for ok, msg in checks if not ok]
     return problems + cfg.data.validate()
@@ -435,3 +438,36 @@ def load_config(name: str | None, overrides: list[str] = ()) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- #
+# Resuming under a changed config
+# --------------------------------------------------------------------------- #
+
+# Keys whose change would make a checkpoint mean something else: parameter shapes,
+# the routing rule, or which documents the data stream yields.
+UNSAFE_ON_RESUME = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+                    "model.seq_len", "model.d_expert", "moe.experts_max", "moe.top_k",
+                    "data.sources", "data.seed", "data.heldout_fraction")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value  # lists (data.sources) compare whole
+    return out
+
+
+def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for every key that differs; `name` is ignored."""
+    a, b = _flatten(saved), _flatten(now)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k != "name" and a.get(k) != b.get(k)]
+
+
+def is_unsafe(key: str) -> bool:
+    return key in UNSAFE_ON_RESUME

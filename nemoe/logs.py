@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from nemoe.files import atomic_write
+
 EVENT_COLUMNS = ["step", "tokens", "event", "layer", "action", "expert", "parents", "usage",
                  "threshold", "n_before", "n_after", "probe_loss_before", "probe_loss_after"]
 EVAL_COLUMNS = ["step", "tokens", "source", "loss", "ppl"]
@@ -42,7 +44,7 @@ class CsvLog:
     def __init__(self, path: Path, columns: list[str]):
         self.path, self.columns = path, columns
         if not path.exists() or path.stat().st_size == 0:
-            path.write_text(",".join(columns) + "\n", encoding="utf-8")
+            atomic_write(path, ",".join(columns) + "\n")
         self._file = open(path, "a", encoding="utf-8", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore",
                                       lineterminator="\n")
@@ -77,7 +79,7 @@ def truncate_csv(path: Path, last_step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    _atomic_write(path, "".join(kept))
+    atomic_write(path, "".join(kept))
     return dropped
 
 
@@ -91,14 +93,8 @@ def truncate_text_log(path: Path, last_step: int) -> int:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     kept = [ln for ln in lines if ln.endswith("\n")
             and (m := _STEP_OF_LINE.match(ln)) is not None and int(m.group(1)) <= last_step]
-    _atomic_write(path, "".join(kept))
+    atomic_write(path, "".join(kept))
     return len(lines) - len(kept)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class RunLogger:
@@ -106,7 +102,7 @@ class RunLogger:
 
     def __init__(self, log_dir: Path, n_layers: int, console: str, total_tokens: int):
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir = log_dir
+        self.log_dir, self.write_failures = log_dir, 0
         self.train_csv = CsvLog(log_dir / "training_log.csv", train_columns(n_layers))
         self.events_csv = CsvLog(log_dir / "events.csv", EVENT_COLUMNS)
         self.eval_csv = CsvLog(log_dir / "eval.csv", EVAL_COLUMNS)
@@ -133,11 +129,24 @@ class RunLogger:
         return dropped + truncate_text_log(log_dir / "training_log.txt", step)
 
     # -- writing ---------------------------------------------------------------- #
+    def _guard(self, write, *args) -> None:
+        """A failed log write (full disk, Drive hiccup) is reported, never fatal: training goes on."""
+        try:
+            write(*args)
+        except OSError as err:
+            self.write_failures += 1
+            if self.write_failures == 1 or self.write_failures % 100 == 0:
+                print(f"warning: cannot write the logs in {self.log_dir} ({err}); training goes on "
+                      f"({self.write_failures} failed writes)", file=sys.stderr, flush=True)
+
+    def _write_text(self, line: str) -> None:
+        self._text.write(line + "\n")
+        self._text.flush()
+
     def line(self, step: int, text: str, echo: bool = True) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         full = f"[{stamp}] Step {step} | {text}"
-        self._text.write(full + "\n")
-        self._text.flush()
+        self._guard(self._write_text, full)
         if echo:
             self.print(full)
 
@@ -151,7 +160,7 @@ class RunLogger:
         self.line(step, f"Warning | {text}")
 
     def train_row(self, row: dict, summary: str, experts: str) -> None:
-        self.train_csv.write(row)
+        self._guard(self.train_csv.write, row)
         self.line(row["step"], summary, echo=self.progress is None)
         if self.progress is not None:
             self.progress.update(self._task, completed=row["tokens"], tokens=f"{row['tokens']:,}",
@@ -159,20 +168,19 @@ class RunLogger:
                                  experts=experts)
 
     def event_row(self, row: dict, text: str) -> None:
-        self.events_csv.write(row)
+        self._guard(self.events_csv.write, row)
         self.line(row["step"], text)
 
     def eval_rows(self, rows: list[dict], text: str) -> None:
         for row in rows:
-            self.eval_csv.write(row)
+            self._guard(self.eval_csv.write, row)
         self.line(rows[0]["step"], text)
 
     def sync(self) -> None:
         """Push every log to disk (before a checkpoint claims these steps are done)."""
         for log in (self.train_csv, self.events_csv, self.eval_csv):
-            log.sync()
-        self._text.flush()
-        os.fsync(self._text.fileno())
+            self._guard(log.sync)
+        self._guard(os.fsync, self._text.fileno())
 
     def close(self) -> None:
         if self.progress is not None:

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from nemoe import checkpoint as ckpt
-from nemoe.config import Config, dump_config
-from nemoe.data import TokenStream, heldout_batches
+from nemoe.config import Config, config_changes, dump_config, is_unsafe
+from nemoe.data import DataExhausted, TokenStream, heldout_batches
 from nemoe.errors import UserError
 from nemoe.evolution import MorphController, MorphEvent
+from nemoe.lock import RunLock
+from nemoe.files import atomic_write, remove_temporaries
 from nemoe.logs import RunLogger
 from nemoe.model import NemoeLM, split_block
 from nemoe.tokenizer import get_tokenizer
@@ -100,6 +102,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --------------------------------------------------------------------------- #
 # The trainer
 # --------------------------------------------------------------------------- #
@@ -115,8 +122,11 @@ class RunPaths:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, paths: RunPaths, resume: bool = False, max_steps: int | None = None):
+    def __init__(self, cfg: Config, paths: RunPaths, resume: bool = False, max_steps: int | None = None,
+                 allow_config_change: bool = False):
         self.cfg, self.paths, self.max_steps = cfg, paths, max_steps
+        self.allow_config_change = allow_config_change
+        self.lock = RunLock(paths.log_dir)
         self.device = resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
@@ -142,7 +152,7 @@ class Trainer:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.window = self._empty_window()
         self.stop_requested = False
-        self.bad_steps, self.diverged = 0, False
+        self.bad_steps, self.diverged, self.save_failures = 0, False, 0
         self._restore_or_start(resume)
         self.forward = torch.compile(self.model) if cfg.train.compile and self.device.type == "cuda" else self.model
 
@@ -153,26 +163,36 @@ class Trainer:
         if existing and not resume:
             raise UserError(f"run folder {paths.ckpt_dir} already has checkpoints (newest: step "
                             f"{existing[0][0]}); add --resume to continue it, or pick a new --run-name")
-        paths.log_dir.mkdir(parents=True, exist_ok=True)
-        notes = []
+        self.lock.acquire()
+        try:
+            self._open_run(resume, existing)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open_run(self, resume: bool, existing: list) -> None:
+        paths, notes = self.paths, []
+        for leftover in remove_temporaries(paths.ckpt_dir) + remove_temporaries(paths.log_dir):
+            notes.append(f"removed {leftover.name}, left by a write that was cut off")
         loaded = None
         if resume:
-            ckpt.remove_temporaries(paths.ckpt_dir)
-            loaded = ckpt.load_latest(paths.ckpt_dir, warn=notes.append)
+            loaded = ckpt.load_latest(paths.ckpt_dir, warn=lambda m: notes.append(f"skipping {m}"),
+                                      reject=self._incompatibility)
             if loaded is None and existing:
+                hint = ("\nTo resume under the changed settings anyway, add --allow-config-change "
+                        "(parameter shapes must still match)." if any("config" in n for n in notes) else "")
                 raise UserError(f"--resume: none of the {len(existing)} checkpoints in {paths.ckpt_dir} "
-                                f"could be loaded ({'; '.join(notes)}); nothing was deleted")
+                                f"can be used; nothing was deleted:\n  - " + "\n  - ".join(notes) + hint)
         if loaded is not None:
             path, state = loaded
-            self._check_compatible(state["config"], path)
-            self.load_state_dict(state)
+            notes += self._restore(state)
             notes.append(f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)")
         elif resume:
             notes.append(f"--resume: no checkpoint in {paths.ckpt_dir} yet, starting fresh")
         RunLogger.truncate_after(paths.log_dir, self.step)
         self.log = RunLogger(paths.log_dir, self.cfg.model.n_layers, self.cfg.log.console,
                              self.cfg.train.total_tokens)
-        (paths.log_dir / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+        atomic_write(paths.log_dir / "config.yaml", dump_config(self.cfg))
         params = self.model.count_params()
         self.log.line(self.step, f"Start | device {self.device} | precision {self.precision} | params "
                       f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
@@ -181,35 +201,58 @@ class Trainer:
         for note in notes:
             self.log.line(self.step, f"Note | {note}")
 
-    def _check_compatible(self, saved: dict, path: Path) -> None:
-        """Refuse a checkpoint whose model, expert pool or data differ from this config."""
-        now = self.cfg.to_dict()
-        diffs = [f"{section}.{key}: checkpoint {saved[section].get(key)!r}, config {value!r}"
-                 for section in ("model", "moe") for key, value in now[section].items()
-                 if saved.get(section, {}).get(key) != value]
-        if saved.get("data", {}).get("sources") != now["data"]["sources"]:
-            diffs.append("data.sources differ")
-        if diffs:
-            raise UserError(f"{path} was written by an incompatible config:\n  - " + "\n  - ".join(diffs))
+    def _incompatibility(self, state: dict) -> str | None:
+        """Why this checkpoint cannot be resumed under the current config (None: it can)."""
+        unsafe = [c for c in config_changes(state["config"], self.cfg.to_dict()) if is_unsafe(c[0])]
+        if not unsafe or self.allow_config_change:
+            return None
+        return "written by an incompatible config: " + "; ".join(
+            f"{key}: {_short(old)} -> {_short(new)}" for key, old, new in unsafe)
+
+    def _restore(self, state: dict) -> list[str]:
+        """Load a checkpoint's state; returns notes on config changes since it was written."""
+        changes = config_changes(state["config"], self.cfg.to_dict())
+        data_changed = any(key.startswith("data.") and is_unsafe(key) for key, _, _ in changes)
+        try:
+            self.load_state_dict(state, restore_data=not data_changed)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UserError(f"the checkpoint does not fit this model ({str(err)[:300]})") from None
+        notes = [f"config change on resume: {key}: {_short(old)} -> {_short(new)}"
+                 + (" (unsafe, allowed by --allow-config-change)" if is_unsafe(key) else "")
+                 for key, old, new in changes]
+        if data_changed:
+            notes.append("data settings changed: the data stream starts from its beginning")
+        return notes
 
     # -- the loop --------------------------------------------------------------- #
     def train(self) -> None:
+        try:
+            self._train()
+        finally:
+            self.log.close()
+            self.lock.release()
+
+    def _train(self) -> None:
         cfg = self.cfg
         target_steps = cfg.total_steps if self.max_steps is None else min(self.max_steps, cfg.total_steps)
         if self.step >= target_steps:
             self.log.line(self.step, f"Note | nothing to do: step {self.step} already reached the target "
                                      f"({target_steps} steps)")
-            self.log.close()
             return
         old_handlers = self._install_signal_handlers()
-        last_save = time.monotonic()
+        self.last_save = time.monotonic()
         try:
             if self.step == 0:
                 self.evaluate()
             self.controller.update_routing(self.model.moe_layers, self.step)
             while self.step < target_steps and not (self.stop_requested or self.diverged):
                 started = time.perf_counter()
-                loss_ce = self.train_step()
+                try:
+                    loss_ce = self.train_step()
+                except DataExhausted as err:
+                    self.optimizer.zero_grad(set_to_none=True)  # drop the unfinished step
+                    self.log.line(self.step, f"Note | {err}")
+                    break
                 events = self.evolve()
                 self.elapsed += time.perf_counter() - started
                 self.report(events, loss_ce)
@@ -217,18 +260,17 @@ class Trainer:
                     self.evaluate()
                 if self._due(cfg.log.sample_every_steps):
                     self.sample()
-                minutes = (time.monotonic() - last_save) / 60
-                if (self._due(cfg.checkpoint.every_steps) or self.step == target_steps
-                        or (cfg.checkpoint.every_minutes and minutes >= cfg.checkpoint.every_minutes)):
+                if self._save_due() or self.step == target_steps:
                     self.save()
-                    last_save = time.monotonic()
+                self.lock.heartbeat()
             if self.diverged:
                 self.save()
                 raise UserError(f"stopped at step {self.step}: {self.bad_steps} steps in a row had a "
                                 f"non-finite loss or gradient (train.max_bad_steps); the checkpoint holds "
                                 f"the last finite weights. Lower train.lr or check the data.")
-            if self.stop_requested:
+            if self.step < target_steps:
                 self.save()
+            if self.stop_requested:
                 self.log.line(self.step, "Note | stopped by signal after saving a checkpoint; "
                                          "rerun with --resume to continue")
             else:
@@ -236,7 +278,11 @@ class Trainer:
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
-            self.log.close()
+
+    def _save_due(self) -> bool:
+        minutes = (time.monotonic() - self.last_save) / 60
+        every_minutes = self.cfg.checkpoint.every_minutes
+        return self._due(self.cfg.checkpoint.every_steps) or bool(every_minutes and minutes >= every_minutes)
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -407,8 +453,20 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------- #
     def save(self) -> None:
-        self.log.sync()
-        path = ckpt.save_checkpoint(self.paths.ckpt_dir, self.state_dict(), self.cfg.checkpoint.keep_last)
+        """Checkpoint now. A failed write keeps the previous checkpoints; too many in a row stop the run."""
+        try:
+            self.log.sync()
+            path = ckpt.save_checkpoint(self.paths.ckpt_dir, self.state_dict(), self.cfg.checkpoint.keep_last)
+        except OSError as err:
+            self.save_failures += 1
+            self.log.warn(self.step, f"checkpoint at step {self.step} failed ({err}); the previous "
+                                     f"checkpoints are intact ({self.save_failures} failures in a row)")
+            if self.save_failures >= self.cfg.checkpoint.max_failures:
+                raise UserError(f"stopping: {self.save_failures} checkpoint saves in a row failed, last: "
+                                f"{err}. Free disk space or fix {self.paths.ckpt_dir}, then --resume") from None
+            return
+        self.save_failures = 0
+        self.last_save = time.monotonic()
         self.log.line(self.step, f"Checkpoint | {path}", echo=False)
 
     def state_dict(self) -> dict:
@@ -420,12 +478,13 @@ class Trainer:
                             "bad_steps": self.bad_steps, "window": window},
                 "rng": rng_state(), "config": self.cfg.to_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, restore_data: bool = True) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.controller.load_state_dict(state["controller"])
-        self.stream.load_state_dict(state["data"])
+        if restore_data:
+            self.stream.load_state_dict(state["data"])
         t = state["trainer"]
         self.step, self.tokens, self.elapsed = t["step"], t["tokens"], t["elapsed"]
         self.bad_steps = t["bad_steps"]

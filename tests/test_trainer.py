@@ -140,7 +140,9 @@ def test_fresh_start_on_existing_run_is_refused(tmp_path, capsys):
 def test_resume_with_an_incompatible_model_is_refused(tmp_path, capsys):
     assert run(tmp_path, "--max-steps", "5") == 0
     assert run(tmp_path, "--resume", "--set", "model.d_model=48", "--set", "model.n_heads=2") == 2
-    assert "model.d_model: checkpoint 32, config 48" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "written by an incompatible config: model.d_model: 32 -> 48" in err
+    assert "--allow-config-change" in err
 
 
 def test_checkpoint_save_is_atomic_and_keeps_last(tmp_path):
