@@ -27,7 +27,7 @@ def parse_args(argv):
     p.add_argument("run", metavar="RUN", help="a run's log folder (logs/<run-name>)")
     p.add_argument("-o", "--output", default="training.png", help="PNG to write (default: training.png)")
     p.add_argument("--smooth", type=int, default=0, metavar="N",
-                   help="rows in the train-loss moving average (default: about 1/30 of the rows)")
+                   help="rows in the train-loss moving average (default: about 1/20 of the rows)")
     return p.parse_args(argv)
 
 
@@ -53,10 +53,11 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
     train = train.replace([np.inf, -np.inf], np.nan)
     fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True, layout="constrained")
     steps = train["step"]
-    window = smooth or max(1, round(len(train) / 30))
+    window = smooth or max(1, round(len(train) / 20))
 
     ax = axes[0, 0]
-    ax.plot(steps, train["loss_ce"], color="tab:blue", lw=0.8, alpha=0.35, label="train (raw)")
+    if window > 1:
+        ax.plot(steps, train["loss_ce"], color="tab:blue", lw=0.8, alpha=0.35, label="train (raw)")
     ax.plot(steps, train["loss_ce"].rolling(window, min_periods=1).mean(), color="tab:blue", lw=1.8,
             label=f"train (mean of {window} rows)" if window > 1 else "train")
     mixed = evals[evals["source"] == "all"] if len(evals) else evals
