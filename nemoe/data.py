@@ -73,7 +73,8 @@ class SourceConfig:
     kind: str = "hf"
     """Where documents come from: hf (Hugging Face Hub), files (local files) or builtin."""
     path: str = ""
-    """hf: dataset id; files: a file path or glob (.parquet, .jsonl/.json, .txt); builtin: prose or code."""
+    """hf: dataset id; files: a file path or glob (.parquet, .jsonl/.json, or .txt whose blank-line
+    separated paragraphs are the documents); builtin: prose or code."""
     config: str | None = None
     """hf: the dataset's config name (e.g. sample-10BT, wikitext-103-raw-v1)."""
     split: str = "train"
