@@ -189,7 +189,9 @@ class Trainer:
             notes.append(f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)")
         elif resume:
             notes.append(f"--resume: no checkpoint in {paths.ckpt_dir} yet, starting fresh")
-        RunLogger.truncate_after(paths.log_dir, self.step)
+        # A fresh start keeps no rows at all: not even step-0 rows of an attempt
+        # that was killed before its first checkpoint.
+        RunLogger.truncate_after(paths.log_dir, self.step if loaded is not None else -1)
         self.log = RunLogger(paths.log_dir, self.cfg.model.n_layers, self.cfg.log.console,
                              self.cfg.train.total_tokens)
         atomic_write(paths.log_dir / "config.yaml", dump_config(self.cfg))
