@@ -206,3 +206,14 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, capsys, monke
     state = ckpt.load_checkpoint(path)
     weights = {k: v for k, v in state["model"].items() if not k.endswith("route_offset")}  # -inf = free slot
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_fresh_start_drops_rows_of_an_attempt_killed_before_its_first_checkpoint(tmp_path):
+    log_dir = tmp_path / "logs" / "tiny"
+    log_dir.mkdir(parents=True)
+    (log_dir / "eval.csv").write_text("step,tokens,source,loss,ppl\n0,0,all,10.8,49000.0\n")
+    (log_dir / "training_log.txt").write_text("[2026-01-01 00:00:00] Step 0 | Eval | all 10.8000\n")
+    assert run(tmp_path, "--resume", "--max-steps", "2") == 0
+    evals = logs(tmp_path)[2]
+    assert list(evals["step"]).count(0) == 3, "one step-0 evaluation: prose, code, all"
+    assert "all 10.8000" not in (log_dir / "training_log.txt").read_text()
