@@ -185,6 +185,18 @@ def test_summary_of_hand_written_logs(hand_run, capsys):
         assert expected in text, expected
 
 
+def test_final_step_after_the_last_training_row_counts(hand_run, capsys):
+    # A run whose last step is not a multiple of log.every_steps: its final evaluation
+    # (and events) come after the last training-log row.
+    with open(hand_run / "eval.csv", "a") as f:
+        f.write("18,1152,all,6.0,403.4\n")
+    assert summary.main([str(hand_run)]) == 0
+    text = capsys.readouterr().out
+    assert "18 / 32 (56%)" in text and "1,152 / 2,048" in text
+    assert lineage.main([str(hand_run), "--no-picture"]) == 0
+    assert "alive at step 18" in capsys.readouterr().out
+
+
 def test_partial_last_line_is_skipped_with_a_note(hand_run, tmp_path):
     csv = hand_run / "training_log.csv"
     csv.write_text(csv.read_text() + "17,1088,6.3,6.3,1.0")      # a row being written

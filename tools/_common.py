@@ -241,6 +241,21 @@ def read_eval(path: Path) -> pd.DataFrame:
     return one_timeline(frame, ["step", "source"])
 
 
+def latest_step(*frames: pd.DataFrame) -> tuple[int, int]:
+    """(step, tokens) of the newest row in any of the logs.
+
+    training_log.csv gets a row every `log.every_steps` only, while eval.csv and
+    events.csv may be written at a later step (the run's final evaluation).
+    """
+    best = (0, 0)
+    for frame in frames:
+        if len(frame):
+            row = frame.loc[frame["step"].idxmax()]
+            tokens = int(row["tokens"]) if "tokens" in frame and pd.notna(row["tokens"]) else 0
+            best = max(best, (int(row["step"]), tokens))
+    return best
+
+
 def layer_columns(frame: pd.DataFrame, prefix: str = "experts") -> list[str]:
     """`experts_L0, experts_L1, ...` in layer order."""
     cols = [c for c in frame.columns if re.fullmatch(rf"{prefix}_L\d+", c)]

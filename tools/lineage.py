@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
-from tools._common import (EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard, note,  # noqa: E402
-                           parent_ids, pyplot, read_events, read_run_config, read_training_log,
-                           save_figure)
+from tools._common import (EVAL_CSV, EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard,  # noqa: E402
+                           latest_step, note, parent_ids, pyplot, read_eval, read_events,
+                           read_run_config, read_training_log, save_figure)
 from nemoe.errors import UserError  # noqa: E402
 
 DEATHS = {"prune": "pruned", "failed_probation": "failed probation"}
@@ -245,9 +245,10 @@ def load(arg: str, layer: int | None):
     if founders is None:
         note("no usable config.yaml: founders are inferred from the events "
              "(founders never named in an event are not shown)")
-    end_step = int(events["step"].max()) if len(events) else 0
+    others = [read_eval(log_dir / EVAL_CSV)]
     if (log_dir / TRAIN_CSV).is_file():
-        end_step = max(end_step, int(read_training_log(log_dir / TRAIN_CSV)["step"].max()))
+        others.append(read_training_log(log_dir / TRAIN_CSV))
+    end_step = latest_step(events, *others)[0]
     layers = build_lineage(events, founders)
     if layer is not None:
         if layer not in layers:

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
 from tools._common import (EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard,  # noqa: E402
-                           human, layer_columns, note, pyplot, read_events, read_training_log,
+                           human, latest_step, layer_columns, note, pyplot, read_events, read_training_log,
                            save_figure, steps_to_tokens)
 from nemoe.errors import UserError  # noqa: E402
 
@@ -159,10 +159,9 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
     else:
         axes[-1].set_xlabel("tokens trained")
         axes[-1].xaxis.set_major_formatter(lambda v, _pos: human(v))
-    last = train.iloc[-1]
+    step, tokens = latest_step(train, events)
     n_events = int(events["action"].isin(list(EVENT_STYLE)).sum()) if len(events) else 0
-    fig.suptitle(f"{run_name}: experts per layer (step {int(last['step']):,}, "
-                 f"{human(last['tokens'])} tokens, {n_events} events)")
+    fig.suptitle(f"{run_name}: experts per layer (step {step:,}, {human(tokens)} tokens, {n_events} events)")
     return fig
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
 from tools._common import (EVAL_CSV, EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard,  # noqa: E402
-                           human, pyplot, read_eval, read_events, read_training_log, save_figure)
+                           human, latest_step, pyplot, read_eval, read_events, read_training_log, save_figure)
 
 
 def parse_args(argv):
@@ -117,8 +117,8 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
                for a, s in EVENT_STYLE.items() if a in seen]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-    last = train.iloc[-1]
-    fig.suptitle(f"{run_name}: step {int(last['step']):,}, {human(last['tokens'])} tokens")
+    step, tokens = latest_step(train, evals, events)
+    fig.suptitle(f"{run_name}: step {step:,}, {human(tokens)} tokens")
     return fig
 
 

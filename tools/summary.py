@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
 from tools._common import (CONFIG_YAML, EVAL_CSV, EVENTS_CSV, TRAIN_CSV, checkpoint_dir,  # noqa: E402
-                           find_log_dir, guard, layer_columns, list_checkpoints, read_eval, read_events,
-                           read_run_config, read_training_log)
+                           find_log_dir, guard, latest_step, layer_columns, list_checkpoints, read_eval,
+                           read_events, read_run_config, read_training_log)
 
 EVENT_ORDER = ["split", "crossover", "prune", "failed_probation", "graduate"]
 
@@ -66,6 +66,17 @@ def run_state(log_dir: Path) -> str:
     return f"running or interrupted (log last written {duration(age)} ago)"
 
 
+def current_counts(train, events) -> list[int]:
+    """Live experts per layer now: the last training-log row, then any later events."""
+    last = train.iloc[-1]
+    counts = [int(last[c]) for c in layer_columns(train)]
+    later = events[events["step"] > last["step"]] if len(events) else events
+    for row in later.itertuples():
+        if 0 <= int(row.layer) < len(counts):
+            counts[int(row.layer)] = int(row.n_after)
+    return counts
+
+
 def rows(log_dir: Path) -> list[tuple[str, str]]:
     """(label, value) rows of the summary table."""
     train = read_training_log(log_dir / TRAIN_CSV)
@@ -73,7 +84,8 @@ def rows(log_dir: Path) -> list[tuple[str, str]]:
     events = read_events(log_dir / EVENTS_CSV)
     config = read_run_config(log_dir, required=False)
     last = train.iloc[-1]
-    step, tokens, elapsed = int(last["step"]), int(last["tokens"]), float(last.get("elapsed_s", math.nan))
+    elapsed = float(last.get("elapsed_s", math.nan))
+    step, tokens = latest_step(train, evals, events)
     total_steps, total_tokens = targets(config)
 
     out = [("run", f"{log_dir.name}  ({log_dir})"), ("state", run_state(log_dir))]
@@ -83,7 +95,8 @@ def rows(log_dir: Path) -> list[tuple[str, str]]:
     if math.isfinite(elapsed):
         out.append(("training time", duration(elapsed) + "  (steps only; evaluation and checkpoints excluded)"))
         if elapsed > 0:
-            out.append(("tokens/s", f"{tokens / elapsed:,.0f} mean, {float(last['tokens_per_s']):,.0f} "
+            mean = float(last["tokens"]) / elapsed    # both as of the last training-log row
+            out.append(("tokens/s", f"{mean:,.0f} mean, {float(last['tokens_per_s']):,.0f} "
                                     f"last interval"))
     recent = train["loss_ce"].tail(min(len(train), max(5, len(train) // 10)))
     out.append(("train loss (CE)", f"{float(last['loss_ce']):.4f} last, {recent.mean():.4f} mean of the "
@@ -113,7 +126,7 @@ def rows(log_dir: Path) -> list[tuple[str, str]]:
         out.append(("events", "none yet"))
     columns = layer_columns(train)
     if columns:
-        out.append(("experts per layer now", " / ".join(str(int(last[c])) for c in columns)
+        out.append(("experts per layer now", " / ".join(map(str, current_counts(train, events)))
                     + f"  (layers 0..{len(columns) - 1}, step {step:,})"))
 
     saved = list_checkpoints(checkpoint_dir(log_dir))
