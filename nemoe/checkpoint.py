@@ -61,7 +61,9 @@ def load_checkpoint(path: Path) -> dict:
         # dicts), never code to run.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, random bytes, pickle errors, ...
-        raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+        # The first line only: torch's advice about weights_only does not apply here.
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {first_line})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in _REQUIRED):
         raise UserError(f"{path}: not a nemoe checkpoint (expected format {FORMAT})")
     return state

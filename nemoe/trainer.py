@@ -262,6 +262,8 @@ class Trainer:
                     self.evaluate()
                 if self._due(cfg.log.sample_every_steps):
                     self.sample()
+                if self.step == target_steps:
+                    self._flush_window()
                 if self._save_due() or self.step == target_steps:
                     self.save()
                 self.lock.heartbeat()
@@ -271,6 +273,7 @@ class Trainer:
                                 f"non-finite loss or gradient (train.max_bad_steps); the checkpoint holds "
                                 f"the last finite weights. Lower train.lr or check the data.")
             if self.step < target_steps:
+                self._flush_window()
                 self.save()
             if self.stop_requested:
                 self.log.line(self.step, "Note | stopped by signal after saving a checkpoint; "
@@ -391,6 +394,11 @@ class Trainer:
                     f"{e.n_before}→{e.n_after} | Probe {e.probe_loss_before:.4f}→{e.probe_loss_after:.4f}"))
             self.log.line(self.step, f"Experts | {' '.join(map(str, counts))}", echo=False)
         if self.step % self.cfg.log.every_steps == 0:
+            self._write_train_row()
+
+    def _flush_window(self) -> None:
+        """A row for the steps since the last one, so a run's last step is always in the CSV."""
+        if self.window["steps"]:
             self._write_train_row()
 
     def _step_text(self, loss_ce: float, loss_lb: float | None) -> str:

@@ -217,3 +217,8 @@ def test_fresh_start_drops_rows_of_an_attempt_killed_before_its_first_checkpoint
     evals = logs(tmp_path)[2]
     assert list(evals["step"]).count(0) == 3, "one step-0 evaluation: prose, code, all"
     assert "all 10.8000" not in (log_dir / "training_log.txt").read_text()
+
+
+def test_last_step_gets_a_row_even_off_the_log_interval(tmp_path):
+    assert run(tmp_path, "--set", "log.every_steps=5", "--max-steps", "7") == 0
+    assert list(logs(tmp_path)[0]["step"]) == [5, 7]
