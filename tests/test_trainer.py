@@ -174,9 +174,12 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     while proc.poll() is None and time.time() < deadline and (
             not csv.exists() or len(csv.read_text().splitlines()) < 4):
         time.sleep(0.2)
+    sent = time.time()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    assert time.time() - sent < 15, "a signal ends the run within seconds"
+    assert not (tmp_path / "logs" / "tiny" / ".lock").exists(), "the run lock is released"
     assert "Traceback" not in err
     saved = ckpt.list_checkpoints(tmp_path / "checkpoints" / "tiny")
     assert len(saved) == 1
