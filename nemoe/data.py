@@ -19,8 +19,6 @@ that loads it yields the same next batches, bit for bit.
 
 from __future__ import annotations
 
-import ast
-import functools
 import glob
 import hashlib
 import logging
@@ -35,13 +33,13 @@ from pathlib import Path
 import datasets
 import pyarrow
 import torch
-from datasets import Dataset, Features, IterableDataset, Value, interleave_datasets, load_dataset
+from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 
+from nemoe.builtin_corpus import BUILTIN_CORPORA, builtin_corpus
 from nemoe.errors import UserError
 
 KINDS = ("hf", "files", "builtin")
 FORMATS = ("text", "alpaca", "wikitext")
-BUILTIN_CORPORA = ("prose", "code")
 ON_EXHAUSTED = ("cycle", "stop")
 FILE_LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 DOC_FEATURES = Features({"text": Value("string"), "source": Value("string")})
@@ -55,11 +53,6 @@ HUB_BACKOFF_S = 2.0
 MAP_BATCH_ROWS = 256
 WIKITEXT_BATCH_ROWS = 2048
 
-# Built-in corpus: folders of the standard library that are not its own prose/code
-# (tests, third-party packages, the IDE, the retired 2to3 tool).
-STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
-                              "__pycache__", "turtledemo"})
-CODE_CHUNK_LINES = 120  # a code document ends at the first top-level def/class after this many lines
 
 
 # --------------------------------------------------------------------------- #
@@ -268,72 +261,6 @@ def _text_column(src: SourceConfig) -> str:
 
 def _required_columns(src: SourceConfig) -> list[str]:
     return ["instruction", "output"] if src.format == "alpaca" else [_text_column(src)]
-
-
-# --------------------------------------------------------------------------- #
-# Built-in corpus: Python's own documentation and standard library
-# --------------------------------------------------------------------------- #
-
-@functools.lru_cache(maxsize=1)
-def _stdlib_files() -> tuple[tuple[str, str], ...]:
-    """(relative path, source) of every UTF-8 standard-library .py file, in sorted path order."""
-    root = Path(os.__file__).resolve().parent
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]
-        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
-    files = []
-    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
-        try:
-            files.append((path.relative_to(root).as_posix(), path.read_bytes().decode("utf-8")))
-        except (OSError, UnicodeDecodeError):
-            continue  # unreadable or not UTF-8: not worth a special case
-    return tuple(files)
-
-
-def _module_docstrings(source: str) -> str:
-    """All docstrings of one module (module, classes, functions) in source order."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return ""
-    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)), key=lambda n: getattr(n, "lineno", 0))
-    docs = (ast.get_docstring(n) for n in nodes)
-    return "\n\n".join(d for d in docs if d and d.strip())
-
-
-def _code_chunks(source: str) -> list[str]:
-    """A module's source cut at top-level def/class/decorator lines into documents of ~CODE_CHUNK_LINES."""
-    chunks, current = [], []
-    for line in source.splitlines(keepends=True):
-        starts_definition = line.startswith(("def ", "class ", "async def ", "@"))
-        if starts_definition and len(current) >= CODE_CHUNK_LINES:
-            chunks.append("".join(current))
-            current = []
-        current.append(line)
-    if current:
-        chunks.append("".join(current))
-    return chunks
-
-
-@functools.lru_cache(maxsize=len(BUILTIN_CORPORA))
-def builtin_corpus(name: str) -> Dataset:
-    """The built-in corpus `name` as an in-memory Dataset with one `text` column (cached per process).
-
-    prose: the interpreter's documentation topics (pydoc_data) and, per standard-library
-    module, its docstrings (read with `ast`, never imported). code: the standard-library
-    source, cut into chunks. Deterministic for a given Python version; needs no network.
-    """
-    if name == "prose":
-        from pydoc_data.topics import topics
-        texts = [topics[key] for key in sorted(topics)]
-        texts += [_module_docstrings(source) for _, source in _stdlib_files()]
-    elif name == "code":
-        texts = [chunk for _, source in _stdlib_files() for chunk in _code_chunks(source)]
-    else:
-        raise UserError(f"unknown builtin corpus {name!r} (valid: {', '.join(BUILTIN_CORPORA)})")
-    return Dataset.from_dict({"text": [t for t in texts if t.strip()]})
 
 
 # --------------------------------------------------------------------------- #

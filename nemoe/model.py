@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nemoe.moe import MoEAux, MoELayer
+from nemoe.moe import MoELayer
 
 
 class CausalSelfAttention(nn.Module):

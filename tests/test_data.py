@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+import nemoe.builtin_corpus
 from nemoe import data
 from nemoe.data import (DataConfig, DataExhausted, SourceConfig, TokenStream, alpaca_document,
                         builtin_corpus, heldout_batches, is_heldout, source_documents)
@@ -399,7 +400,7 @@ def test_builtin_corpora_are_sizeable_and_deterministic():
         assert all(t.strip() for t in corpus["text"][:100])
     assert "def " in builtin_corpus("code")[0]["text"] or "import" in builtin_corpus("code")[0]["text"]
     # Same order on every call (sorted paths, sorted topics).
-    data._stdlib_files.cache_clear()
+    nemoe.builtin_corpus._stdlib_files.cache_clear()
     builtin_corpus.cache_clear()
     assert builtin_corpus("code")["text"][:50] == builtin_corpus("code")["text"][:50]
 

@@ -1,0 +1,87 @@
+"""The built-in corpus: Python's own documentation and standard library as text.
+
+Ships with every interpreter, so `kind: builtin` sources work offline anywhere:
+`prose` is the documentation topics (pydoc_data) plus every standard-library
+module's docstrings (read with `ast`, never imported); `code` is the
+standard-library source cut into chunks. Deterministic for a Python version.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+from pathlib import Path
+
+from datasets import Dataset
+
+from nemoe.errors import UserError
+
+BUILTIN_CORPORA = ("prose", "code")
+# Folders of the standard library that are not its own prose/code
+# (tests, third-party packages, the IDE, the retired 2to3 tool).
+STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
+                              "__pycache__", "turtledemo"})
+CODE_CHUNK_LINES = 120  # a code document ends at the first top-level def/class after this many lines
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[tuple[str, str], ...]:
+    """(relative path, source) of every UTF-8 standard-library .py file, in sorted path order."""
+    root = Path(os.__file__).resolve().parent
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]
+        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    files = []
+    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
+        try:
+            files.append((path.relative_to(root).as_posix(), path.read_bytes().decode("utf-8")))
+        except (OSError, UnicodeDecodeError):
+            continue  # unreadable or not UTF-8: not worth a special case
+    return tuple(files)
+
+
+def _module_docstrings(source: str) -> str:
+    """All docstrings of one module (module, classes, functions) in source order."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)), key=lambda n: getattr(n, "lineno", 0))
+    docs = (ast.get_docstring(n) for n in nodes)
+    return "\n\n".join(d for d in docs if d and d.strip())
+
+
+def _code_chunks(source: str) -> list[str]:
+    """A module's source cut at top-level def/class/decorator lines into documents of ~CODE_CHUNK_LINES."""
+    chunks, current = [], []
+    for line in source.splitlines(keepends=True):
+        starts_definition = line.startswith(("def ", "class ", "async def ", "@"))
+        if starts_definition and len(current) >= CODE_CHUNK_LINES:
+            chunks.append("".join(current))
+            current = []
+        current.append(line)
+    if current:
+        chunks.append("".join(current))
+    return chunks
+
+
+@functools.lru_cache(maxsize=len(BUILTIN_CORPORA))
+def builtin_corpus(name: str) -> Dataset:
+    """The built-in corpus `name` as an in-memory Dataset with one `text` column (cached per process).
+
+    prose: the interpreter's documentation topics (pydoc_data) and, per standard-library
+    module, its docstrings (read with `ast`, never imported). code: the standard-library
+    source, cut into chunks. Deterministic for a given Python version; needs no network.
+    """
+    if name == "prose":
+        from pydoc_data.topics import topics
+        texts = [topics[key] for key in sorted(topics)]
+        texts += [_module_docstrings(source) for _, source in _stdlib_files()]
+    elif name == "code":
+        texts = [chunk for _, source in _stdlib_files() for chunk in _code_chunks(source)]
+    else:
+        raise UserError(f"unknown builtin corpus {name!r} (valid: {', '.join(BUILTIN_CORPORA)})")
+    return Dataset.from_dict({"text": [t for t in texts if t.strip()]})
