@@ -40,7 +40,7 @@ from nemoe.moe import MoELayer
 
 @dataclass
 class ExpertRecord:
-    """The life of one expert in one slot."""
+    """The life of one expert in one slot (its age at step s is s - birth_step)."""
 
     id: int
     parents: tuple[int, ...] = ()
@@ -53,9 +53,6 @@ class ExpertRecord:
     @property
     def on_probation(self) -> bool:
         return self.probation_until > 0
-
-    def age(self, step: int) -> int:
-        return step - self.birth_step
 
 
 @dataclass
@@ -336,8 +333,3 @@ class MorphController:
         self.generator.set_state(state["generator"])
         self.records = [[None if r is None else ExpertRecord(**{**r, "parents": tuple(r["parents"])})
                          for r in row] for row in state["records"]]
-
-    def lineage_rows(self, step: int) -> list[dict]:
-        """The live experts, for logs and tools."""
-        return [{"layer": li, "slot": s, "age": r.age(step), **dataclasses.asdict(r)}
-                for li, row in enumerate(self.records) for s, r in enumerate(row) if r is not None]
