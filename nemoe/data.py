@@ -19,12 +19,14 @@ that loads it yields the same next batches, bit for bit.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import logging
 import math
 import os
 import re
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field, fields
@@ -315,6 +317,18 @@ def _with_hub_retries(action, src: SourceConfig):
     raise AssertionError("unreachable")
 
 
+def _is_utf8(path: str, chunk: int = 1 << 20) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _load_raw(src: SourceConfig, part: str) -> IterableDataset:
     """The source's raw rows, streaming; `part` is "train" or "heldout" (its eval split)."""
     if src.kind == "builtin":
@@ -325,7 +339,14 @@ def _load_raw(src: SourceConfig, part: str) -> IterableDataset:
         if not files:
             raise UserError(f"{_describe(src)}: no file matches {pattern!r}")
         loader = _loader_for(files[0])
-        options = {"sample_by": "paragraph"} if loader == "text" else {}
+        options = {}
+        if loader == "text":
+            # Undecodable bytes become U+FFFD instead of ending the run; say which files have them.
+            options = {"sample_by": "paragraph", "encoding_errors": "replace"}
+            for path in files:
+                if not _is_utf8(path):
+                    print(f"warning: {_describe(src)}: {path} is not valid UTF-8; undecodable bytes "
+                          f"are read as U+FFFD", file=sys.stderr, flush=True)
         try:
             return load_dataset(loader, data_files=files, split="train", streaming=True, **options)
         except (OSError, ValueError) as err:  # unreadable file (pyarrow's errors are ValueErrors)

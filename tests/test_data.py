@@ -452,3 +452,14 @@ def test_mixed_string_types_interleave(tmp_path, tok):
                               SourceConfig(name="b", kind="files", path=str(tmp_path / "b.jsonl"))],
                      heldout_fraction=0.2)
     assert TokenStream(cfg, tok, 8).next_batch(4).shape == (4, 9)
+
+
+def test_non_utf8_text_file_is_read_with_replacement_and_reported(tmp_path, tok, capsys):
+    path = tmp_path / "latin1.txt"
+    good = "".join(f"Paragraph number {i} is plain English text.\n\n" for i in range(60))
+    path.write_bytes(good.encode() + "Un caf\u00e9 cr\u00e8me, s'il vous pla\u00eet.\n\n".encode("latin-1") + good.encode())
+    cfg = DataConfig(sources=[SourceConfig(name="latin", kind="files", path=str(path))], heldout_fraction=0.05)
+    stream = TokenStream(cfg, tok, seq_len=16)
+    text = "".join(tok.decode(stream.next_batch(4)[:, :-1].flatten()) for _ in range(40))
+    assert "\ufffd" in text, "undecodable bytes are read as U+FFFD"
+    assert "latin1.txt is not valid UTF-8" in capsys.readouterr().err
