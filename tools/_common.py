@@ -10,6 +10,7 @@ stderr and a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import functools
 import io
@@ -339,6 +340,14 @@ def resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
     return device
+
+
+def checkpoint_parser(doc: str) -> argparse.ArgumentParser:
+    """A tool's argument parser that starts with the CHECKPOINT argument."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="nemo_ckpt_step<N>.pt, or a run's checkpoint/log folder (newest checkpoint)")
+    return p
 
 
 def load_checkpoint_state(arg: str | Path) -> tuple[Path, dict]:

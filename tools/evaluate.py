@@ -12,7 +12,6 @@ its layer on that text, read from the model's returned routing counts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -20,15 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
-from tools._common import guard, load_model, note  # noqa: E402
+from tools._common import checkpoint_parser, guard, load_model, note  # noqa: E402
 from nemoe.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="nemo_ckpt_step<N>.pt, or a run's checkpoint/log folder (newest checkpoint)")
+    p = checkpoint_parser(__doc__)
     p.add_argument("--config", default=None, metavar="NAME",
                    help="take the held-out data from this config (NAME, configs/NAME[.yaml]); "
                         "default: the checkpoint's own")

@@ -11,22 +11,18 @@ in the checkpoint. The text goes to stdout; where it came from goes to stderr.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
-from tools._common import guard, load_model, note  # noqa: E402
+from tools._common import checkpoint_parser, guard, load_model, note  # noqa: E402
 from nemoe.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="nemo_ckpt_step<N>.pt, or a run's checkpoint/log folder (newest checkpoint)")
+    p = checkpoint_parser(__doc__)
     p.add_argument("--prompt", default="The quick brown fox", help='text to continue (default: "%(default)s")')
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to sample (default: 64)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
