@@ -157,12 +157,46 @@ class CheckpointConfig:
 
 
 @dataclass
+class NeuronPlasticityConfig:
+    enabled: bool = False
+    """Neuron apoptosis inside experts: the least fit hidden neurons die and are reborn."""
+    interval: int = 500
+    """Optimizer steps between neuron turnover events."""
+
+
+@dataclass
+class HeadPlasticityConfig:
+    enabled: bool = False
+    """Attention-head pruning and regrowth through per-head gates."""
+    interval: int = 500
+    """Optimizer steps between head prune/grow decisions."""
+
+
+@dataclass
+class LayerPlasticityConfig:
+    enabled: bool = False
+    """Layer senescence: per-layer vitality and influence; dying layers are replaced."""
+    interval: int = 500
+    """Optimizer steps between layer vitality reviews."""
+
+
+@dataclass
+class PlasticityConfig:
+    """Structural plasticity at granularities other than whole experts (all off by default)."""
+
+    neuron: NeuronPlasticityConfig = field(default_factory=NeuronPlasticityConfig)
+    heads: HeadPlasticityConfig = field(default_factory=HeadPlasticityConfig)
+    layers: LayerPlasticityConfig = field(default_factory=LayerPlasticityConfig)
+
+
+@dataclass
 class Config:
     name: str = "nemoe"
     """Run name used when --run-name is not given (set from the config file's name)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     morph: MorphConfig = field(default_factory=MorphConfig)
+    plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -254,6 +288,9 @@ def _build_section(cls, raw, where: str, problems: list[str]):
         if key not in hints:
             problems.append(f"{where}.{key}: unknown key (valid keys: {', '.join(valid)})")
             continue
+        if dataclasses.is_dataclass(hints[key]):  # a nested section (plasticity.neuron)
+            kwargs[key] = _build_section(hints[key], value, f"{where}.{key}", problems)
+            continue
         out = _coerce(value, hints[key], f"{where}.{key}", problems)
         if out is not None or value is None:
             kwargs[key] = out
@@ -339,6 +376,8 @@ def validate(cfg: Config) -> list[str]:
         (0 <= mo.probation_min_usage <= 1, "morph.probation_min_usage must be in [0, 1]"),
         (mo.ramp_steps >= 0, "morph.ramp_steps must be >= 0"),
         (0 <= mo.usage_ema < 1, "morph.usage_ema must be in [0, 1)"),
+        *((section.interval > 0, f"plasticity.{name}.interval must be > 0")
+          for name, section in vars(cfg.plasticity).items()),
         (t.batch_size > 0, "train.batch_size must be > 0"),
         (t.grad_accum > 0, "train.grad_accum must be > 0"),
         (t.lr > 0, "train.lr must be > 0"),

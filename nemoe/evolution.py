@@ -66,7 +66,12 @@ class Action:
 
 @dataclass
 class MorphEvent:
-    """One row of events.csv."""
+    """One row of events.csv: a structural event at any granularity.
+
+    Expert events fill every field; the other granularities (neuron, head, layer)
+    use `layer`, `expert` (-1 when not inside an expert), `unit` (what changed,
+    e.g. "h3" or "n17 n40") and `cause` (the measurement that decided it).
+    """
 
     step: int
     tokens: int
@@ -81,9 +86,24 @@ class MorphEvent:
     n_after: int
     probe_loss_before: float
     probe_loss_after: float
+    granularity: str = "expert"   # expert | neuron | head | layer
+    unit: str = ""
+    cause: str = ""
 
     def as_row(self) -> dict:
         return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The event's part of its training_log.txt line."""
+        probe = f"Probe {self.probe_loss_before:.4f}→{self.probe_loss_after:.4f}"
+        if self.granularity != "expert":
+            expert = f" | Expert {self.expert}" if self.expert >= 0 else ""
+            return (f"Event {self.event} | Layer {self.layer}{expert} | Unit {self.unit} | "
+                    f"Cause {self.cause} | {probe}")
+        parents = f" | Parents {self.parents}" if self.parents else ""
+        return (f"Event {self.event} | Layer {self.layer} | Action {self.action} | "
+                f"Expert {self.expert}{parents} | Usage {self.usage:.4f} | Thresh {self.threshold:g} | "
+                f"{self.n_before}→{self.n_after} | {probe}")
 
 
 # --------------------------------------------------------------------------- #
@@ -285,7 +305,8 @@ class MorphController:
                     parents=" ".join(str(row[p].id) for p in action.parents),
                     usage=action.usage, threshold=action.threshold, n_before=n_before,
                     n_after=self.expert_counts()[li], probe_loss_before=before,
-                    probe_loss_after=current_loss[-1]))
+                    probe_loss_after=current_loss[-1], unit=f"e{record.id}",
+                    cause=f"usage {action.usage:.4f} vs {action.threshold:g}"))
         self.update_routing(layers, step)
         return events
 

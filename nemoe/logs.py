@@ -20,7 +20,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from nemoe.files import atomic_write
 
 EVENT_COLUMNS = ["step", "tokens", "event", "layer", "action", "expert", "parents", "usage",
-                 "threshold", "n_before", "n_after", "probe_loss_before", "probe_loss_after"]
+                 "threshold", "n_before", "n_after", "probe_loss_before", "probe_loss_after",
+                 "granularity", "unit", "cause"]
 EVAL_COLUMNS = ["step", "tokens", "source", "loss", "ppl"]
 
 

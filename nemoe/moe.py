@@ -95,6 +95,10 @@ class MoELayer(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)                                        # (N, C)
         top_idx, gates, aux = self.route(flat)
+        if self.n_slots == 1:
+            # One slot is a dense feed-forward layer (gate == 1): the equal-active-
+            # parameters baseline of tools/bench.py and tools/compare.py, no dispatch.
+            return self.experts.expert(0, flat).view(B, T, C), aux
         # Dropless dispatch: sort the N*k token-choices by slot so each expert
         # runs once on one contiguous slice, then scatter back weighted by gate.
         choice_slot = top_idx.flatten()                                # (N*k,)

@@ -27,6 +27,7 @@ from nemoe.lock import RunLock
 from nemoe.files import atomic_write, remove_temporaries
 from nemoe.logs import RunLogger
 from nemoe.model import NemoeLM, split_block
+from nemoe.plasticity import build_mechanisms
 from nemoe.tokenizer import get_tokenizer
 
 
@@ -143,6 +144,7 @@ class Trainer:
         # A GradScaler only for fp16; bf16 and fp32 have fp32's exponent range.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.controller = MorphController(cfg, cfg.model.n_layers)
+        self.plasticity = build_mechanisms(cfg, self.model)
         self.stream = TokenStream(cfg.data, self.tokenizer, cfg.model.seq_len)
         self.eval_batches = heldout_batches(cfg.data, self.tokenizer, cfg.model.seq_len,
                                             cfg.eval.batches, cfg.eval.batch_size)
@@ -298,7 +300,7 @@ class Trainer:
         model.train()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: set by plasticity mechanisms
         total_ce = torch.zeros((), device=self.device)
         for _ in range(cfg.train.grad_accum):
             batch = self.stream.next_batch(cfg.train.batch_size).to(self.device, non_blocking=True)
@@ -315,6 +317,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         # One host sync per step: a non-finite gradient must not reach the weights.
         finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            for mechanism in self.plasticity:
+                mechanism.observe(self.step)
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # the GradScaler skips non-finite steps itself
         self.scaler.update()
@@ -356,11 +361,15 @@ class Trainer:
                 "counts": torch.zeros(n_layers, n_slots, dtype=torch.long, device=self.device)}
 
     def evolve(self) -> list[MorphEvent]:
-        """Run the controller at its interval (always at an optimizer-step boundary)."""
-        if not self.controller.due(self.step):
-            return []
-        return self.controller.evolve(self.model.moe_layers, self.optimizer, self.step, self.tokens,
-                                      self.probe_loss)
+        """Run the controller and the plasticity mechanisms due at this optimizer-step boundary."""
+        events = []
+        if self.controller.due(self.step):
+            events += self.controller.evolve(self.model.moe_layers, self.optimizer, self.step,
+                                             self.tokens, self.probe_loss)
+        for mechanism in self.plasticity:
+            if mechanism.due(self.step):
+                events += mechanism.act(self.optimizer, self.step, self.tokens, self.probe_loss)
+        return events
 
     @torch.no_grad()
     def probe_loss(self) -> float:
@@ -385,14 +394,11 @@ class Trainer:
     def report(self, events: list[MorphEvent], loss_ce: torch.Tensor) -> None:
         if events:
             step_text = self._step_text(loss_ce.item(), None)
-            counts = self.controller.expert_counts()
             for e in events:
-                parents = f" | Parents {e.parents}" if e.parents else ""
-                self.log.event_row(e.as_row(), (
-                    f"{step_text} | Event {e.event} | Layer {e.layer} | Action {e.action} | "
-                    f"Expert {e.expert}{parents} | Usage {e.usage:.4f} | Thresh {e.threshold:g} | "
-                    f"{e.n_before}→{e.n_after} | Probe {e.probe_loss_before:.4f}→{e.probe_loss_after:.4f}"))
-            self.log.line(self.step, f"Experts | {' '.join(map(str, counts))}", echo=False)
+                self.log.event_row(e.as_row(), f"{step_text} | {e.describe()}")
+            if any(e.granularity == "expert" for e in events):
+                counts = self.controller.expert_counts()
+                self.log.line(self.step, f"Experts | {' '.join(map(str, counts))}", echo=False)
         if self.step % self.cfg.log.every_steps == 0:
             self._write_train_row()
 
@@ -484,6 +490,7 @@ class Trainer:
         return {"step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "controller": self.controller.state_dict(), "data": self.stream.state_dict(),
+                "plasticity": {m.config_key: m.state_dict() for m in self.plasticity},
                 "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                             "bad_steps": self.bad_steps, "window": window},
                 "rng": rng_state(), "config": self.cfg.to_dict()}
@@ -493,6 +500,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.controller.load_state_dict(state["controller"])
+        for mechanism in self.plasticity:  # a mechanism switched on at resume starts fresh
+            if mechanism.config_key in state.get("plasticity", {}):
+                mechanism.load_state_dict(state["plasticity"][mechanism.config_key])
         if restore_data:
             self.stream.load_state_dict(state["data"])
         t = state["trainer"]

@@ -36,6 +36,19 @@ def test_sorted_dispatch_matches_naive_loop(top_k, n_active):
     assert int(aux.counts.sum()) == 3 * 7 * top_k
 
 
+def test_one_slot_is_a_dense_feed_forward_layer():
+    """experts_max=1 is the dense baseline: the layer is exactly the expert's MLP."""
+    layer = MoELayer(d_model=16, d_hidden=24, n_slots=1, n_active=1, top_k=1)
+    torch.nn.init.normal_(layer.router.weight, std=1.0)
+    x = torch.randn(2, 5, 16)
+    y, aux = layer(x)
+    flat = x.reshape(-1, 16)
+    mlp = torch.nn.functional.gelu(flat @ layer.experts.w_in[0] + layer.experts.b_in[0])
+    assert torch.equal(y, (mlp @ layer.experts.w_out[0] + layer.experts.b_out[0]).view_as(x))
+    assert torch.allclose(y, naive_moe(layer, x), atol=1e-6)
+    assert aux.counts.tolist() == [10] and float(aux.lb_loss) == 1.0
+
+
 def test_inactive_slots_receive_no_tokens():
     layer = MoELayer(16, 24, n_slots=4, n_active=2, top_k=2)
     with torch.no_grad():

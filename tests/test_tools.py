@@ -21,7 +21,7 @@ import torch
 
 from nemoe.logs import EVAL_COLUMNS, EVENT_COLUMNS, train_columns
 from tools import evaluate, generate, lineage, plot_experts, plot_training, summary
-from tools._common import read_training_log
+from tools._common import read_events, read_training_log
 
 slow = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +74,8 @@ def train_row(step: int, counts: list[int], loss: float | None = None) -> dict:
 def event(step, layer, action, expert, parents="", n_before=2, n_after=3, usage=0.5, threshold=0.3):
     return {"step": step, "tokens": 64 * step, "event": f"evolve_{action}", "layer": layer, "action": action,
             "expert": expert, "parents": parents, "usage": usage, "threshold": threshold,
-            "n_before": n_before, "n_after": n_after, "probe_loss_before": 7.0, "probe_loss_after": 7.0}
+            "n_before": n_before, "n_after": n_after, "probe_loss_before": 7.0, "probe_loss_after": 7.0,
+            "granularity": "expert", "unit": f"e{expert}", "cause": f"usage {usage} vs {threshold}"}
 
 
 # Two layers, two founders each (ids 0 1 | 2 3); ids 4.. are born in events.
@@ -138,6 +139,20 @@ def test_a_run_resumed_twice_reads_as_one_timeline(tmp_path):
     out = tmp_path / "experts.png"
     assert plot_experts.main([str(log_dir), "-o", str(out)]) == 0
     assert image_size(out)[1] > 600
+
+
+def test_events_of_other_granularities_stay_out_of_expert_tools(tmp_path):
+    rows = [event(4, 0, "split", 4, "0"),
+            event(4, 0, "neuron_turnover", 0) | {"granularity": "neuron", "unit": "n3 n9"},
+            event(4, 0, "neuron_turnover", 0) | {"granularity": "neuron", "unit": "n5"}]
+    path = tmp_path / "events.csv"
+    path.write_text(csv_text(rows, EVENT_COLUMNS))
+    assert read_events(path)["action"].tolist() == ["split"]
+    every = read_events(path, granularity=None)
+    assert sorted(every["unit"]) == ["e4", "n3 n9", "n5"]   # same step/layer/expert, both kept
+    old = [{k: v for k, v in r.items() if k not in ("granularity", "unit", "cause")} for r in rows[:1]]
+    path.write_text(csv_text(old, EVENT_COLUMNS[:-3]))   # a log from before the column existed
+    assert read_events(path)["granularity"].tolist() == ["expert"]
 
 
 def test_plot_experts_from_csv_path_and_by_tokens(hand_run, tmp_path):

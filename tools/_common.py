@@ -223,14 +223,28 @@ def read_training_log(path: Path) -> pd.DataFrame:
     return one_timeline(frame, ["step"])
 
 
-def read_events(path: Path, required: bool = False) -> pd.DataFrame:
-    """events.csv (possibly without rows); a missing file is an empty log unless `required`."""
+def read_events(path: Path, required: bool = False, granularity: str | None = "expert") -> pd.DataFrame:
+    """events.csv (possibly without rows); a missing file is an empty log unless `required`.
+
+    `granularity`: keep only events of that kind (expert, neuron, head, layer); None keeps all.
+    Logs written before the column existed hold expert events only.
+    """
     if not path.is_file() and not required:
-        return pd.DataFrame(columns=["step", "tokens", "event", "layer", "action", "expert", "parents"])
+        return pd.DataFrame(columns=["step", "tokens", "event", "layer", "action", "expert", "parents",
+                                     "granularity", "unit", "cause"])
     frame = read_log_csv(path, ["step", "layer", "action", "expert"], EVENT_NUMERIC, allow_empty=True)
     for column in ("step", "layer", "expert"):
         frame[column] = frame[column].astype(int)
-    return one_timeline(frame, ["step", "layer", "action", "expert"])
+    if "granularity" not in frame.columns:
+        frame["granularity"] = "expert"
+    frame["granularity"] = frame["granularity"].fillna("expert").replace("", "expert")
+    if "unit" not in frame.columns:
+        frame["unit"] = ""
+    frame["unit"] = frame["unit"].fillna("").astype(str)
+    frame = one_timeline(frame, ["step", "granularity", "layer", "action", "expert", "unit"])
+    if granularity is not None:
+        frame = frame[frame["granularity"] == granularity].reset_index(drop=True)
+    return frame
 
 
 def read_eval(path: Path) -> pd.DataFrame:

@@ -1,0 +1,70 @@
+"""Structural plasticity beside expert morphogenesis: neurons, attention heads, layers.
+
+Every mechanism follows one lifecycle, the same as the expert controller's:
+measure fitness while training runs, decide at its interval, operate on the
+parameters *and* the optimizer state (slot writes, never a rebuilt optimizer),
+report each change as a `MorphEvent` (events.csv), and checkpoint its own state.
+
+The trainer drives a mechanism through four calls, all at optimizer-step
+boundaries:
+
+    observe(step)         after the step's gradients are final (unscaled and
+                          clipped), before the optimizer applies them; skipped
+                          for a step whose gradients were not finite
+    due(step) / act(...)  after the optimizer step, beside the expert controller
+    state_dict()          in every checkpoint; load_state_dict() on --resume
+
+Decisions must be the same on every data-parallel rank: statistics taken from
+activations are all-reduced before use (gradients already are, by DDP), and any
+randomness comes from the mechanism's own seeded generator.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from nemoe.errors import UserError
+from nemoe.evolution import MorphEvent
+
+
+class Mechanism:
+    """Base of one plasticity mechanism; `section` is its config (enabled, interval, ...)."""
+
+    granularity = ""   # neuron | head | layer: the events.csv `granularity` column
+    config_key = ""    # its section under `plasticity:` in the config
+
+    def __init__(self, cfg, model: torch.nn.Module):
+        self.cfg, self.model = cfg, model
+        self.section = getattr(cfg.plasticity, self.config_key)
+
+    def observe(self, step: int) -> None:
+        """Accumulate fitness from this step's gradients (and recorded activations)."""
+
+    def due(self, step: int) -> bool:
+        return self.section.enabled and step > 0 and step % self.section.interval == 0
+
+    def act(self, optimizer: torch.optim.Optimizer, step: int, tokens: int,
+            probe_loss: Callable[[], float]) -> list[MorphEvent]:
+        """Decide and operate; returns the events (probe loss measured around each)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# name in the config -> class; each mechanism module registers itself below.
+REGISTRY: dict[str, type[Mechanism]] = {}
+
+
+def build_mechanisms(cfg, model: torch.nn.Module) -> list[Mechanism]:
+    """The enabled mechanisms, in a fixed order (neuron, heads, layers)."""
+    enabled = [name for name, section in vars(cfg.plasticity).items() if section.enabled]
+    missing = [name for name in enabled if name not in REGISTRY]
+    if missing:
+        raise UserError(f"plasticity.{missing[0]}: this mechanism is not available in this version")
+    return [REGISTRY[name](cfg, model) for name in enabled]
