@@ -144,12 +144,12 @@ class Trainer:
         # A GradScaler only for fp16; bf16 and fp32 have fp32's exponent range.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.controller = MorphController(cfg, cfg.model.n_layers)
-        self.plasticity = build_mechanisms(cfg, self.model)
         self.stream = TokenStream(cfg.data, self.tokenizer, cfg.model.seq_len)
         self.eval_batches = heldout_batches(cfg.data, self.tokenizer, cfg.model.seq_len,
                                             cfg.eval.batches, cfg.eval.batch_size)
         # Probe batch: the first held-out batch of each source, fixed for the run.
         self.probe_batch = torch.cat([batches[0] for batches in self.eval_batches.values()])
+        self.plasticity = build_mechanisms(cfg, self.model, self.probe_batch)
 
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.window = self._empty_window()

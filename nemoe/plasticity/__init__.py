@@ -35,8 +35,10 @@ class Mechanism:
     granularity = ""   # neuron | head | layer: the events.csv `granularity` column
     config_key = ""    # its section under `plasticity:` in the config
 
-    def __init__(self, cfg, model: torch.nn.Module):
-        self.cfg, self.model = cfg, model
+    def __init__(self, cfg, model: torch.nn.Module, probe_batch: torch.Tensor):
+        """model: the bare NemoeLM (never a DDP or compiled wrapper); probe_batch: fixed
+        held-out packed blocks (B, T+1) on CPU, for measurements such as attention entropy."""
+        self.cfg, self.model, self.probe_batch = cfg, model, probe_batch
         self.section = getattr(cfg.plasticity, self.config_key)
 
     def observe(self, step: int) -> None:
@@ -61,10 +63,10 @@ class Mechanism:
 REGISTRY: dict[str, type[Mechanism]] = {}
 
 
-def build_mechanisms(cfg, model: torch.nn.Module) -> list[Mechanism]:
+def build_mechanisms(cfg, model: torch.nn.Module, probe_batch: torch.Tensor) -> list[Mechanism]:
     """The enabled mechanisms, in a fixed order (neuron, heads, layers)."""
     enabled = [name for name, section in vars(cfg.plasticity).items() if section.enabled]
     missing = [name for name in enabled if name not in REGISTRY]
     if missing:
         raise UserError(f"plasticity.{missing[0]}: this mechanism is not available in this version")
-    return [REGISTRY[name](cfg, model) for name in enabled]
+    return [REGISTRY[name](cfg, model, probe_batch) for name in enabled]
