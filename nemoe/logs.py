@@ -23,6 +23,9 @@ EVENT_COLUMNS = ["step", "tokens", "event", "layer", "action", "expert", "parent
                  "threshold", "n_before", "n_after", "probe_loss_before", "probe_loss_after",
                  "granularity", "unit", "cause"]
 EVAL_COLUMNS = ["step", "tokens", "source", "loss", "ppl"]
+# plasticity.csv, long format: one row per measured quantity of one unit at a log step,
+# e.g. (step, tokens, layer, 3, "", vitality, 0.81) or (step, tokens, head, 0, h2, gate, 1.0).
+STATE_COLUMNS = ["step", "tokens", "granularity", "layer", "unit", "name", "value"]
 
 
 def train_columns(n_layers: int) -> list[str]:
@@ -107,6 +110,7 @@ class RunLogger:
         self.train_csv = CsvLog(log_dir / "training_log.csv", train_columns(n_layers))
         self.events_csv = CsvLog(log_dir / "events.csv", EVENT_COLUMNS)
         self.eval_csv = CsvLog(log_dir / "eval.csv", EVAL_COLUMNS)
+        self.state_csv: CsvLog | None = None   # plasticity.csv, opened by the first state row
         self._text = open(log_dir / "training_log.txt", "a", encoding="utf-8")
         use_rich = console == "rich" or (console == "auto" and sys.stdout.isatty())
         self.console = Console()
@@ -125,7 +129,7 @@ class RunLogger:
     def truncate_after(log_dir: Path, step: int) -> int:
         """On resume: drop every row and line after `step`; returns how many went."""
         dropped = 0
-        for name in ("training_log.csv", "events.csv", "eval.csv"):
+        for name in ("training_log.csv", "events.csv", "eval.csv", "plasticity.csv"):
             dropped += truncate_csv(log_dir / name, step)
         return dropped + truncate_text_log(log_dir / "training_log.txt", step)
 
@@ -177,15 +181,26 @@ class RunLogger:
             self._guard(self.eval_csv.write, row)
         self.line(rows[0]["step"], text)
 
+    def state_rows(self, rows: list[dict]) -> None:
+        """Rows of plasticity.csv (per-unit state of the plasticity mechanisms)."""
+        if self.state_csv is None:
+            self.state_csv = CsvLog(self.log_dir / "plasticity.csv", STATE_COLUMNS)
+        for row in rows:
+            self._guard(self.state_csv.write, row)
+
+    @property
+    def _csv_logs(self) -> list[CsvLog]:
+        return [log for log in (self.train_csv, self.events_csv, self.eval_csv, self.state_csv) if log]
+
     def sync(self) -> None:
         """Push every log to disk (before a checkpoint claims these steps are done)."""
-        for log in (self.train_csv, self.events_csv, self.eval_csv):
+        for log in self._csv_logs:
             self._guard(log.sync)
         self._guard(os.fsync, self._text.fileno())
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
-        for log in (self.train_csv, self.events_csv, self.eval_csv):
+        for log in self._csv_logs:
             log.close()
         self._text.close()

@@ -401,11 +401,13 @@ class Trainer:
                 self.log.line(self.step, f"Experts | {' '.join(map(str, counts))}", echo=False)
         if self.step % self.cfg.log.every_steps == 0:
             self._write_train_row()
+            self._write_state_rows()
 
     def _flush_window(self) -> None:
         """A row for the steps since the last one, so a run's last step is always in the CSV."""
         if self.window["steps"]:
             self._write_train_row()
+            self._write_state_rows()
 
     def _step_text(self, loss_ce: float, loss_lb: float | None) -> str:
         lb = f" | LossLB {loss_lb:.4f}" if loss_lb is not None else ""
@@ -438,6 +440,12 @@ class Trainer:
                                 f"Tok/s {tokens_per_s:,.0f} | Experts {'/'.join(map(str, experts))}",
                            experts="/".join(map(str, experts)))
         self.window = self._empty_window()
+
+    def _write_state_rows(self) -> None:
+        for mechanism in self.plasticity:
+            self.log.state_rows([{"step": self.step, "tokens": self.tokens,
+                                  "granularity": mechanism.granularity, **row}
+                                 for row in mechanism.snapshot()])
 
     def evaluate(self) -> None:
         rows = []

@@ -12,6 +12,7 @@ boundaries:
                           clipped), before the optimizer applies them; skipped
                           for a step whose gradients were not finite
     due(step) / act(...)  after the optimizer step, beside the expert controller
+    snapshot()            at every log step: rows of plasticity.csv (vitality, gates, ...)
     state_dict()          in every checkpoint; load_state_dict() on --resume
 
 Decisions must be the same on every data-parallel rank: statistics taken from
@@ -51,6 +52,11 @@ class Mechanism:
             probe_loss: Callable[[], float]) -> list[MorphEvent]:
         """Decide and operate; returns the events (probe loss measured around each)."""
         raise NotImplementedError
+
+    def snapshot(self) -> list[dict]:
+        """Per-unit state for plasticity.csv at each log step: dicts with keys
+        layer, unit, name, value (e.g. {"layer": 3, "unit": "", "name": "vitality", "value": 0.8})."""
+        return []
 
     def state_dict(self) -> dict:
         return {}
