@@ -156,12 +156,40 @@ class CheckpointConfig:
     """Failed saves in a row (full disk, read-only folder) after which the run stops."""
 
 
+NEURON_METRICS = ("grad_activation", "gradient", "weight", "composite")
+NEURON_REGROWTH = ("random", "clone", "mutation", "functional")
+
+
 @dataclass
 class NeuronPlasticityConfig:
     enabled: bool = False
     """Neuron apoptosis inside experts: the least fit hidden neurons die and are reborn."""
     interval: int = 500
     """Optimizer steps between neuron turnover events."""
+    prune_rate: float = 0.05
+    """Share of each live expert's hidden neurons that die per event: int(prune_rate * d_expert)."""
+    metric: str = "grad_activation"
+    """Fitness: grad_activation (sum of |h * dL/dh| over the interval's tokens), gradient (sum of
+    the neuron's parameter-gradient norms over the interval's steps), weight (norm of its weights
+    at the event), composite (weighted sum of the three, each divided by its mean in the expert)."""
+    regrowth: str = "functional"
+    """How the dead are reborn: random (fresh incoming weights), clone (copy of a fittest survivor),
+    mutation (fitness-proportional parent + noise), functional (survivors' output weights refit by
+    least squares to re-express the dead neurons' contribution, fresh incoming weights)."""
+    mutation_std: float = 0.1
+    """Std of a mutated newborn's noise, relative to the RMS of its parent's incoming weights."""
+    composite_taylor: float = 0.5
+    """Weight of grad_activation in the composite fitness."""
+    composite_gradient: float = 0.25
+    """Weight of gradient in the composite fitness."""
+    composite_weight: float = 0.25
+    """Weight of weight in the composite fitness."""
+    record_steps: int = 20
+    """functional: the last steps of each interval whose hidden activations the refit uses (0: all)."""
+    min_age: int = 0
+    """A neuron younger than this many steps cannot die (a newborn gets time to learn)."""
+    seed: int = 0
+    """Seed of the mechanism's own generator (random / mutation newborns, mutation parents)."""
 
 
 @dataclass
@@ -378,6 +406,7 @@ def validate(cfg: Config) -> list[str]:
         (0 <= mo.usage_ema < 1, "morph.usage_ema must be in [0, 1)"),
         *((section.interval > 0, f"plasticity.{name}.interval must be > 0")
           for name, section in vars(cfg.plasticity).items()),
+        *_neuron_checks(cfg),
         (t.batch_size > 0, "train.batch_size must be > 0"),
         (t.grad_accum > 0, "train.grad_accum must be > 0"),
         (t.lr > 0, "train.lr must be > 0"),
@@ -405,6 +434,28 @@ def validate(cfg: Config) -> list[str]:
     ]
     problems = [msg for ok, msg in checks if not ok]
     return problems + cfg.data.validate()
+
+
+def _neuron_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """plasticity.neuron: names, weights, and a per-expert death count in 1..d_expert-1."""
+    n, width = cfg.plasticity.neuron, cfg.d_expert
+    deaths = int(n.prune_rate * width)
+    return [
+        (0 < n.prune_rate < 1, f"plasticity.neuron.prune_rate must be in (0, 1), got {n.prune_rate}"),
+        (not n.enabled or not 0 < n.prune_rate < 1 or 1 <= deaths <= width - 1,
+         f"plasticity.neuron.prune_rate ({n.prune_rate}) x d_expert ({width}) = {deaths} deaths per "
+         f"expert; need at least 1 death and 1 survivor"),
+        (n.metric in NEURON_METRICS,
+         f"plasticity.neuron.metric must be one of {', '.join(NEURON_METRICS)}, got {n.metric!r}"),
+        (n.regrowth in NEURON_REGROWTH,
+         f"plasticity.neuron.regrowth must be one of {', '.join(NEURON_REGROWTH)}, got {n.regrowth!r}"),
+        (n.mutation_std >= 0, "plasticity.neuron.mutation_std must be >= 0"),
+        (min(n.composite_taylor, n.composite_gradient, n.composite_weight) >= 0
+         and n.composite_taylor + n.composite_gradient + n.composite_weight > 0,
+         "plasticity.neuron.composite_* weights must be >= 0 with a positive sum"),
+        (n.record_steps >= 0, "plasticity.neuron.record_steps must be >= 0 (0: the whole interval)"),
+        (n.min_age >= 0, "plasticity.neuron.min_age must be >= 0"),
+    ]
 
 
 # --------------------------------------------------------------------------- #

@@ -44,10 +44,15 @@ class ExpertPool(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(n_slots, d_model))
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
+        # capture(slot, h) -> h: set by neuron plasticity to record hidden activations
+        # and their gradients; None (one attribute test per expert call) when it is off.
+        self.capture = None
 
     def expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """Run one expert on its tokens. x: (n, C) -> (n, C)."""
         h = F.gelu(x @ self.w_in[slot] + self.b_in[slot])   # (n, H)
+        if self.capture is not None:
+            h = self.capture(slot, h)
         return h @ self.w_out[slot] + self.b_out[slot]       # (n, C)
 
 

@@ -1,0 +1,406 @@
+"""Neuron apoptosis inside experts (`plasticity.neuron`): the least fit die and are reborn.
+
+Neuron j of expert e is column j of w_in[e], entry j of b_in[e] and row j of
+w_out[e]:  h = gelu(x @ w_in[e] + b_in[e])  (n, H);  out = h @ w_out[e] + b_out[e].
+Every `interval` steps, in each live expert that received tokens, the
+int(prune_rate * H) eligible neurons of lowest fitness die and are reborn in place.
+
+Fitness, accumulated over the whole interval (not one batch):
+  grad_activation  sum over steps and tokens of |h_j * dL/dh_j|: the first-order
+                   Taylor estimate of the loss change if h_j were zeroed
+                   (Molchanov et al. 2017, "Pruning Convolutional Neural Networks
+                   for Resource Efficient Inference", eq. 7, taken per token)
+  gradient         sum over steps of ||dL/dtheta_j||, theta_j = the neuron's weights
+  weight           ||theta_j|| at the event
+  composite        sum_m c_m * F_m / mean_j(F_m): the three, each divided by its
+                   mean over the expert's neurons (scale-free), weighted by composite_*
+Regrowth:
+  random      fresh incoming weights ~ N(0, 0.02^2) and bias 0 (the pool's init)
+  clone       the i-th newborn copies the incoming weights of the i-th fittest survivor
+  mutation    a survivor drawn in proportion to fitness, plus noise of std
+              mutation_std * RMS(parent's incoming weights) (bias: RMS of the biases)
+  functional  before the deaths, the survivors' outgoing rows and b_out are refit by
+              least squares on activations recorded over the interval's last
+              `record_steps` steps so that they re-express the dead neurons' output;
+              the newborns get fresh incoming weights (as `random`)
+Every newborn starts with zero outgoing weights, so at the event an expert loses
+only its dead neurons' contribution, and under `functional` the survivors take it
+over as far as a linear map of their activations can.
+
+Optimizer state: a newborn's slices (w_in column, b_in entry, w_out row) get zero
+moments. Adam's step count is shared by the whole tensor and left alone, so the
+newborn's first update is bias-corrected like everyone's and about
+(1 - beta1) / sqrt(1 - beta2) of a full step. Refit survivor rows and b_out keep
+their moments: the refit moves them a little, their gradient statistics stay valid.
+
+Records per (layer, slot, neuron), checkpointed: birth step, parent neuron (-1:
+none), generation (parent's + 1 for clone/mutation; 0 starts a fresh line) and the
+number of deaths at that position. When the expert controller gives a slot a new
+expert (a live slot whose routing offset is -inf: born at this very step), that
+slot's records restart (born then, no parent, generation 0, fitness reset): an
+expert's neurons are judged from its own birth, not its parent's history.
+
+Activation checkpointing: h is seen through a tensor hook that fires once per
+backward pass; the recomputed forward's graph is never backpropagated, so nothing
+counts twice (tested). With fp16 + GradScaler the hook sees gradients times the
+loss scale, which weights the steps of an interval by the scale in force (the
+scale changes rarely); rankings inside one expert are unaffected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nemoe.evolution import MorphEvent, _slot_states
+from nemoe.moe import ExpertPool
+from nemoe.plasticity import REGISTRY, Mechanism
+
+INIT_STD = 0.02   # ExpertPool's init of w_in
+RIDGE = 1e-4      # functional refit: Tikhonov term relative to the mean activation energy
+
+
+class HiddenCapture:
+    """Installed as one ExpertPool's `capture`: fitness statistics of its hidden layer.
+
+    Only passes that run backward count (eval and probe passes have no grad). The
+    statistics wait here until `NeuronPlasticity.observe` accepts them for a step
+    with finite gradients; a step the trainer skipped leaves them behind, and the
+    next step's first forward (gradients just set to None) drops them.
+    """
+
+    def __init__(self, pool: ExpertPool, record_gram: bool):
+        n_slots, _, width = pool.w_in.shape
+        kw = {"dtype": torch.float64, "device": pool.w_in.device}
+        self.pool = pool
+        self.taylor = torch.zeros(n_slots, width, **kw)          # (E, H) sum |h * dL/dh|
+        self.tokens = torch.zeros(n_slots, **kw)                  # (E,) tokens seen
+        # (E, H+1, H+1) sum of a a^T with a = [h, 1]: all the refit needs.
+        self.gram = torch.zeros(n_slots, width + 1, width + 1, **kw) if record_gram else None
+        self.recording = False   # record the Gram matrix in this step (the refit window)
+        self.dirty = False
+
+    def clear(self) -> None:
+        for t in (self.taylor, self.tokens, self.gram):
+            if t is not None:
+                t.zero_()
+        self.dirty = False
+
+    def __call__(self, slot: int, h: torch.Tensor) -> torch.Tensor:
+        if not h.requires_grad:
+            return h
+        if self.dirty and self.pool.w_in.grad is None:
+            self.clear()   # left by a skipped (non-finite) step
+        seen, record = h.detach(), self.recording and self.gram is not None
+
+        def on_grad(grad: torch.Tensor) -> None:
+            self.dirty = True
+            hf = seen.float()                                        # (n, H)
+            self.taylor[slot] += (hf * grad.float()).abs().sum(0)
+            self.tokens[slot] += hf.shape[0]
+            if record:
+                a = F.pad(hf, (0, 1), value=1.0)                     # (n, H+1)
+                self.gram[slot] += a.T @ a
+
+        h.register_hook(on_grad)
+        return h
+
+
+# --------------------------------------------------------------------------- #
+# Fitness, selection and the refit: small pure functions
+# --------------------------------------------------------------------------- #
+
+def neuron_norms(w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """||theta_j|| per neuron. w_in (E, C, H), b_in (E, H), w_out (E, H, C) -> (E, H)."""
+    sq = w_in.double().pow(2).sum(1) + b_in.double().pow(2) + w_out.double().pow(2).sum(2)
+    return sq.sqrt()
+
+
+def composite_fitness(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum_m c_m * F_m / mean_j(F_m), per expert row. parts: name -> (E, H)."""
+    total = 0
+    for name, f in parts.items():
+        if weights[name] > 0:
+            total = total + weights[name] * f / f.mean(dim=-1, keepdim=True).clamp_min(1e-30)
+    return total
+
+
+def select_dead(fitness: torch.Tensor, n_deaths: int, eligible: torch.Tensor) -> torch.Tensor:
+    """The n_deaths eligible neurons of lowest fitness, worst first (ties: lower index)."""
+    masked = torch.where(eligible, fitness, torch.full_like(fitness, math.inf))
+    order = torch.sort(masked, stable=True).indices
+    return order[:min(n_deaths, int(eligible.sum()))]
+
+
+def refit_outgoing(gram: torch.Tensor, w_out: torch.Tensor, dead: torch.Tensor):
+    """Survivors' outgoing rows that re-express the dead neurons' output (least squares).
+
+    gram: (H+1, H+1) sum over recorded tokens of a a^T, a = [h, 1]; w_out: (H, C);
+    dead: (k,) indices. Solves min ||[H_s, 1] X - H W||^2 (+ ridge) through the
+    normal equations, which need only the Gram matrix. Returns the survivors' new
+    rows (H-k, C, in index order), the shift of b_out (C,) and the relative RMS
+    residual ||[H_s, 1] X - H W|| / ||H W|| on the recorded tokens.
+    """
+    width = w_out.shape[0]
+    keep_mask = torch.ones(width + 1, dtype=torch.bool, device=gram.device)
+    keep_mask[dead] = False
+    keep = keep_mask.nonzero().squeeze(1)                 # survivors, then the constant
+    A, W = gram.double(), w_out.double()
+    cross = A[keep][:, :width] @ W                        # (S+1, C) sum a_S (h W)
+    A_kk = A[keep][:, keep]                               # (S+1, S+1)
+    ridge = RIDGE * A_kk.diagonal().mean()
+    X = torch.linalg.solve(A_kk + ridge * torch.eye(len(keep), dtype=A.dtype, device=A.device), cross)
+    target = (W.T @ A[:width, :width] @ W).trace()        # ||H W||^2
+    error = (X.T @ A_kk @ X).trace() - 2 * (X.T @ cross).trace() + target
+    relative = float((error.clamp_min(0) / target).sqrt()) if target > 0 else 0.0
+    return X[:-1], X[-1], relative
+
+
+# --------------------------------------------------------------------------- #
+# The mechanism
+# --------------------------------------------------------------------------- #
+
+class NeuronPlasticity(Mechanism):
+    granularity = "neuron"
+    config_key = "neuron"
+
+    def __init__(self, cfg, model: torch.nn.Module, probe_batch: torch.Tensor):
+        super().__init__(cfg, model, probe_batch)
+        s = self.section
+        self.layers = model.moe_layers
+        n_slots, _, self.width = self.layers[0].experts.w_in.shape
+        self.n_deaths = int(s.prune_rate * self.width)
+        device = self.layers[0].experts.w_in.device
+        shape = (len(self.layers), n_slots, self.width)
+        long = {"dtype": torch.long, "device": device}
+        real = {"dtype": torch.float64, "device": device}
+        self.generator = torch.Generator().manual_seed(s.seed)
+        self.birth_step = torch.zeros(shape, **long)       # (L, E, H)
+        self.parent = torch.full(shape, -1, **long)        # parent neuron index, -1: none
+        self.generation = torch.zeros(shape, **long)
+        self.deaths = torch.zeros(shape, **long)           # deaths at this position so far
+        self.taylor = torch.zeros(shape, **real)           # interval accumulators ...
+        self.grad_norm = torch.zeros(shape, **real)
+        self.tokens = torch.zeros(shape[:2], **real)       # (L, E)
+        functional = s.regrowth == "functional"
+        self.gram = torch.zeros(*shape[:2], self.width + 1, self.width + 1, **real) if functional else None
+        self.last_fitness = torch.zeros(shape, **real)     # ... and the last event's fitness
+        self.step = 0
+        self.captures = [HiddenCapture(layer.experts, functional) for layer in self.layers]
+        for layer, capture in zip(self.layers, self.captures):
+            layer.experts.capture = capture
+        self._set_recording(0)
+
+    # -- measuring ------------------------------------------------------------- #
+    def _set_recording(self, step: int) -> None:
+        """Record activations for the refit when train step `step` lies in the last
+        record_steps of its interval (it completes step count step + 1)."""
+        interval = self.section.interval
+        window = min(self.section.record_steps or interval, interval)
+        done = step + 1
+        next_event = -(-done // interval) * interval
+        for capture in self.captures:
+            capture.recording = done > next_event - window
+
+    @torch.no_grad()
+    def observe(self, step: int) -> None:
+        self._restart_new_experts(step)
+        uses_gradient = self.section.metric in ("gradient", "composite")
+        for li, (layer, capture) in enumerate(zip(self.layers, self.captures)):
+            self.taylor[li] += capture.taylor
+            self.tokens[li] += capture.tokens
+            if self.gram is not None and capture.recording:
+                self.gram[li] += capture.gram
+            capture.clear()
+            if uses_gradient:
+                pool = layer.experts
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                         for p in (pool.w_in, pool.b_in, pool.w_out)]
+                self.grad_norm[li] += neuron_norms(*grads)
+        self._set_recording(step + 1)
+        self.step = step + 1
+
+    @torch.no_grad()
+    def _restart_new_experts(self, step: int) -> None:
+        """Fresh neuron records for slots where the controller placed a new expert."""
+        live = torch.stack([layer.active for layer in self.layers])                  # (L, E)
+        offset = torch.stack([layer.route_offset for layer in self.layers])          # (L, E)
+        born = (live & torch.isneginf(offset)).to(self.birth_step.device)            # born at `step`
+        cell = born[..., None]                                                       # (L, E, 1)
+        self.birth_step.masked_fill_(cell, step)
+        self.parent.masked_fill_(cell, -1)
+        for t in (self.generation, self.deaths, self.taylor, self.grad_norm):
+            t.masked_fill_(cell, 0)
+        self.tokens.masked_fill_(born, 0)
+        if self.gram is not None:
+            self.gram.masked_fill_(born[..., None, None], 0)
+
+    def _fitness(self, li: int) -> torch.Tensor:
+        """(E, H) fitness of layer li's neurons under the configured metric."""
+        s, pool = self.section, self.layers[li].experts
+        parts = {"grad_activation": self.taylor[li], "gradient": self.grad_norm[li],
+                 "weight": neuron_norms(pool.w_in, pool.b_in, pool.w_out).to(self.taylor.device)}
+        if s.metric != "composite":
+            return parts[s.metric]
+        return composite_fitness(parts, {"grad_activation": s.composite_taylor,
+                                         "gradient": s.composite_gradient, "weight": s.composite_weight})
+
+    def _all_reduce(self) -> None:
+        """Activation statistics differ per data-parallel rank: sum them (gradients already agree)."""
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.taylor, self.tokens, self.gram):
+                if t is not None:
+                    dist.all_reduce(t)
+
+    # -- acting ---------------------------------------------------------------- #
+    def act(self, optimizer: torch.optim.Optimizer, step: int, tokens: int,
+            probe_loss: Callable[[], float]) -> list[MorphEvent]:
+        self.step = step
+        self._restart_new_experts(step)
+        self._all_reduce()
+        events: list[MorphEvent] = []
+        losses: list[float] = []   # the probe loss after one event is the next one's "before"
+        for li, layer in enumerate(self.layers):
+            fitness = self._fitness(li)                                      # (E, H)
+            self.last_fitness[li] = fitness
+            live, traffic = layer.active.tolist(), self.tokens[li].tolist()
+            for slot in range(len(live)):
+                if not live[slot] or traffic[slot] == 0:
+                    continue   # a free slot, or no tokens this interval: no evidence
+                eligible = step - self.birth_step[li, slot] >= self.section.min_age
+                dead = select_dead(fitness[slot], self.n_deaths, eligible)
+                if len(dead) == 0:
+                    continue
+                if not losses:
+                    losses.append(probe_loss())
+                before = losses[-1]
+                parents, residual = self._turn_over(optimizer, li, slot, dead, fitness[slot], step)
+                losses.append(probe_loss())
+                events.append(self._event(step, tokens, li, slot, dead, parents, fitness[slot],
+                                          residual, before, losses[-1]))
+        for t in (self.taylor, self.grad_norm, self.tokens, self.gram):
+            if t is not None:
+                t.zero_()
+        return events
+
+    def _parents(self, fitness: torch.Tensor, dead: torch.Tensor) -> list[int]:
+        """Parent neuron of each newborn (-1 for none), by the regrowth rule."""
+        rule, k = self.section.regrowth, len(dead)
+        if rule in ("random", "functional"):
+            return [-1] * k
+        alive = torch.ones_like(fitness, dtype=torch.bool)
+        alive[dead] = False
+        survivors = alive.nonzero().squeeze(1).cpu()
+        fit = fitness.cpu()[survivors].clamp_min(0)
+        if rule == "clone":   # fittest first, cycling when more die than survive
+            ranked = survivors[torch.sort(-fit, stable=True).indices]
+            return [int(ranked[i % len(ranked)]) for i in range(k)]
+        weights = fit if fit.sum() > 0 else torch.ones_like(fit)
+        picked = torch.multinomial(weights, k, replacement=True, generator=self.generator)
+        return survivors[picked].tolist()
+
+    @torch.no_grad()
+    def _turn_over(self, optimizer, li: int, slot: int, dead: torch.Tensor, fitness: torch.Tensor,
+                   step: int) -> tuple[list[int], float | None]:
+        """Kill `dead` in (li, slot) and write the newborns; returns (parents, refit residual)."""
+        s, pool = self.section, self.layers[li].experts
+        dead = dead.to(pool.w_in.device)
+        residual = None
+        if s.regrowth == "functional" and self.gram[li, slot, -1, -1] > 0:
+            rows, shift, residual = refit_outgoing(self.gram[li, slot], pool.w_out[slot], dead)
+            alive = torch.ones(self.width, dtype=torch.bool, device=dead.device)
+            alive[dead] = False
+            pool.w_out[slot, alive] = rows.to(pool.w_out.dtype)
+            pool.b_out[slot] += shift.to(pool.b_out.dtype)
+        parents = self._parents(fitness, dead)
+        self._write_incoming(pool, slot, dead, parents)
+        pool.w_out[slot, dead] = 0
+        for p, index in ((pool.w_in, (slot, slice(None), dead)), (pool.b_in, (slot, dead)),
+                         (pool.w_out, (slot, dead))):
+            for state in _slot_states(optimizer, p):
+                state[index] = 0
+        src = torch.tensor(parents, device=dead.device)
+        has_parent = src >= 0
+        self.generation[li, slot, dead] = torch.where(
+            has_parent, self.generation[li, slot, src.clamp_min(0)] + 1, 0)
+        self.parent[li, slot, dead] = src
+        self.birth_step[li, slot, dead] = step
+        self.deaths[li, slot, dead] += 1
+        return parents, residual
+
+    def _write_incoming(self, pool: ExpertPool, slot: int, dead: torch.Tensor, parents: list[int]) -> None:
+        rule, k = self.section.regrowth, len(dead)
+        w_in, b_in = pool.w_in[slot], pool.b_in[slot]            # (C, H), (H,) views
+        if rule in ("random", "functional"):
+            noise = torch.randn(w_in.shape[0], k, generator=self.generator)   # CPU: same on every device
+            w_in[:, dead] = (noise * INIT_STD).to(w_in.device, w_in.dtype)
+            b_in[dead] = 0
+            return
+        src = torch.tensor(parents, device=dead.device)
+        new_w, new_b = w_in[:, src].clone(), b_in[src].clone()               # (C, k), (k,)
+        if rule == "mutation" and self.section.mutation_std > 0:
+            std = self.section.mutation_std
+            col_rms = new_w.float().pow(2).mean(0).sqrt().cpu()              # (k,)
+            bias_rms = b_in.float().pow(2).mean().sqrt().cpu()
+            new_w += (torch.randn(new_w.shape, generator=self.generator) * std * col_rms).to(new_w)
+            new_b += (torch.randn(k, generator=self.generator) * std * bias_rms).to(new_b)
+        w_in[:, dead] = new_w
+        b_in[dead] = new_b
+
+    def _event(self, step, tokens, li, slot, dead, parents, fitness, residual, before, after) -> MorphEvent:
+        s = self.section
+        dead_fitness = fitness[dead.to(fitness.device)]
+        cutoff = float(dead_fitness.max())
+        cause = f"{s.metric} <= {cutoff:.4g}; {s.regrowth}"
+        if s.regrowth == "functional":
+            cause += f" refit residual {residual:.3g}" if residual is not None else " (no recorded tokens)"
+        return MorphEvent(
+            step=step, tokens=tokens, event="neuron_turnover", layer=li, action="turnover", expert=slot,
+            parents=" ".join(f"n{p}" for p in parents if p >= 0), usage=float(dead_fitness.mean()),
+            threshold=cutoff, n_before=self.width, n_after=self.width, probe_loss_before=before,
+            probe_loss_after=after, granularity="neuron", unit=" ".join(f"n{j}" for j in dead.tolist()),
+            cause=cause)
+
+    # -- reporting and checkpoints ------------------------------------------------ #
+    def snapshot(self) -> list[dict]:
+        """Per layer, over live experts: mean neuron age, share of positions reborn at least
+        once, deaths so far, deepest generation, last event's fitness mean and minimum."""
+        rows = []
+        for li, layer in enumerate(self.layers):
+            live = layer.active.to(self.birth_step.device)
+            if not bool(live.any()):
+                continue
+            fitness = self.last_fitness[li][live]
+            values = {"mean_age": float((self.step - self.birth_step[li][live]).double().mean()),
+                      "reborn_fraction": float((self.deaths[li][live] > 0).double().mean()),
+                      "deaths": int(self.deaths[li][live].sum()),
+                      "max_generation": int(self.generation[li][live].max()),
+                      "fitness_mean": float(fitness.mean()), "fitness_min": float(fitness.min())}
+            rows += [{"layer": li, "unit": "", "name": k, "value": v} for k, v in values.items()]
+        return rows
+
+    _TENSORS = ("birth_step", "parent", "generation", "deaths", "taylor", "grad_norm", "tokens",
+                "gram", "last_fitness")
+
+    def state_dict(self) -> dict:
+        state = {name: getattr(self, name).cpu() for name in self._TENSORS if getattr(self, name) is not None}
+        return state | {"generator": self.generator.get_state(), "step": self.step,
+                        "recording": self.captures[0].recording}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._TENSORS:
+            mine = getattr(self, name)
+            if mine is not None and name in state and state[name].shape == mine.shape:
+                mine.copy_(state[name])
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+        for capture in self.captures:
+            capture.recording = state["recording"]
+            capture.clear()
+
+
+REGISTRY["neuron"] = NeuronPlasticity
