@@ -61,7 +61,7 @@ from nemoe.moe import ExpertPool
 from nemoe.plasticity import REGISTRY, Mechanism
 
 INIT_STD = 0.02   # ExpertPool's init of w_in
-RIDGE = 1e-4      # functional refit: Tikhonov term relative to the mean activation energy
+RIDGE = 1e-6      # functional refit: Tikhonov term relative to the mean activation energy
 
 
 class HiddenCapture:
@@ -239,6 +239,7 @@ class NeuronPlasticity(Mechanism):
         if self.gram is not None:
             self.gram.masked_fill_(born[..., None, None], 0)
 
+    @torch.no_grad()
     def _fitness(self, li: int) -> torch.Tensor:
         """(E, H) fitness of layer li's neurons under the configured metric."""
         s, pool = self.section, self.layers[li].experts
@@ -357,7 +358,7 @@ class NeuronPlasticity(Mechanism):
         cutoff = float(dead_fitness.max())
         cause = f"{s.metric} <= {cutoff:.4g}; {s.regrowth}"
         if s.regrowth == "functional":
-            cause += f" refit residual {residual:.3g}" if residual is not None else " (no recorded tokens)"
+            cause += f" refit residual {residual:.4g}" if residual is not None else " (no recorded tokens)"
         return MorphEvent(
             step=step, tokens=tokens, event="neuron_turnover", layer=li, action="turnover", expert=slot,
             parents=" ".join(f"n{p}" for p in parents if p >= 0), usage=float(dead_fitness.mean()),
