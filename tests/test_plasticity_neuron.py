@@ -398,3 +398,31 @@ def test_resume_is_bit_exact_across_neuron_events(straight, tmp_path):
     assert b_train["loss_ce"].tolist() == a_train["loss_ce"].tolist()
     pd.testing.assert_frame_equal(b_events, a_events)
     assert (b_events[b_events["granularity"] == "neuron"]["step"] > 6).any()
+
+
+# --------------------------------------------------------------------------- #
+# tools/plot_training.py: events of every granularity
+# --------------------------------------------------------------------------- #
+
+def test_plot_training_marks_events_of_every_granularity(tmp_path):
+    from nemoe.logs import EVENT_COLUMNS
+    from tests.test_tools import csv_text, event, write_logs
+    from tools import plot_training
+
+    rows = [event(4, 0, "split", 4, "0"),
+            event(8, 1, "neuron_turnover", 1) | {"granularity": "neuron", "unit": "n3 n9", "action": "turnover"},
+            event(12, 0, "neuron_turnover", 0) | {"granularity": "neuron", "unit": "n5", "action": "turnover"},
+            event(12, 1, "head_prune", -1) | {"granularity": "head", "unit": "h2", "action": "prune_head"}]
+    log_dir = write_logs(tmp_path / "logs" / "mixed", events=rows)
+    train, evals, events, name = plot_training.load(str(log_dir))
+    fig = plot_training.plot(train, evals, events, name)
+    marks = {line.get_gid(): list(line.get_xdata()) for line in fig.axes[0].lines if line.get_gid()}
+    assert marks == {"events-expert": [4], "events-neuron": [8, 12], "events-head": [12]}
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"split event", "expert events (1)", "neuron events (2)", "attention head events (1)"} <= set(labels)
+    out = tmp_path / "training.png"
+    assert plot_training.main([str(log_dir), "-o", str(out)]) == 0 and out.stat().st_size > 10_000
+    (log_dir / "events.csv").write_text(csv_text(rows[:1], EVENT_COLUMNS))   # expert events only
+    _, _, events, _ = plot_training.load(str(log_dir))
+    marks = [line.get_gid() for line in plot_training.plot(train, evals, events, name).axes[0].lines]
+    assert "events-neuron" not in marks and "events-expert" in marks

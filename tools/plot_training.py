@@ -5,7 +5,9 @@
 
 Six panels over optimizer steps -- train loss (raw and smoothed) with the mixed
 held-out loss, held-out loss per source, load-balance loss, router z-loss,
-learning rate and tokens/s -- each with a vertical mark at every morph event.
+learning rate and tokens/s -- each with a vertical mark at every expert birth or
+death, and a row of markers along its top edge for the events of each granularity
+(expert, neuron, head, layer: one marker style each, one row each).
 Reads training_log.csv, eval.csv and events.csv of the run's log folder.
 """
 
@@ -31,19 +33,48 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+# Marker row of each event granularity (events.csv `granularity`), top row first.
+GRANULARITY_STYLE = {
+    "expert": {"marker": "D", "color": "black", "label": "expert"},
+    "neuron": {"marker": "o", "color": "tab:cyan", "label": "neuron"},
+    "head": {"marker": "s", "color": "tab:olive", "label": "attention head"},
+    "layer": {"marker": "P", "color": "tab:pink", "label": "layer"},
+}
+OTHER_GRANULARITY = {"marker": "x", "color": "tab:gray"}
+
+
 def load(arg: str):
     log_dir = find_log_dir(arg)
     return (read_training_log(log_dir / TRAIN_CSV), read_eval(log_dir / EVAL_CSV),
-            read_events(log_dir / EVENTS_CSV), log_dir.name)
+            read_events(log_dir / EVENTS_CSV, granularity=None), log_dir.name)
+
+
+def granularities(events) -> list[str]:
+    """Granularities present, known ones in GRANULARITY_STYLE order, then any others."""
+    present = list(dict.fromkeys(events["granularity"])) if len(events) else []
+    return [g for g in GRANULARITY_STYLE if g in present] + [g for g in present if g not in GRANULARITY_STYLE]
+
+
+def granularity_style(name: str) -> dict:
+    return GRANULARITY_STYLE.get(name, {**OTHER_GRANULARITY, "label": name})
 
 
 def _mark_events(ax, events) -> None:
-    """A thin vertical line per (step, event type); births and deaths only."""
+    """A thin vertical line per (step, expert event type), births and deaths only; then one
+    row of markers per granularity along the top edge, at the steps with such events."""
     if not len(events):
         return
+    experts = events[events["granularity"] == "expert"]
     for action, style in EVENT_STYLE.items():
-        for step in sorted(set(events.loc[events["action"] == action, "step"])):
+        for step in sorted(set(experts.loc[experts["action"] == action, "step"])):
             ax.axvline(step, color=style["color"], lw=0.8, alpha=0.45, ls="--", zorder=0)
+    top = ax.get_xaxis_transform()   # x in data, y in axes fraction
+    for row, name in enumerate(granularities(events)):
+        steps = sorted(set(events.loc[events["granularity"] == name, "step"]))
+        style = granularity_style(name)
+        ax.plot(steps, [0.97 - 0.05 * row] * len(steps), ls="none", marker=style["marker"],
+                color=style["color"], ms=4, alpha=0.8, transform=top, clip_on=False,
+                gid=f"events-{name}")
 
 
 def plot(train, evals, events, run_name: str, smooth: int = 0):
@@ -112,11 +143,16 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
         ax.set_xlabel("optimizer step")
         ax.xaxis.set_tick_params(labelbottom=True)
 
-    seen = set(events["action"]) if len(events) else set()
+    experts = events[events["granularity"] == "expert"] if len(events) else events
+    seen = set(experts["action"]) if len(experts) else set()
     handles = [plt.Line2D([], [], color=s["color"], ls="--", lw=1.2, label=f"{s['label']} event")
                for a, s in EVENT_STYLE.items() if a in seen]
+    for name in granularities(events):
+        style, count = granularity_style(name), int((events["granularity"] == name).sum())
+        handles.append(plt.Line2D([], [], ls="none", marker=style["marker"], color=style["color"],
+                                  label=f"{style['label']} events ({count})"))
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
     step, tokens = latest_step(train, evals, events)
     fig.suptitle(f"{run_name}: step {step:,}, {human(tokens)} tokens")
     return fig
