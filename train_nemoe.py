@@ -4,6 +4,7 @@
     python train_nemoe.py --config local.yaml              # offline, CPU, built-in corpus
     python train_nemoe.py --config t4.yaml                 # Colab T4, streamed web text
     python train_nemoe.py --config t4.yaml --resume        # after a disconnect
+    torchrun --nproc_per_node 2 train_nemoe.py --config local.yaml   # data-parallel (DDP)
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:   # leave a torchrun process group cleanly
+            from nemoe.distributed import shutdown
+            shutdown()
     return 0
 
 

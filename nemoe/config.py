@@ -193,6 +193,8 @@ class PlasticityConfig:
 class Config:
     name: str = "nemoe"
     """Run name used when --run-name is not given (set from the config file's name)."""
+    world_size: int = 1
+    """Data-parallel processes; set by the trainer from torchrun's WORLD_SIZE (not a setting to edit)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     morph: MorphConfig = field(default_factory=MorphConfig)
@@ -205,7 +207,8 @@ class Config:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.train.batch_size * self.train.grad_accum * self.model.seq_len
+        """Tokens per optimizer step over all data-parallel ranks (the effective batch)."""
+        return self.train.batch_size * self.train.grad_accum * self.model.seq_len * self.world_size
 
     @property
     def total_steps(self) -> int:
@@ -332,6 +335,8 @@ def config_from_dict(raw: dict) -> Config:
             problems.append(f"{key}: unknown section (valid: {', '.join(_SECTIONS)})")
         elif key == "name":
             kwargs["name"] = _coerce(value, str, "name", problems) or "nemoe"
+        elif key == "world_size":
+            kwargs["world_size"] = _coerce(value, int, "world_size", problems) or 1
         elif key == "data":
             kwargs["data"] = _build_data(value, problems)
         else:
@@ -348,6 +353,7 @@ def validate(cfg: Config) -> list[str]:
     """Every impossible value in one list (empty when the config is usable)."""
     m, e, mo, t = cfg.model, cfg.moe, cfg.morph, cfg.train
     checks = [
+        (cfg.world_size >= 1, "world_size must be >= 1"),
         (m.vocab_size > 0, "model.vocab_size must be > 0"),
         (m.d_model > 0, "model.d_model must be > 0"),
         (m.n_layers > 0, "model.n_layers must be > 0"),
@@ -485,7 +491,7 @@ def dump_config(cfg: Config) -> str:
 
 # Keys whose change would make a checkpoint mean something else: parameter shapes,
 # the routing rule, or which documents the data stream yields.
-UNSAFE_ON_RESUME = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+UNSAFE_ON_RESUME = ("world_size", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
                     "model.seq_len", "model.d_expert", "moe.experts_max", "moe.top_k",
                     "data.sources", "data.seed", "data.heldout_fraction")
 
