@@ -242,8 +242,9 @@ class Trainer:
                              self.cfg.train.total_tokens)
         atomic_write(paths.log_dir / "config.yaml", dump_config(self.cfg))
         params = self.model.count_params()
-        ranks = (f" | data-parallel: {self.dist.world_size} ranks x {self.cfg.train.batch_size} sequences"
-                 if self.dist.enabled else "")
+        t = self.cfg.train
+        ranks = (f" | data-parallel: {self.dist.world_size} ranks x {t.grad_accum} micro-batches x "
+                 f"{t.batch_size} sequences" if self.dist.enabled else "")
         self.log.line(self.step, f"Start | device {self.device} | precision {self.precision} | params "
                       f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
                       f"{self.cfg.tokens_per_step:,} tokens/step{ranks} | target "

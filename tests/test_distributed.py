@@ -33,8 +33,10 @@ pytestmark = pytest.mark.slow
 # lb_coef=0: the load-balance loss is computed per rank on the rank's own batch (as in
 # Switch / GShard), which is not the loss of the union batch; everything else is linear
 # in the batch and averages exactly. Dropout off: ranks draw their own masks.
-DDP = TINY + ["moe.lb_coef=0", "model.dropout=0.0", "eval.batches=2", "train.total_tokens=3840"]
-STEPS = 15   # per-rank batch 4 x 16 tokens, 2 ranks: 128 tokens a step
+# Two micro-batches per step: the first backward runs under DDP's no_sync.
+DDP = TINY + ["moe.lb_coef=0", "model.dropout=0.0", "eval.batches=2", "train.total_tokens=3840",
+              "train.batch_size=2", "train.grad_accum=2"]
+STEPS = 15   # per rank 2 x 2 sequences of 16 tokens, 2 ranks: 128 tokens a step
 
 
 def args(run_dir: Path, name: str, *extra: str) -> list[str]:
@@ -81,7 +83,7 @@ def test_replicas_stay_identical_through_events(ddp_run):
     text = (ddp_run / "logs" / "ddp" / "training_log.txt").read_text()
     checks = re.findall(r"Step (\d+) \| Ranks \| 2 replicas identical", text)
     assert [int(s) for s in checks] == [5, 10, 15]                  # at every checkpoint
-    assert "data-parallel: 2 ranks x 4 sequences" in text
+    assert "data-parallel: 2 ranks x 2 micro-batches x 2 sequences" in text
     state = torch.load(ddp_run / "checkpoints" / "ddp" / f"nemo_ckpt_step{STEPS}.pt", weights_only=True)
     assert len(state["ranks"]) == 2
     assert state["ranks"][0]["data"] != state["ranks"][1]["data"]   # each rank has its own position
@@ -105,7 +107,7 @@ class UnionStream:
 
 
 def test_two_ranks_train_like_one_process_on_the_union_batch(ddp_run, tmp_path):
-    cfg = load_config("local", DDP + ["train.batch_size=8"])
+    cfg = load_config("local", DDP + ["train.batch_size=4"])
     trainer = Trainer(cfg, RunPaths.of(tmp_path, "one"), max_steps=STEPS)
     trainer.stream = UnionStream(cfg.data, trainer.tokenizer, cfg.model.seq_len)
     trainer.train()
