@@ -518,7 +518,8 @@ def curves_picture(path: Path, curves: pd.DataFrame, sources: list[str], title: 
         # The first evaluations (random init, ~ln V) would flatten the interesting part.
         later = curves[(curves["source"] == source) & (curves["step"] > 0)]["loss"]
         if len(later):
-            ax.set_ylim(later.min() - 0.05 * abs(later.min()), later.max() + 0.05 * abs(later.max()))
+            pad = 0.05 * (later.max() - later.min()) or 0.01
+            ax.set_ylim(later.min() - pad, later.max() + pad)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title + " — mean over seeds, band = min..max")
     fig.tight_layout()
@@ -741,9 +742,12 @@ def main(argv=None):
     (plan.out / "report.md").write_text(text, encoding="utf-8")
     sources = [s.name for s in plan.base.data.sources]
     curves = eval_curves(plan.out, [r for r in plan.runs if r.name not in failures])
-    boundaries = [p.end for p in plan.runs[0].phases[:-1]]
+    phases = plan.runs[0].phases
+    title = f"held-out loss, {plan.config}"
+    if plan.protocol == "shift":
+        title += ": " + " → ".join(p.source for p in phases)
     curves_picture(plan.out / "curves.png", curves, ["all"] + sources if plan.protocol == "grid" else sources,
-                   f"held-out loss, {plan.config}", boundaries)
+                   title, [p.end for p in phases[:-1]])
     print(text)
     print(f"wrote {plan.out / 'report.md'}, results.csv, summary.csv, curves.png")
     if not data_order_consistent(results):
