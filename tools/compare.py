@@ -608,7 +608,9 @@ def shift_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
               f"loss is within {pct} of its value at the end of its previous phase (— : not within the phase)",
               "- forgetting: a source's held-out loss at the phase end relative to the end of its last "
               "phase (+0.10 = 10% worse)", f"- resolution: evaluations every {plan.base.eval.every_steps} "
-              "steps; each phase restarts the data stream (new source weights)", ""]
+              "steps. Each phase restarts the data stream (new source weights), so a source's second phase "
+              "reads its opening documents again; with one source per phase, data.seed changes little and "
+              "seeds differ mainly in initialisation and the controller's draws", ""]
     head = ["strategy", "phase", "metric", "n", "mean ± sd", f"Δ vs {BASELINE} [95% CI]", "verdict"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in summary.itertuples():
