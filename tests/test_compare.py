@@ -91,6 +91,7 @@ def test_paired_ci_on_hand_numbers():
     assert p.verdict == "significantly higher"
     assert cmp.paired_difference({0: -1.0, 1: -1.01}, {0: 0.0, 1: 0.0}).verdict == "significantly lower"
     assert cmp.paired_difference({0: 1.0}, {0: 0.0}).verdict == "no CI possible (n=1)"
+    assert cmp.paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).verdict == "identical in every seed"
 
 
 def test_dense_has_the_active_parameters_of_the_moe():
@@ -153,6 +154,8 @@ def test_grid_numbers_are_the_runs_own(grid):
     significant = not (row["ci_low"] <= 0 <= row["ci_high"])
     assert f"held-out all loss: {row['diff']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] — **" \
            + ("significantly" if significant else "not significant") in report
+    assert row["verdict"] == ("not significant" if not significant else
+                              "significantly lower" if row["ci_high"] < 0 else "significantly higher")
     assert (grid / "curves.png").stat().st_size > 0
 
 

@@ -173,6 +173,8 @@ class Paired:
     def verdict(self) -> str:
         if self.n < 2:
             return f"no CI possible (n={self.n})"
+        if self.low == self.high == 0:
+            return "identical in every seed"
         if self.low <= 0 <= self.high:
             return "not significant"
         return "significantly lower" if self.high < 0 else "significantly higher"
@@ -292,8 +294,15 @@ def execute_all(plan: Plan) -> dict[str, str]:
         print(f"  {status:>6} {run.name} ({time.monotonic() - started:.0f} s)", flush=True)
         return run.name, failure
 
-    with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=plan.jobs)
+    try:
         results = list(pool.map(one, todo))
+    except KeyboardInterrupt:
+        # Ctrl-C reached the running trainers too (one process group): they save and stop.
+        # Queued runs must not start; the same command resumes everything later.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return {name: failure for name, failure in results if failure}
 
 
@@ -440,7 +449,7 @@ def data_order_lines(results: pd.DataFrame) -> list[str]:
     """Same seed -> same data order across strategies, checked on the runs' resolved configs."""
     lines = ["## Data order", "",
              f"SHA-256 of the first {FINGERPRINT_STEPS} steps of training batches, rebuilt from each run's "
-             "own config.yaml:", ""]
+             "own config.yaml (shift protocol: its last phase's):", ""]
     runs = results.drop_duplicates("run")
     for seed, frame in runs.groupby("seed"):
         prints = dict(zip(frame["strategy"], frame["data_fingerprint"]))
@@ -477,6 +486,8 @@ def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> 
             ci, paired["verdict"] if paired is not None else "", cell("tokens_per_s", 0),
             f"{r.loc['params_total', 'mean']:,.0f}", f"{r.loc['params_active', 'mean']:,.0f}",
             f"{r.loc['params_live', 'mean']:,.0f}", cell("events", 1)]) + " |")
+    if BASELINE not in set(results["strategy"]):
+        lines += ["", f"No `{BASELINE}` runs in this grid, so no paired differences."]
     loss_rows = summary[summary["metric"].str.startswith("loss_")]
     lines += ["", "## Paired differences to static_moe (per seed, then mean with a 95% Student-t CI)", "",
               *difference_lines(loss_rows, lambda r: f"held-out {r['metric'][5:]} loss"), "",
