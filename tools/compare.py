@@ -526,9 +526,10 @@ def curves_picture(path: Path, curves: pd.DataFrame, sources: list[str], title: 
         band_plot(ax, curves, source)
         for step in boundaries:
             ax.axvline(step, color="gray", linestyle="--", linewidth=0.8)
-        # The first evaluations (random init, ~ln V) would flatten the interesting part.
-        later = curves[(curves["source"] == source) & (curves["step"] > 0)]["loss"]
-        if len(later):
+        # The step-0 evaluation (random init, ~ln V) would flatten the interesting part.
+        later = curves[(curves["source"] == source) & (curves["step"] > 0)]
+        if later["step"].nunique() >= 2:
+            later = later["loss"]
             pad = 0.05 * (later.max() - later.min()) or 0.01
             ax.set_ylim(later.min() - pad, later.max() + pad)
     axes[0][0].legend(fontsize=8)
