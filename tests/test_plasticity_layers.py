@@ -6,13 +6,21 @@ import pandas as pd
 import pytest
 import torch
 
-from nemoe.config import Config
 from nemoe.errors import UserError
 from nemoe.evolution import MorphController
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity.layers import LayerSenescence
 from tests.conftest import tiny_config
 from tests.test_trainer import logs, run
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread avoids oversubscribing a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 LAYERS = {"enabled": True, "interval": 2, "birth_zone": 2, "death_zone": 2, "min_age": 0,
           "trigger": 100.0, "warmup_steps": 4, "mutation_std": 0.0}
@@ -108,7 +116,7 @@ def test_zones_core_never_dies_and_newborns_land_in_the_birth_zone():
     probe_loss, _ = probe_recorder(model, probe)
     stem = [p.detach().clone() for p in model.blocks[0].parameters()]
     deaths, births = [], []
-    for step in range(4, 40, 2):
+    for step in range(4, 28, 2):
         for e in mech.act(optimizer, step, 0, probe_loss):
             (deaths if e.event == "layer_death" else births).append(e.layer)
         mech.observe(step)
@@ -215,7 +223,6 @@ def test_invalid_layer_settings_are_one_clear_error(layers, message):
     with pytest.raises(UserError) as err:
         tiny_config(model={"n_layers": 4, "dropout": 0.1}, plasticity={"layers": {"enabled": True, **layers}})
     assert message in str(err.value) and str(err.value).count("\n  - ") == 1
-    assert isinstance(Config(), Config)
 
 
 # --------------------------------------------------------------------------- #
