@@ -178,6 +178,34 @@ class LayerPlasticityConfig:
     """Layer senescence: per-layer vitality and influence; dying layers are replaced."""
     interval: int = 500
     """Optimizer steps between layer vitality reviews."""
+    death_zone: int = 1
+    """The last `death_zone` blocks (nearest the output) are the only ones that can die."""
+    birth_zone: int = 1
+    """The first `birth_zone` blocks (nearest the input); a newborn enters at the zone's
+    innermost position, birth_zone - 1. The blocks between the zones are the stable core."""
+    trigger: float = 0.25
+    """A death-zone block dies when its vitality falls below this (1.0 = an average block)."""
+    min_age: int = 1000
+    """Steps a block must have lived before it may die (founders are born at step 0)."""
+    lifespan: int = 5000
+    """Senescence time constant: vitality = importance_ema * exp(-age / lifespan); 0 = no ageing."""
+    importance_ema: float = 0.5
+    """Weight of the old value in the importance moving average (0 = last review only)."""
+    newborn: str = "copy"
+    """copy (mutated copy of the most vital block, its optimizer moments too) or fresh
+    (new random init, zero moments)."""
+    mutation_std: float = 0.01
+    """Relative noise of a copied newborn: N(0, (mutation_std * RMS(tensor))^2) per parameter."""
+    newborn_influence: float = 0.0
+    """A newborn's influence at birth (0 = the block starts as the identity)."""
+    warmup_steps: int = 200
+    """Steps over which a newborn's influence rises linearly to 1."""
+    max_temperature: float = 1.5
+    """Attention temperature of a block at vitality 0 (1 at vitality >= 1, linear between)."""
+    max_dropout: float = 0.1
+    """Residual-branch dropout of a block at vitality 0 (model.dropout at vitality >= 1)."""
+    min_lr_scale: float = 0.5
+    """Learning-rate multiplier of a block at vitality 0 (1 at vitality >= 1)."""
 
 
 @dataclass
@@ -349,6 +377,28 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def _layer_plasticity_checks(lp: LayerPlasticityConfig, n_layers: int, dropout: float) -> list:
+    """plasticity.layers: zone sizes (only checked when it is on) and value ranges."""
+    zones_fit = not lp.enabled or (lp.birth_zone >= 1 and lp.death_zone >= 1
+                                   and lp.birth_zone + lp.death_zone < n_layers)
+    return [
+        (zones_fit, f"plasticity.layers: birth_zone ({lp.birth_zone}) and death_zone ({lp.death_zone}) "
+                    f"must be >= 1 and leave a stable core of >= 1 block between them: need "
+                    f"birth_zone + death_zone < model.n_layers ({n_layers})"),
+        (lp.trigger >= 0, "plasticity.layers.trigger must be >= 0"),
+        (lp.min_age >= 0 and lp.lifespan >= 0 and lp.warmup_steps >= 0,
+         "plasticity.layers.min_age, lifespan and warmup_steps must be >= 0"),
+        (0 <= lp.importance_ema < 1, "plasticity.layers.importance_ema must be in [0, 1)"),
+        (lp.newborn in ("copy", "fresh"), f"plasticity.layers.newborn must be copy or fresh, got {lp.newborn!r}"),
+        (lp.mutation_std >= 0, "plasticity.layers.mutation_std must be >= 0"),
+        (0 <= lp.newborn_influence <= 1, "plasticity.layers.newborn_influence must be in [0, 1]"),
+        (lp.max_temperature >= 1, "plasticity.layers.max_temperature must be >= 1"),
+        (dropout <= lp.max_dropout < 1,
+         f"plasticity.layers.max_dropout must be in [model.dropout ({dropout}), 1)"),
+        (0 < lp.min_lr_scale <= 1, "plasticity.layers.min_lr_scale must be in (0, 1]"),
+    ]
+
+
 def validate(cfg: Config) -> list[str]:
     """Every impossible value in one list (empty when the config is usable)."""
     m, e, mo, t = cfg.model, cfg.moe, cfg.morph, cfg.train
@@ -384,6 +434,7 @@ def validate(cfg: Config) -> list[str]:
         (0 <= mo.usage_ema < 1, "morph.usage_ema must be in [0, 1)"),
         *((section.interval > 0, f"plasticity.{name}.interval must be > 0")
           for name, section in vars(cfg.plasticity).items()),
+        *_layer_plasticity_checks(cfg.plasticity.layers, m.n_layers, m.dropout),
         (t.batch_size > 0, "train.batch_size must be > 0"),
         (t.grad_accum > 0, "train.grad_accum must be > 0"),
         (t.lr > 0, "train.lr must be > 0"),
@@ -493,6 +544,7 @@ def dump_config(cfg: Config) -> str:
 # the routing rule, or which documents the data stream yields.
 UNSAFE_ON_RESUME = ("world_size", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
                     "model.seq_len", "model.d_expert", "moe.experts_max", "moe.top_k",
+                    "plasticity.layers.enabled",  # per-block optimizer groups (model.param_groups)
                     "data.sources", "data.seed", "data.heldout_fraction")
 
 

@@ -23,12 +23,16 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.resid_drop = nn.Dropout(dropout)
+        # Softmax temperature (layer senescence drives it): scores are divided by it.
+        # 1.0 leaves attention exactly as without it (q / 1 is exact in floating point).
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q = q / self.temperature  # softmax(q k^T / (sqrt(hs) * temperature))
         # is_causal=True: position t attends to positions <= t only. Without it a
         # language model reads the token it must predict (seed bug #1).
         y = F.scaled_dot_product_attention(
@@ -45,11 +49,21 @@ class Block(nn.Module):
         self.ln_moe = nn.LayerNorm(d_model)
         self.moe = MoELayer(d_model, d_expert, n_slots, n_active, top_k)
         self.moe_drop = nn.Dropout(dropout)
+        # Influence s scales both residual branches (layer senescence: a newborn enters
+        # at s = 0, where the block is the identity). 1.0 is exact: s * y == y.
+        self.register_buffer("influence", torch.ones(()))
+        self._register_load_state_dict_pre_hook(_fill_senescence_buffers, with_module=True)
 
     def forward(self, x: torch.Tensor):
-        x = x + self.attn(self.ln_attn(x))
+        x = x + self.influence * self.attn(self.ln_attn(x))
         y, aux = self.moe(self.ln_moe(x))
-        return x + self.moe_drop(y), aux.lb_loss, aux.z_loss, aux.counts
+        return x + self.influence * self.moe_drop(y), aux.lb_loss, aux.z_loss, aux.counts
+
+
+def _fill_senescence_buffers(block, state_dict, prefix, *args) -> None:
+    """Checkpoints written before influence/temperature existed load with both at 1."""
+    state_dict.setdefault(prefix + "influence", torch.ones(()))
+    state_dict.setdefault(prefix + "attn.temperature", torch.ones(()))
 
 
 def split_block(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +91,8 @@ class NemoeLM(nn.Module):
         m, e = cfg.model, cfg.moe
         self.seq_len = m.seq_len
         self.activation_checkpointing = cfg.train.activation_checkpointing
+        # Layer senescence scales learning rates per block: one decay/no-decay pair each.
+        self.per_layer_groups = cfg.plasticity.layers.enabled
         self.tok_emb = nn.Embedding(m.vocab_size, m.d_model)
         self.pos_emb = nn.Embedding(m.seq_len, m.d_model)
         self.drop = nn.Dropout(m.dropout)
@@ -124,13 +140,23 @@ class NemoeLM(nn.Module):
         return ModelOutput(logits, loss_ce, torch.stack(lb).mean(), torch.stack(z).mean(), counts)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay matrices; not biases, norms, or the position table."""
-        decay, no_decay = [], []
+        """AdamW groups: decay matrices; not biases, norms, or the position table.
+
+        With layer plasticity on, each block gets its own pair ("block3.decay",
+        "block3.no_decay") so a mechanism can set its `lr_scale`; the embeddings and
+        final norm stay in the "shared" pair. The order is fixed by the config.
+        """
+        owners = ["shared"] + ([f"block{i}" for i in range(len(self.blocks))] if self.per_layer_groups else [])
+        groups = {(o, kind): [] for o in owners for kind in ("decay", "no_decay")}
         for name, p in self.named_parameters():
             is_matrix = p.dim() >= 2 and not name.endswith(("b_in", "b_out", "pos_emb.weight"))
-            (decay if is_matrix else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+            owner = "shared"
+            if self.per_layer_groups and name.startswith("blocks."):
+                owner = f"block{name.split('.')[1]}"
+            groups[(owner, "decay" if is_matrix else "no_decay")].append(p)
+        return [{"params": params, "weight_decay": weight_decay if kind == "decay" else 0.0,
+                 "name": f"{owner}.{kind}"}
+                for (owner, kind), params in groups.items() if params]
 
     def count_params(self) -> dict[str, int]:
         """Total parameters, and those a token actually uses (active experts, top-k only)."""
