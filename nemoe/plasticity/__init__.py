@@ -76,3 +76,6 @@ def build_mechanisms(cfg, model: torch.nn.Module, probe_batch: torch.Tensor) -> 
     if missing:
         raise UserError(f"plasticity.{missing[0]}: this mechanism is not available in this version")
     return [REGISTRY[name](cfg, model, probe_batch) for name in enabled]
+
+
+from nemoe.plasticity import heads  # noqa: E402,F401
