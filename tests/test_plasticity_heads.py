@@ -379,3 +379,14 @@ def test_plot_heads_on_a_real_run(straight, tmp_path, capsys):
                             "--metric", "entropy"]) == 0
     assert plot_heads.main([str(tmp_path / "missing"), "-o", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_cycles_flag_is_short_for_the_config_keys():
+    from nemoe.config import load_config
+    from train_nemoe import overrides_of, parse_args
+    args = parse_args(["--cycles", "4", "--set", "plasticity.heads.interval=50"])
+    cfg = load_config(None, overrides_of(args))
+    h = cfg.plasticity.heads
+    assert (h.enabled, h.mode, h.cycles, h.interval) == (True, "cycle", 4, 50)
+    with pytest.raises(UserError, match="plasticity.heads.cycles must be >= 1"):
+        load_config(None, overrides_of(parse_args(["--cycles", "0"])))

@@ -315,9 +315,10 @@ class HeadPlasticity(Mechanism):
         rank = values if high_first else -values
         order = sorted(eligible.nonzero().tolist(), key=lambda lh: (-float(rank[lh[0], lh[1]]), lh[0], lh[1]))
         live_per_layer = alive.sum(dim=1).tolist()
+        n_prune = count_of(self.section.prune_fraction, int(alive.sum()))
         chosen = []
         for layer, head in order:
-            if len(chosen) == count_of(self.section.prune_fraction, int(alive.sum())):
+            if len(chosen) == n_prune:
                 break
             if live_per_layer[layer] > self.section.min_heads:
                 chosen.append((layer, head))
