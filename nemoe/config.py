@@ -169,7 +169,34 @@ class HeadPlasticityConfig:
     enabled: bool = False
     """Attention-head pruning and regrowth through per-head gates."""
     interval: int = 500
-    """Optimizer steps between head prune/grow decisions."""
+    """Optimizer steps between head prune/grow decisions (cycle mode: the train phase before each prune)."""
+    mode: str = "continuous"
+    """continuous: every `interval` steps regrow, then prune; cycle: train -> prune -> measure ->
+    grow -> learn, `cycles` times in one run, then training goes on with no more head events."""
+    prune: str = "entropy"
+    """Which live heads die: entropy (most diffuse attention on the probe batch), magnitude
+    (smallest q/k/v/proj weight norm), importance (smallest |dL/dgate| over the interval,
+    Michel et al. 2019) or random."""
+    grow: str = "gradient_sensitivity"
+    """Which dead heads are reborn: gradient_sensitivity (largest |dL/dgate| of the reinitialised
+    head at gate 0 on the probe batch), entropy_gap (the layer whose live heads attend most
+    diffusely), balanced (the layer with the fewest live heads) or random."""
+    prune_fraction: float = 0.25
+    """Share of the live heads (all layers together) pruned at each prune event, rounded, >= 1."""
+    grow_fraction: float = 0.5
+    """Share of the dead heads reborn at each grow event, rounded, >= 1 while any is dead."""
+    min_heads: int = 1
+    """Live heads a layer always keeps."""
+    warmup_steps: int = 100
+    """A newborn head's gate rises linearly from 0 (at birth) to 1 over this many steps."""
+    new_head_lr_mult: float = 1.0
+    """Learning-rate multiplier for a newborn head's q/k/v/proj slices while its gate warms up."""
+    cycles: int = 3
+    """Cycle mode: how many train -> prune -> measure -> grow -> learn cycles."""
+    recover_steps: int = 100
+    """Cycle mode: steps trained with the heads pruned, between a prune and its grow."""
+    seed: int = 0
+    """Seed of the mechanism's own generator (random criteria, newborn weights)."""
 
 
 @dataclass
@@ -399,6 +426,28 @@ def _layer_plasticity_checks(lp: LayerPlasticityConfig, n_layers: int, dropout: 
     ]
 
 
+def _head_plasticity_checks(cfg: Config) -> list[tuple[bool, str]]:
+    h, n_heads = cfg.plasticity.heads, cfg.model.n_heads
+    return [
+        (h.mode in ("continuous", "cycle"), f"plasticity.heads.mode must be continuous or cycle, got {h.mode!r}"),
+        (h.prune in ("entropy", "magnitude", "importance", "random"),
+         f"plasticity.heads.prune must be entropy, magnitude, importance or random, got {h.prune!r}"),
+        (h.grow in ("gradient_sensitivity", "entropy_gap", "balanced", "random"),
+         f"plasticity.heads.grow must be gradient_sensitivity, entropy_gap, balanced or random, got {h.grow!r}"),
+        (0 < h.prune_fraction < 1, f"plasticity.heads.prune_fraction must be in (0, 1), got {h.prune_fraction}"),
+        (0 < h.grow_fraction <= 1, f"plasticity.heads.grow_fraction must be in (0, 1], got {h.grow_fraction}"),
+        (1 <= h.min_heads <= n_heads,
+         f"plasticity.heads.min_heads ({h.min_heads}) must be in 1..model.n_heads ({n_heads})"),
+        (not h.enabled or h.min_heads < n_heads,
+         f"plasticity.heads.min_heads ({h.min_heads}) must be < model.n_heads ({n_heads}), "
+         f"else no head can ever be pruned"),
+        (h.warmup_steps >= 0, "plasticity.heads.warmup_steps must be >= 0"),
+        (h.new_head_lr_mult > 0, "plasticity.heads.new_head_lr_mult must be > 0"),
+        (h.cycles >= 1, "plasticity.heads.cycles must be >= 1"),
+        (h.recover_steps >= 1, "plasticity.heads.recover_steps must be >= 1"),
+    ]
+
+
 def validate(cfg: Config) -> list[str]:
     """Every impossible value in one list (empty when the config is usable)."""
     m, e, mo, t = cfg.model, cfg.moe, cfg.morph, cfg.train
@@ -435,6 +484,7 @@ def validate(cfg: Config) -> list[str]:
         *((section.interval > 0, f"plasticity.{name}.interval must be > 0")
           for name, section in vars(cfg.plasticity).items()),
         *_layer_plasticity_checks(cfg.plasticity.layers, m.n_layers, m.dropout),
+        *_head_plasticity_checks(cfg),
         (t.batch_size > 0, "train.batch_size must be > 0"),
         (t.grad_accum > 0, "train.grad_accum must be > 0"),
         (t.lr > 0, "train.lr must be > 0"),
