@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import platform
@@ -84,8 +85,8 @@ class Shapes:
 
 
 FULL = Shapes(d_model=384, n_layers=6, n_heads=6, seq_len=64, d_expert=1536, batch_size=16, n_experts=4,
-              top_k=1, warmup_steps=2, timed_steps=3, rounds=2, layer_repeats=5, morph_interval=4,
-              morph_intervals=3, matmul_n=2048, data_batches=200, memory_batches=(1, 16))
+              top_k=1, warmup_steps=1, timed_steps=2, rounds=2, layer_repeats=3, morph_interval=3,
+              morph_intervals=2, matmul_n=2048, data_batches=200, memory_batches=(1, 16))
 QUICK = Shapes(d_model=32, n_layers=2, n_heads=2, seq_len=16, d_expert=64, batch_size=4, n_experts=4,
                top_k=1, warmup_steps=1, timed_steps=2, rounds=1, layer_repeats=2, morph_interval=2,
                morph_intervals=2, matmul_n=256, data_batches=20, memory_batches=(1, 2))
@@ -547,35 +548,31 @@ def bench_memory(ctx) -> dict:
 # Section 8: GPU (CUDA only)
 # --------------------------------------------------------------------------- #
 
-def gpu_train_loop(cfg, device, batch_size: int, steps: int, compile_model: bool = False) -> dict:
-    """fp16 autocast + GradScaler steps on random tokens; tokens/s, peak memory, scale, losses."""
-    torch.manual_seed(0)
-    model = NemoeLM(cfg).to(device).train()
-    forward = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=2e-4, fused=True)
-    scaler = torch.amp.GradScaler("cuda")
-    idx = torch.randint(0, cfg.model.vocab_size, (batch_size, cfg.model.seq_len + 1), device=device)
-    losses = []
+def gpu_trainer_run(ctx, batch_size: int, steps: int, compile_model: bool = False) -> dict:
+    """The real Trainer on the t4 model under fp16 autocast + GradScaler: tokens/s, peak memory, scale.
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = forward(*split_block(idx))
-        loss = out.loss_ce + cfg.moe.lb_coef * out.loss_lb + cfg.moe.z_coef * out.loss_z
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    Built-in corpus (no Hub), morphogenesis at the t4 interval (no event in the window).
+    """
+    raw = trainer_overrides(ctx.shapes, ctx.quick, ctx.device)
+    raw["train"].update(precision="fp16", batch_size=batch_size, compile=compile_model)
+    raw["morph"]["interval"] = T4_MORPH_INTERVAL
+    trainer = open_trainer(raw, ctx.run_dir / f"gpu-b{batch_size}-compile{int(compile_model)}")
+    try:
+        losses = [trainer.train_step().item() for _ in range(3)]   # warm-up (and compilation)
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        seconds = timed(lambda: losses.extend(trainer.train_step().item() for _ in range(steps)), ctx.device)
+        return {"batch_size": batch_size, "tokens_per_s": steps * trainer.cfg.tokens_per_step / seconds,
+                "peak_bytes": torch.cuda.max_memory_allocated(ctx.device),
+                "precision": trainer.precision, "grad_scaler": trainer.scaler.is_enabled(),
+                "scale": trainer.scaler.get_scale(), "losses_finite": all(math.isfinite(x) for x in losses)}
+    finally:
+        close_trainer(trainer)
 
-    for _ in range(3):     # warm-up (and compilation)
-        step()
-    torch.cuda.reset_peak_memory_stats(device)
-    seconds = timed(lambda: [step() for _ in range(steps)], device)
-    return {"tokens_per_s": steps * batch_size * cfg.model.seq_len / seconds,
-            "peak_bytes": torch.cuda.max_memory_allocated(device), "scale": scaler.get_scale(),
-            "losses_finite": all(math.isfinite(x) for x in losses)}
+
+def release_gpu_memory() -> None:
+    """Free the cached blocks of trainers that are gone, so the next run starts from an empty GPU."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def bench_gpu(ctx) -> dict:
@@ -584,27 +581,28 @@ def bench_gpu(ctx) -> dict:
         return {"skipped": "no CUDA device in this run"}
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, MEMORY_CAP / total), device)
-    cfg = t4_config()
     steps = 5 if ctx.quick else 30
-    out = {"device_name": torch.cuda.get_device_name(device), "cap_bytes": MEMORY_CAP,
-           "peak_matmul_flops": {"fp32": peak_matmul_flops(device, 4096),
-                                 "fp16": peak_matmul_flops(device, 8192, torch.float16)}}
-    out["t4_fp16"] = gpu_train_loop(cfg, device, cfg.train.batch_size, steps)
-    flops = training_flops_per_token(NemoeLM(cfg), cfg.model.seq_len)
-    out["t4_fp16"]["mfu_fp16"] = out["t4_fp16"]["tokens_per_s"] * flops / out["peak_matmul_flops"]["fp16"]
-    largest, batch = None, cfg.train.batch_size
-    while batch <= (64 if ctx.quick else 4096):   # doubling until the 15 GB cap refuses
+    peak = {"fp32": peak_matmul_flops(device, 4096), "fp16": peak_matmul_flops(device, 8192, torch.float16)}
+    out = {"device_name": torch.cuda.get_device_name(device), "cap_bytes": MEMORY_CAP, "peak_matmul_flops": peak}
+    micro_batch = t4_config().train.batch_size
+    out["t4_fp16"] = run = gpu_trainer_run(ctx, micro_batch, steps)
+    release_gpu_memory()
+    flops = training_flops_per_token(NemoeLM(t4_config()), t4_config().model.seq_len)
+    run["mfu_fp16"] = run["tokens_per_s"] * flops / peak["fp16"]
+    # Doubling from the configured micro-batch until the 15 GB cap refuses.
+    largest, batch = None, micro_batch
+    while batch <= (4 * micro_batch if ctx.quick else 4096):
         try:
-            gpu_train_loop(cfg, device, batch, 1)
+            gpu_trainer_run(ctx, batch, 1)
             largest, batch = batch, batch * 2
         except torch.cuda.OutOfMemoryError:
             break
         finally:
-            torch.cuda.empty_cache()
+            release_gpu_memory()
     out["largest_micro_batch_measured"] = largest
     try:
-        compiled = gpu_train_loop(cfg, device, cfg.train.batch_size, steps, compile_model=True)
-        out["compile"] = {**compiled, "speedup": compiled["tokens_per_s"] / out["t4_fp16"]["tokens_per_s"]}
+        compiled = gpu_trainer_run(ctx, micro_batch, steps, compile_model=True)
+        out["compile"] = {**compiled, "speedup": compiled["tokens_per_s"] / run["tokens_per_s"]}
     except Exception as err:   # optional: report why it did not compile
         out["compile"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     return out
@@ -731,6 +729,9 @@ def parse_args(argv):
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds, figures meaningless")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice, one per core); on a shared "
+                        "machine 1 avoids waiting at every parallel region for a descheduled thread")
     p.add_argument("--only", default=",".join(SECTIONS), metavar="A,B",
                    help=f"comma list of sections ({', '.join(SECTIONS)}); those they need run too")
     return p.parse_args(argv)
@@ -750,6 +751,10 @@ def selected_sections(only: str) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     sections = selected_sections(args.only)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     shapes = QUICK if args.quick else FULL
     header = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
