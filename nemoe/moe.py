@@ -54,7 +54,7 @@ class ExpertPool(nn.Module):
 
         Why not `w_in[slot]` per expert: each indexing op's backward writes a zero
         gradient of the whole (E, C, H) parameter, so E experts cost O(E^2) memory
-        traffic (2.2x slower at E=8 on CPU, tools/bench.py); unbind's backward is one stack.
+        traffic (~2x slower at E=8 on CPU: tools/bench.py, moe_layer); unbind's backward is one stack.
         """
         return list(zip(*(p.unbind(0) for p in (self.w_in, self.b_in, self.w_out, self.b_out))))
 

@@ -122,7 +122,8 @@ def test_memory_plan_is_consistent(report):
     b1, b2 = r["measured_at"]
     assert close(r["activation_bytes_per_sequence"], (act2 - act1) / (b2 - b1))
     static = b["params"] + b["grads"] + b["adamw_state"]
-    assert close(b["total_at_micro_batch"], static + b["activations_at_micro_batch"] + b["transient_at_micro_batch"])
+    activations = b["activations_at_micro_batch"] + b["transient_at_micro_batch"]
+    assert close(b["total_at_micro_batch"], static + activations)
     assert r["fits"] == (b["total_at_micro_batch"] <= r["cap_bytes"])
     # The largest micro-batch is the last one under the cap.
     per_seq = r["activation_bytes_per_sequence"] + b["transient_at_micro_batch"] / r["micro_batch"]

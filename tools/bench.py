@@ -672,9 +672,12 @@ def table_lines(results: dict) -> list[str]:
     if "morph" in results:
         r = results["morph"]
         add("morph", f"step / evolve ({r['events']} events in {r['evolve_calls']} calls)",
-            f"{r['step_s'] * 1e3:.0f} ms / {r['evolve_s'] * 1e3:.0f} ms (probe {r['probe_s_per_evolve'] * 1e3:.0f} ms)")
-        add("morph", f"overhead at interval {r['interval_timed']} (measured)", f"{100 * r['share_at_timed_interval']:.1f} %")
-        add("morph", f"overhead at interval {r['t4_interval']} (extrapolated)", f"{100 * r['share_at_t4_interval']:.3f} %")
+            f"{r['step_s'] * 1e3:.0f} ms / {r['evolve_s'] * 1e3:.0f} ms "
+            f"(probe {r['probe_s_per_evolve'] * 1e3:.0f} ms)")
+        add("morph", f"overhead at interval {r['interval_timed']} (measured)",
+            f"{100 * r['share_at_timed_interval']:.1f} %")
+        add("morph", f"overhead at interval {r['t4_interval']} (extrapolated)",
+            f"{100 * r['share_at_t4_interval']:.3f} %")
     if "checkpoint" in results:
         r = results["checkpoint"]
         add("checkpoint", f"size ({r['model_params']:,} params + AdamW)", human_bytes(r["size_bytes"]))
@@ -682,7 +685,8 @@ def table_lines(results: dict) -> list[str]:
         add("checkpoint", "resume to first step (open + restore + step)", f"{r['resume_to_first_step_s']:.2f} s")
     if "data" in results:
         r = results["data"]
-        add("data", "text -> packed blocks tokens/s", f"{r['tokens_per_s']:,.0f} (start-up {r['startup_s']:.2f} s)")
+        add("data", "text -> packed blocks tokens/s",
+            f"{r['tokens_per_s']:,.0f} (start-up {r['startup_s']:.2f} s)")
         add("data", "data / trainer consumption", f"{r['ratio']:,.0f}x")
     if "memory" in results:
         r, b = results["memory"], results["memory"]["bytes"]
@@ -711,6 +715,17 @@ def table_lines(results: dict) -> list[str]:
             lines.append(f"target  {t['target']:<46} {value} {t['op']} {t['bar']}: "
                          f"{'met' if t['met'] else 'NOT MET'}")
     return lines
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class Context:
@@ -758,7 +773,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     shapes = QUICK if args.quick else FULL
     header = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              else cpu_name(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"), "quick": args.quick, "shapes": asdict(shapes)}
     print(f"nemoe bench | {header['device']} ({header['device_name']}, {header['threads']} threads) | "
