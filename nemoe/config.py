@@ -404,7 +404,8 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
-def _layer_plasticity_checks(lp: LayerPlasticityConfig, n_layers: int, dropout: float) -> list:
+def _layer_plasticity_checks(lp: LayerPlasticityConfig, n_layers: int, dropout: float,
+                             heads_enabled: bool = False) -> list:
     """plasticity.layers: zone sizes (only checked when it is on) and value ranges."""
     zones_fit = not lp.enabled or (lp.birth_zone >= 1 and lp.death_zone >= 1
                                    and lp.birth_zone + lp.death_zone < n_layers)
@@ -423,6 +424,11 @@ def _layer_plasticity_checks(lp: LayerPlasticityConfig, n_layers: int, dropout: 
         (dropout <= lp.max_dropout < 1,
          f"plasticity.layers.max_dropout must be in [model.dropout ({dropout}), 1)"),
         (0 < lp.min_lr_scale <= 1, "plasticity.layers.min_lr_scale must be in (0, 1]"),
+        # A layer shift moves head gates with their blocks, but not the head mechanism's
+        # per-layer records (birth steps, gate gradients): refuse rather than misalign them.
+        (not (lp.enabled and heads_enabled),
+         "plasticity.layers and plasticity.heads cannot be enabled together yet (a layer shift "
+         "does not move the head mechanism's per-layer records)"),
     ]
 
 
@@ -483,7 +489,7 @@ def validate(cfg: Config) -> list[str]:
         (0 <= mo.usage_ema < 1, "morph.usage_ema must be in [0, 1)"),
         *((section.interval > 0, f"plasticity.{name}.interval must be > 0")
           for name, section in vars(cfg.plasticity).items()),
-        *_layer_plasticity_checks(cfg.plasticity.layers, m.n_layers, m.dropout),
+        *_layer_plasticity_checks(cfg.plasticity.layers, m.n_layers, m.dropout, cfg.plasticity.heads.enabled),
         *_head_plasticity_checks(cfg),
         (t.batch_size > 0, "train.batch_size must be > 0"),
         (t.grad_accum > 0, "train.grad_accum must be > 0"),

@@ -218,10 +218,13 @@ def test_controller_records_follow_the_shift():
     ({"birth_zone": 0}, "stable core"),
     ({"newborn": "clone"}, "copy or fresh"),
     ({"max_dropout": 0.05}, "max_dropout"),
+    ({"heads": True}, "cannot be enabled together"),
 ])
 def test_invalid_layer_settings_are_one_clear_error(layers, message):
+    heads = {"heads": {"enabled": layers.pop("heads", False)}}
     with pytest.raises(UserError) as err:
-        tiny_config(model={"n_layers": 4, "dropout": 0.1}, plasticity={"layers": {"enabled": True, **layers}})
+        tiny_config(model={"n_layers": 4, "dropout": 0.1},
+                    plasticity={"layers": {"enabled": True, **layers}, **heads})
     assert message in str(err.value) and str(err.value).count("\n  - ") == 1
 
 
