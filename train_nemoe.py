@@ -4,6 +4,7 @@
     python train_nemoe.py --config local.yaml              # offline, CPU, built-in corpus
     python train_nemoe.py --config t4.yaml                 # Colab T4, streamed web text
     python train_nemoe.py --config t4.yaml --resume        # after a disconnect
+    torchrun --nproc_per_node 2 train_nemoe.py --config local.yaml   # data-parallel (DDP)
 """
 
 from __future__ import annotations
@@ -27,9 +28,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from the newest valid checkpoint of this run (none yet: start fresh)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept changed model/expert/data settings (shapes must still match)")
+    p.add_argument("--cycles", type=int, default=None, metavar="N",
+                   help="attention-head plasticity in cycle mode, N train/prune/measure/grow/learn cycles: "
+                        "short for --set plasticity.heads.enabled=true --set plasticity.heads.mode=cycle "
+                        "--set plasticity.heads.cycles=N")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimizer steps (the LR schedule still follows the token target)")
     return p.parse_args(argv)
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The --set items, with --cycles N expanded in front of them (an explicit --set wins)."""
+    cycles = [] if args.cycles is None else [
+        "plasticity.heads.enabled=true", "plasticity.heads.mode=cycle", f"plasticity.heads.cycles={args.cycles}"]
+    return cycles + args.overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.max_steps is not None and args.max_steps < 1:
             raise UserError("--max-steps must be >= 1")
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides_of(args))
         paths = RunPaths.of(Path(args.run_dir), args.run_name or cfg.name)
         Trainer(cfg, paths, resume=args.resume, max_steps=args.max_steps,
                 allow_config_change=args.allow_config_change).train()
@@ -51,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:   # leave a torchrun process group cleanly
+            from nemoe.distributed import shutdown
+            shutdown()
     return 0
 
 

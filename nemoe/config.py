@@ -197,7 +197,34 @@ class HeadPlasticityConfig:
     enabled: bool = False
     """Attention-head pruning and regrowth through per-head gates."""
     interval: int = 500
-    """Optimizer steps between head prune/grow decisions."""
+    """Optimizer steps between head prune/grow decisions (cycle mode: the train phase before each prune)."""
+    mode: str = "continuous"
+    """continuous: every `interval` steps regrow, then prune; cycle: train -> prune -> measure ->
+    grow -> learn, `cycles` times in one run, then training goes on with no more head events."""
+    prune: str = "entropy"
+    """Which live heads die: entropy (most diffuse attention on the probe batch), magnitude
+    (smallest q/k/v/proj weight norm), importance (smallest |dL/dgate| over the interval,
+    Michel et al. 2019) or random."""
+    grow: str = "gradient_sensitivity"
+    """Which dead heads are reborn: gradient_sensitivity (largest |dL/dgate| of the reinitialised
+    head at gate 0 on the probe batch), entropy_gap (the layer whose live heads attend most
+    diffusely), balanced (the layer with the fewest live heads) or random."""
+    prune_fraction: float = 0.25
+    """Share of the live heads (all layers together) pruned at each prune event, rounded, >= 1."""
+    grow_fraction: float = 0.5
+    """Share of the dead heads reborn at each grow event, rounded, >= 1 while any is dead."""
+    min_heads: int = 1
+    """Live heads a layer always keeps."""
+    warmup_steps: int = 100
+    """A newborn head's gate rises linearly from 0 (at birth) to 1 over this many steps."""
+    new_head_lr_mult: float = 1.0
+    """Learning-rate multiplier for a newborn head's q/k/v/proj slices while its gate warms up."""
+    cycles: int = 3
+    """Cycle mode: how many train -> prune -> measure -> grow -> learn cycles."""
+    recover_steps: int = 100
+    """Cycle mode: steps trained with the heads pruned, between a prune and its grow."""
+    seed: int = 0
+    """Seed of the mechanism's own generator (random criteria, newborn weights)."""
 
 
 @dataclass
@@ -206,6 +233,34 @@ class LayerPlasticityConfig:
     """Layer senescence: per-layer vitality and influence; dying layers are replaced."""
     interval: int = 500
     """Optimizer steps between layer vitality reviews."""
+    death_zone: int = 1
+    """The last `death_zone` blocks (nearest the output) are the only ones that can die."""
+    birth_zone: int = 1
+    """The first `birth_zone` blocks (nearest the input); a newborn enters at the zone's
+    innermost position, birth_zone - 1. The blocks between the zones are the stable core."""
+    trigger: float = 0.25
+    """A death-zone block dies when its vitality falls below this (1.0 = an average block)."""
+    min_age: int = 1000
+    """Steps a block must have lived before it may die (founders are born at step 0)."""
+    lifespan: int = 5000
+    """Senescence time constant: vitality = importance_ema * exp(-age / lifespan); 0 = no ageing."""
+    importance_ema: float = 0.5
+    """Weight of the old value in the importance moving average (0 = last review only)."""
+    newborn: str = "copy"
+    """copy (mutated copy of the most vital block, its optimizer moments too) or fresh
+    (new random init, zero moments)."""
+    mutation_std: float = 0.01
+    """Relative noise of a copied newborn: N(0, (mutation_std * RMS(tensor))^2) per parameter."""
+    newborn_influence: float = 0.0
+    """A newborn's influence at birth (0 = the block starts as the identity)."""
+    warmup_steps: int = 200
+    """Steps over which a newborn's influence rises linearly to 1."""
+    max_temperature: float = 1.5
+    """Attention temperature of a block at vitality 0 (1 at vitality >= 1, linear between)."""
+    max_dropout: float = 0.1
+    """Residual-branch dropout of a block at vitality 0 (model.dropout at vitality >= 1)."""
+    min_lr_scale: float = 0.5
+    """Learning-rate multiplier of a block at vitality 0 (1 at vitality >= 1)."""
 
 
 @dataclass
@@ -221,6 +276,8 @@ class PlasticityConfig:
 class Config:
     name: str = "nemoe"
     """Run name used when --run-name is not given (set from the config file's name)."""
+    world_size: int = 1
+    """Data-parallel processes; set by the trainer from torchrun's WORLD_SIZE (not a setting to edit)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     morph: MorphConfig = field(default_factory=MorphConfig)
@@ -233,7 +290,8 @@ class Config:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.train.batch_size * self.train.grad_accum * self.model.seq_len
+        """Tokens per optimizer step over all data-parallel ranks (the effective batch)."""
+        return self.train.batch_size * self.train.grad_accum * self.model.seq_len * self.world_size
 
     @property
     def total_steps(self) -> int:
@@ -360,6 +418,8 @@ def config_from_dict(raw: dict) -> Config:
             problems.append(f"{key}: unknown section (valid: {', '.join(_SECTIONS)})")
         elif key == "name":
             kwargs["name"] = _coerce(value, str, "name", problems) or "nemoe"
+        elif key == "world_size":
+            kwargs["world_size"] = _coerce(value, int, "world_size", problems) or 1
         elif key == "data":
             kwargs["data"] = _build_data(value, problems)
         else:
@@ -372,10 +432,61 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def _layer_plasticity_checks(lp: LayerPlasticityConfig, n_layers: int, dropout: float,
+                             heads_enabled: bool = False) -> list:
+    """plasticity.layers: zone sizes (only checked when it is on) and value ranges."""
+    zones_fit = not lp.enabled or (lp.birth_zone >= 1 and lp.death_zone >= 1
+                                   and lp.birth_zone + lp.death_zone < n_layers)
+    return [
+        (zones_fit, f"plasticity.layers: birth_zone ({lp.birth_zone}) and death_zone ({lp.death_zone}) "
+                    f"must be >= 1 and leave a stable core of >= 1 block between them: need "
+                    f"birth_zone + death_zone < model.n_layers ({n_layers})"),
+        (lp.trigger >= 0, "plasticity.layers.trigger must be >= 0"),
+        (lp.min_age >= 0 and lp.lifespan >= 0 and lp.warmup_steps >= 0,
+         "plasticity.layers.min_age, lifespan and warmup_steps must be >= 0"),
+        (0 <= lp.importance_ema < 1, "plasticity.layers.importance_ema must be in [0, 1)"),
+        (lp.newborn in ("copy", "fresh"), f"plasticity.layers.newborn must be copy or fresh, got {lp.newborn!r}"),
+        (lp.mutation_std >= 0, "plasticity.layers.mutation_std must be >= 0"),
+        (0 <= lp.newborn_influence <= 1, "plasticity.layers.newborn_influence must be in [0, 1]"),
+        (lp.max_temperature >= 1, "plasticity.layers.max_temperature must be >= 1"),
+        (dropout <= lp.max_dropout < 1,
+         f"plasticity.layers.max_dropout must be in [model.dropout ({dropout}), 1)"),
+        (0 < lp.min_lr_scale <= 1, "plasticity.layers.min_lr_scale must be in (0, 1]"),
+        # A layer shift moves head gates with their blocks, but not the head mechanism's
+        # per-layer records (birth steps, gate gradients): refuse rather than misalign them.
+        (not (lp.enabled and heads_enabled),
+         "plasticity.layers and plasticity.heads cannot be enabled together yet (a layer shift "
+         "does not move the head mechanism's per-layer records)"),
+    ]
+
+
+def _head_plasticity_checks(cfg: Config) -> list[tuple[bool, str]]:
+    h, n_heads = cfg.plasticity.heads, cfg.model.n_heads
+    return [
+        (h.mode in ("continuous", "cycle"), f"plasticity.heads.mode must be continuous or cycle, got {h.mode!r}"),
+        (h.prune in ("entropy", "magnitude", "importance", "random"),
+         f"plasticity.heads.prune must be entropy, magnitude, importance or random, got {h.prune!r}"),
+        (h.grow in ("gradient_sensitivity", "entropy_gap", "balanced", "random"),
+         f"plasticity.heads.grow must be gradient_sensitivity, entropy_gap, balanced or random, got {h.grow!r}"),
+        (0 < h.prune_fraction < 1, f"plasticity.heads.prune_fraction must be in (0, 1), got {h.prune_fraction}"),
+        (0 < h.grow_fraction <= 1, f"plasticity.heads.grow_fraction must be in (0, 1], got {h.grow_fraction}"),
+        (1 <= h.min_heads <= n_heads,
+         f"plasticity.heads.min_heads ({h.min_heads}) must be in 1..model.n_heads ({n_heads})"),
+        (not h.enabled or h.min_heads < n_heads,
+         f"plasticity.heads.min_heads ({h.min_heads}) must be < model.n_heads ({n_heads}), "
+         f"else no head can ever be pruned"),
+        (h.warmup_steps >= 0, "plasticity.heads.warmup_steps must be >= 0"),
+        (h.new_head_lr_mult > 0, "plasticity.heads.new_head_lr_mult must be > 0"),
+        (h.cycles >= 1, "plasticity.heads.cycles must be >= 1"),
+        (h.recover_steps >= 1, "plasticity.heads.recover_steps must be >= 1"),
+    ]
+
+
 def validate(cfg: Config) -> list[str]:
     """Every impossible value in one list (empty when the config is usable)."""
     m, e, mo, t = cfg.model, cfg.moe, cfg.morph, cfg.train
     checks = [
+        (cfg.world_size >= 1, "world_size must be >= 1"),
         (m.vocab_size > 0, "model.vocab_size must be > 0"),
         (m.d_model > 0, "model.d_model must be > 0"),
         (m.n_layers > 0, "model.n_layers must be > 0"),
@@ -407,6 +518,8 @@ def validate(cfg: Config) -> list[str]:
         *((section.interval > 0, f"plasticity.{name}.interval must be > 0")
           for name, section in vars(cfg.plasticity).items()),
         *_neuron_checks(cfg),
+        *_layer_plasticity_checks(cfg.plasticity.layers, m.n_layers, m.dropout, cfg.plasticity.heads.enabled),
+        *_head_plasticity_checks(cfg),
         (t.batch_size > 0, "train.batch_size must be > 0"),
         (t.grad_accum > 0, "train.grad_accum must be > 0"),
         (t.lr > 0, "train.lr must be > 0"),
@@ -536,8 +649,9 @@ def dump_config(cfg: Config) -> str:
 
 # Keys whose change would make a checkpoint mean something else: parameter shapes,
 # the routing rule, or which documents the data stream yields.
-UNSAFE_ON_RESUME = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+UNSAFE_ON_RESUME = ("world_size", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
                     "model.seq_len", "model.d_expert", "moe.experts_max", "moe.top_k",
+                    "plasticity.layers.enabled",  # per-block optimizer groups (model.param_groups)
                     "data.sources", "data.seed", "data.heldout_fraction")
 
 

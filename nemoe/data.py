@@ -428,9 +428,14 @@ class DataExhausted(UserError):
 class TokenStream:
     """Infinite stream of packed (B, seq_len+1) int64 blocks from the training mixture."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, seq_len: int):
+    def __init__(self, cfg: DataConfig, tokenizer, seq_len: int, rank: int = 0, world_size: int = 1):
+        """rank / world_size: under data parallelism, rank r of W keeps documents r, r+W, r+2W, ...
+        of the one mixture stream (the rule `datasets.distributed.split_dataset_by_node` applies
+        when shards do not divide evenly, here always), so ranks train on disjoint documents and
+        every rank sees the configured mixture. Each rank still reads (not tokenizes) every row."""
         _check(cfg)
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.rank, self.world_size = rank, world_size
         self.block_len = seq_len + 1
         self.mixture = training_mixture(cfg)
         self._documents = None  # opened on first use, so a loaded state applies
@@ -443,7 +448,11 @@ class TokenStream:
         return [s.name for s in self.cfg.sources]
 
     def next_document(self) -> dict:
-        """The next training document of the mixture: {"text": str, "source": name}."""
+        """This rank's next training document of the mixture: {"text": str, "source": name}."""
+        group = [self._read_document() for _ in range(self.world_size)]  # one document per rank
+        return group[self.rank]
+
+    def _read_document(self) -> dict:
         if self._documents is None:
             self._documents = iter(self.mixture)
             self._loaded_state = None

@@ -343,6 +343,23 @@ class MorphController:
         row[action.slot] = record
         return record
 
+    def remap_layers(self, sources: list[int], newborn: int, step: int) -> None:
+        """Follow a layer shift (plasticity.layers): position i now holds the block that was
+        at position sources[i]. The newborn's experts get new ids: copies of its parent's
+        records (same slot state, so routing ramps stay in step, parents = the copied
+        expert) or, for a fresh block (source -1), founders born at `step`."""
+        old = self.records
+        self.records = [old[src] for src in sources]
+        if sources[newborn] >= 0:
+            row = []
+            for r in old[sources[newborn]]:
+                row.append(None if r is None else dataclasses.replace(r, id=self.next_id, parents=(r.id,)))
+                self.next_id += r is not None
+        else:
+            row = [self._new_record(birth_step=step) if slot < self.moe.experts_init else None
+                   for slot in range(self.moe.experts_max)]
+        self.records[newborn] = row
+
     # -- checkpointing --------------------------------------------------------- #
     def state_dict(self) -> dict:
         return {"next_id": self.next_id, "generator": self.generator.get_state(),

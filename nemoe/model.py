@@ -6,6 +6,7 @@ V vocabulary, E expert slots.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,24 +18,74 @@ from nemoe.moe import MoELayer
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, optionally with one gate per head.
+
+    With head gates (plasticity.heads), y = proj(concat_h(g_h * attn_h)): a head
+    with g_h = 0 contributes exactly nothing and its q/k/v/proj slices receive no
+    gradient. Without them the forward pass is the plain one (no extra work) and
+    the state dict has no gate keys, so checkpoints of runs without head
+    plasticity load unchanged.
+    """
+
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.resid_drop = nn.Dropout(dropout)
+        # Softmax temperature (layer senescence drives it): scores are divided by it.
+        # 1.0 leaves attention exactly as without it (q / 1 is exact in floating point).
+        self.register_buffer("temperature", torch.ones(()))
+        # (nh,) once enable_head_gates() ran; a None buffer is not in the state dict.
+        self.register_buffer("head_gate", None)
+
+    def enable_head_gates(self) -> None:
+        """Register the per-head gate buffer (nh,), all heads open (1.0)."""
+        self.head_gate = torch.ones(self.n_heads, device=self.proj.weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written without head plasticity has no gate: every head was
+        # open. A checkpoint with gates loaded into a model without them is fine
+        # only while every gate is 1; otherwise dropping them would revive pruned heads.
+        key = prefix + "head_gate"
+        if self.head_gate is not None and key not in state_dict:
+            state_dict[key] = torch.ones_like(self.head_gate)
+        elif self.head_gate is None and key in state_dict:
+            if not bool((state_dict[key] == 1).all()):
+                raise RuntimeError(f"{key}: this checkpoint has pruned attention heads; "
+                                   f"keep plasticity.heads.enabled=true to load it")
+            state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q, k, v, each (B, nh, T, hs); q carries the temperature:
+        softmax(q k^T / (sqrt(hs) * temperature))."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        return q / self.temperature, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.split_heads(x)                                  # (B, nh, T, hs)
         # is_causal=True: position t attends to positions <= t only. Without it a
         # language model reads the token it must predict (seed bug #1).
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if self.head_gate is not None:
+            y = y * self.head_gate.to(y.dtype).view(1, -1, 1, 1)       # g_h * attn_h
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
+
+    @torch.no_grad()
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The causal attention weights (B, nh, T, T), computed explicitly (SDPA does not
+        return them); for measurements such as per-head attention entropy."""
+        T = x.size(1)
+        q, k, _ = self.split_heads(x)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))     # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        return scores.float().masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
 class Block(nn.Module):
@@ -45,11 +96,21 @@ class Block(nn.Module):
         self.ln_moe = nn.LayerNorm(d_model)
         self.moe = MoELayer(d_model, d_expert, n_slots, n_active, top_k)
         self.moe_drop = nn.Dropout(dropout)
+        # Influence s scales both residual branches (layer senescence: a newborn enters
+        # at s = 0, where the block is the identity). 1.0 is exact: s * y == y.
+        self.register_buffer("influence", torch.ones(()))
+        self._register_load_state_dict_pre_hook(_fill_senescence_buffers, with_module=True)
 
     def forward(self, x: torch.Tensor):
-        x = x + self.attn(self.ln_attn(x))
+        x = x + self.influence * self.attn(self.ln_attn(x))
         y, aux = self.moe(self.ln_moe(x))
-        return x + self.moe_drop(y), aux.lb_loss, aux.z_loss, aux.counts
+        return x + self.influence * self.moe_drop(y), aux.lb_loss, aux.z_loss, aux.counts
+
+
+def _fill_senescence_buffers(block, state_dict, prefix, *args) -> None:
+    """Checkpoints written before influence/temperature existed load with both at 1."""
+    state_dict.setdefault(prefix + "influence", torch.ones(()))
+    state_dict.setdefault(prefix + "attn.temperature", torch.ones(()))
 
 
 def split_block(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,12 +138,17 @@ class NemoeLM(nn.Module):
         m, e = cfg.model, cfg.moe
         self.seq_len = m.seq_len
         self.activation_checkpointing = cfg.train.activation_checkpointing
+        # Layer senescence scales learning rates per block: one decay/no-decay pair each.
+        self.per_layer_groups = cfg.plasticity.layers.enabled
         self.tok_emb = nn.Embedding(m.vocab_size, m.d_model)
         self.pos_emb = nn.Embedding(m.seq_len, m.d_model)
         self.drop = nn.Dropout(m.dropout)
         self.blocks = nn.ModuleList(
             Block(m.d_model, m.n_heads, m.dropout, cfg.d_expert, e.experts_max, e.experts_init, e.top_k)
             for _ in range(m.n_layers))
+        if cfg.plasticity.heads.enabled:
+            for block in self.blocks:
+                block.attn.enable_head_gates()
         self.ln_f = nn.LayerNorm(m.d_model)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (Press & Wolf 2017)
@@ -124,13 +190,23 @@ class NemoeLM(nn.Module):
         return ModelOutput(logits, loss_ce, torch.stack(lb).mean(), torch.stack(z).mean(), counts)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay matrices; not biases, norms, or the position table."""
-        decay, no_decay = [], []
+        """AdamW groups: decay matrices; not biases, norms, or the position table.
+
+        With layer plasticity on, each block gets its own pair ("block3.decay",
+        "block3.no_decay") so a mechanism can set its `lr_scale`; the embeddings and
+        final norm stay in the "shared" pair. The order is fixed by the config.
+        """
+        owners = ["shared"] + ([f"block{i}" for i in range(len(self.blocks))] if self.per_layer_groups else [])
+        groups = {(o, kind): [] for o in owners for kind in ("decay", "no_decay")}
         for name, p in self.named_parameters():
             is_matrix = p.dim() >= 2 and not name.endswith(("b_in", "b_out", "pos_emb.weight"))
-            (decay if is_matrix else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+            owner = "shared"
+            if self.per_layer_groups and name.startswith("blocks."):
+                owner = f"block{name.split('.')[1]}"
+            groups[(owner, "decay" if is_matrix else "no_decay")].append(p)
+        return [{"params": params, "weight_decay": weight_decay if kind == "decay" else 0.0,
+                 "name": f"{owner}.{kind}"}
+                for (owner, kind), params in groups.items() if params]
 
     def count_params(self) -> dict[str, int]:
         """Total parameters, and those a token actually uses (active experts, top-k only)."""

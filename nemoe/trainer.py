@@ -12,20 +12,24 @@ import math
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from torch.nn.parallel import DistributedDataParallel
+
 from nemoe import checkpoint as ckpt
+from nemoe import distributed as dist
 from nemoe.config import Config, config_changes, dump_config, is_unsafe
 from nemoe.data import DataExhausted, TokenStream, heldout_batches
 from nemoe.errors import UserError
 from nemoe.evolution import MorphController, MorphEvent
 from nemoe.lock import RunLock
 from nemoe.files import atomic_write, remove_temporaries
-from nemoe.logs import RunLogger
+from nemoe.logs import NullLogger, RunLogger
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity import build_mechanisms
 from nemoe.tokenizer import get_tokenizer
@@ -35,9 +39,12 @@ from nemoe.tokenizer import get_tokenizer
 # Device, precision, schedule, RNG
 # --------------------------------------------------------------------------- #
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`: CUDA when present. Under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.launched_by_torchrun():
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but no CUDA GPU is visible; use train.device=auto or cpu")
@@ -127,8 +134,10 @@ class Trainer:
                  allow_config_change: bool = False):
         self.cfg, self.paths, self.max_steps = cfg, paths, max_steps
         self.allow_config_change = allow_config_change
+        self.dist = dist.init_distributed(cfg.train.device)
+        cfg.world_size = self.dist.world_size   # tokens_per_step counts every rank's batch
         self.lock = RunLock(paths.log_dir)
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, self.dist.local_rank)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         seed_everything(cfg.train.seed)
@@ -144,7 +153,8 @@ class Trainer:
         # A GradScaler only for fp16; bf16 and fp32 have fp32's exponent range.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.controller = MorphController(cfg, cfg.model.n_layers)
-        self.stream = TokenStream(cfg.data, self.tokenizer, cfg.model.seq_len)
+        self.stream = TokenStream(cfg.data, self.tokenizer, cfg.model.seq_len,
+                                  self.dist.rank, self.dist.world_size)
         self.eval_batches = heldout_batches(cfg.data, self.tokenizer, cfg.model.seq_len,
                                             cfg.eval.batches, cfg.eval.batch_size)
         # Probe batch: the first held-out batch of each source, fixed for the run.
@@ -155,31 +165,62 @@ class Trainer:
         self.window = self._empty_window()
         self.stop_requested = False
         self.bad_steps, self.diverged, self.save_failures = 0, False, 0
+        if self.dist.rank > 0:
+            # Same initial weights on every rank (seeded above), its own dropout stream.
+            seed_everything(cfg.train.seed + self.dist.rank)
         self._restore_or_start(resume)
-        self.forward = torch.compile(self.model) if cfg.train.compile and self.device.type == "cuda" else self.model
+        # DDP averages gradients over ranks in backward. broadcast_buffers=False: the
+        # buffers are expert usage counts (summed over ranks by the controller, so rank 0's
+        # must not overwrite the others') and routing state every rank updates identically.
+        wrapped = self.model
+        if self.dist.enabled:
+            with warnings.catch_warnings():
+                # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, whose
+                # False still syncs buffers at init; its own advice for rank-local buffers is to
+                # keep broadcast_buffers=False for now.
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                wrapped = DistributedDataParallel(
+                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False)
+        self.ddp = wrapped
+        self.forward = torch.compile(wrapped) if cfg.train.compile and self.device.type == "cuda" else wrapped
 
     # -- start / resume ------------------------------------------------------- #
     def _restore_or_start(self, resume: bool) -> None:
-        paths = self.paths
-        existing = ckpt.list_checkpoints(paths.ckpt_dir)
-        if existing and not resume:
-            raise UserError(f"run folder {paths.ckpt_dir} already has checkpoints (newest: step "
-                            f"{existing[0][0]}); add --resume to continue it, or pick a new --run-name")
-        self.lock.acquire()
+        """Every rank restores the same checkpoint; rank 0 alone takes the lock and opens the logs.
+        A failure on any rank stops all of them together (no rank left waiting)."""
+        error = None
         try:
-            self._open_run(resume, existing)
-        except BaseException:
-            self.lock.release()
-            raise
+            paths = self.paths
+            existing = ckpt.list_checkpoints(paths.ckpt_dir)
+            if existing and not resume:
+                raise UserError(f"run folder {paths.ckpt_dir} already has checkpoints (newest: step "
+                                f"{existing[0][0]}); add --resume to continue it, or pick a new --run-name")
+            if self.dist.is_main:
+                self.lock.acquire()
+            try:
+                self._open_run(resume, existing)
+            except BaseException:
+                self.lock.release()
+                raise
+        except (UserError, OSError) as err:
+            error = err
+        dist.agree_or_raise(error)
 
     def _open_run(self, resume: bool, existing: list) -> None:
         paths, notes = self.paths, []
-        for leftover in remove_temporaries(paths.ckpt_dir) + remove_temporaries(paths.log_dir):
-            notes.append(f"removed {leftover.name}, left by a write that was cut off")
+        if self.dist.is_main:
+            for leftover in remove_temporaries(paths.ckpt_dir) + remove_temporaries(paths.log_dir):
+                notes.append(f"removed {leftover.name}, left by a write that was cut off")
         loaded = None
         if resume:
             loaded = ckpt.load_latest(paths.ckpt_dir, warn=lambda m: notes.append(f"skipping {m}"),
                                       reject=self._incompatibility)
+            # Every rank must continue from the same checkpoint: rank 0's choice holds.
+            chosen = dist.broadcast_object(None if loaded is None else loaded[0].name)
+            if (None if loaded is None else loaded[0].name) != chosen:
+                loaded = None if chosen is None else (paths.ckpt_dir / chosen,
+                                                      ckpt.load_checkpoint(paths.ckpt_dir / chosen))
             if loaded is None and existing:
                 hint = ("\nTo resume under the changed settings anyway, add --allow-config-change "
                         "(parameter shapes must still match)." if any("config" in n for n in notes) else "")
@@ -191,6 +232,9 @@ class Trainer:
             notes.append(f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)")
         elif resume:
             notes.append(f"--resume: no checkpoint in {paths.ckpt_dir} yet, starting fresh")
+        if not self.dist.is_main:
+            self.log = NullLogger()
+            return
         # A fresh start keeps no rows at all: not even step-0 rows of an attempt
         # that was killed before its first checkpoint.
         RunLogger.truncate_after(paths.log_dir, self.step if loaded is not None else -1)
@@ -198,15 +242,24 @@ class Trainer:
                              self.cfg.train.total_tokens)
         atomic_write(paths.log_dir / "config.yaml", dump_config(self.cfg))
         params = self.model.count_params()
+        t = self.cfg.train
+        ranks = (f" | data-parallel: {self.dist.world_size} ranks x {t.grad_accum} micro-batches x "
+                 f"{t.batch_size} sequences" if self.dist.enabled else "")
         self.log.line(self.step, f"Start | device {self.device} | precision {self.precision} | params "
                       f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
-                      f"{self.cfg.tokens_per_step:,} tokens/step | target {self.cfg.train.total_tokens:,} tokens "
-                      f"({self.cfg.total_steps:,} steps)")
+                      f"{self.cfg.tokens_per_step:,} tokens/step{ranks} | target "
+                      f"{self.cfg.train.total_tokens:,} tokens ({self.cfg.total_steps:,} steps)")
         for note in notes:
             self.log.line(self.step, f"Note | {note}")
 
     def _incompatibility(self, state: dict) -> str | None:
         """Why this checkpoint cannot be resumed under the current config (None: it can)."""
+        saved_world = state["config"].get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            # Each rank's data state is its own document stream: no resharding to another count.
+            return (f"written by {saved_world} data-parallel process(es), this run has "
+                    f"{self.dist.world_size}; resume with the same torchrun --nproc_per_node "
+                    f"({saved_world}), or start a new run")
         unsafe = [c for c in config_changes(state["config"], self.cfg.to_dict()) if is_unsafe(c[0])]
         if not unsafe or self.allow_config_change:
             return None
@@ -262,11 +315,13 @@ class Trainer:
                 self.report(events, loss_ce)
                 if self._due(cfg.eval.every_steps) or self.step == target_steps:
                     self.evaluate()
-                if self._due(cfg.log.sample_every_steps):
+                if self._due(cfg.log.sample_every_steps) and self.dist.is_main:
                     self.sample()
                 if self.step == target_steps:
                     self._flush_window()
-                if self._save_due() or self.step == target_steps:
+                # Ranks agree on stopping and on time-based saves (their signals and clocks differ).
+                self.stop_requested, timed_save = dist.any_rank([self.stop_requested, self._minutes_due()])
+                if self._due(cfg.checkpoint.every_steps) or timed_save or self.step == target_steps:
                     self.save()
                 self.lock.heartbeat()
             if self.diverged:
@@ -286,10 +341,10 @@ class Trainer:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
 
-    def _save_due(self) -> bool:
+    def _minutes_due(self) -> bool:
         minutes = (time.monotonic() - self.last_save) / 60
         every_minutes = self.cfg.checkpoint.every_minutes
-        return self._due(self.cfg.checkpoint.every_steps) or bool(every_minutes and minutes >= every_minutes)
+        return bool(every_minutes and minutes >= every_minutes)
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
@@ -302,9 +357,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: set by plasticity mechanisms
         total_ce = torch.zeros((), device=self.device)
-        for _ in range(cfg.train.grad_accum):
-            batch = self.stream.next_batch(cfg.train.batch_size).to(self.device, non_blocking=True)
-            inputs, targets = split_block(batch)
+        for batch in self._step_batches():
+            inputs, targets = split_block(batch.to(self.device, non_blocking=True))
             with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                 enabled=self.autocast_dtype is not None):
                 out = self.forward(inputs, targets)
@@ -333,6 +387,31 @@ class Trainer:
         w["lr"] = lr
         self.controller.update_routing(model.moe_layers, self.step)
         return total_ce / cfg.train.grad_accum
+
+    def _step_batches(self):
+        """The step's micro-batches. Under DDP, gradients are all-reduced only in the last
+        micro-batch's backward (no_sync before it); DDP averages them over ranks."""
+        cfg = self.cfg
+        batches = []
+        try:
+            for _ in range(cfg.train.grad_accum):
+                batches.append(self.stream.next_batch(cfg.train.batch_size))
+            exhausted = None
+        except DataExhausted as err:
+            exhausted = err
+        # A rank whose data ran out must not leave the others waiting in backward
+        # (only data.on_exhausted: stop can run out).
+        if self.dist.enabled and cfg.data.on_exhausted == "stop":
+            if dist.any_rank([exhausted is not None])[0]:
+                raise exhausted or DataExhausted("another rank's training data ran out")
+        elif exhausted is not None:
+            raise exhausted
+        for i, batch in enumerate(batches):
+            if self.dist.enabled and i < len(batches) - 1:
+                with self.ddp.no_sync():   # stays entered while the caller runs forward + backward
+                    yield batch
+            else:
+                yield batch
 
     def _note_bad_step(self, finite: bool) -> None:
         if finite:
@@ -369,6 +448,9 @@ class Trainer:
         for mechanism in self.plasticity:
             if mechanism.due(self.step):
                 events += mechanism.act(self.optimizer, self.step, self.tokens, self.probe_loss)
+                # Blocks moved by layer senescence take their expert records along.
+                for shift in getattr(mechanism, "layer_shifts", ()):
+                    self.controller.remap_layers(shift.sources, shift.newborn, self.step)
         return events
 
     @torch.no_grad()
@@ -376,8 +458,12 @@ class Trainer:
         """Loss on the fixed probe batch, eval mode, fp32-accumulated."""
         return self._loss_on([self.probe_batch])
 
-    @torch.no_grad()
     def _loss_on(self, batches: list[torch.Tensor]) -> float:
+        return self._loss_sum(batches) / len(batches)
+
+    @torch.no_grad()
+    def _loss_sum(self, batches: list[torch.Tensor]) -> float:
+        """Sum of the batches' mean losses, eval mode (the bare model: no DDP collectives)."""
         was_training = self.model.training
         self.model.eval()
         total = 0.0
@@ -388,12 +474,14 @@ class Trainer:
                 out = self.model(*split_block(batch))
             total += out.loss_ce.item()
         self.model.train(was_training)
-        return total / len(batches)
+        return total
 
     # -- output ----------------------------------------------------------------- #
     def report(self, events: list[MorphEvent], loss_ce: torch.Tensor) -> None:
         if events:
-            step_text = self._step_text(loss_ce.item(), None)
+            # The step's loss over all ranks (every rank has the same events, so all take part).
+            mean_ce = dist.sum_over_ranks(loss_ce.detach().double()).item() / self.dist.world_size
+            step_text = self._step_text(mean_ce, None)
             for e in events:
                 self.log.event_row(e.as_row(), f"{step_text} | {e.describe()}")
             if any(e.granularity == "expert" for e in events):
@@ -417,11 +505,11 @@ class Trainer:
     def _write_train_row(self) -> None:
         w, cfg = self.window, self.cfg
         micro, steps = max(w["micro"], 1), max(w["steps"], 1)
-        loss_ce = (w["loss_ce"] / micro).item()
-        loss_lb = (w["loss_lb"] / micro).item()
-        loss_z = (w["loss_z"] / micro).item()
+        # Means over every rank's micro-batches (equal sizes), and every rank's routing counts.
+        losses = dist.sum_over_ranks(torch.stack([w["loss_ce"], w["loss_lb"], w["loss_z"]]).double())
+        loss_ce, loss_lb, loss_z = (losses / (micro * self.dist.world_size)).tolist()
         tokens_per_s = steps * cfg.tokens_per_step / max(self.elapsed - w["wall_start"], 1e-9)
-        counts = w["counts"].double().cpu()
+        counts = dist.sum_over_ranks(w["counts"].double()).cpu()
         share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         experts = self.controller.expert_counts()
         row = {"step": self.step, "tokens": self.tokens, "loss_ce": loss_ce, "loss_lb": loss_lb,
@@ -448,9 +536,14 @@ class Trainer:
                                  for row in mechanism.snapshot()])
 
     def evaluate(self) -> None:
+        # Rank r evaluates batches r, r+W, ... of each source; sums and counts are all-reduced.
+        r, world = self.dist.rank, self.dist.world_size
+        sums = torch.tensor([[self._loss_sum(b[r::world]), len(b[r::world])]
+                             for b in self.eval_batches.values()], dtype=torch.float64)
+        sums = dist.sum_over_ranks(sums).tolist()
         rows = []
-        for source, batches in self.eval_batches.items():
-            loss = self._loss_on(batches)
+        for source, (total, n) in zip(self.eval_batches, sums):
+            loss = total / n
             rows.append({"step": self.step, "tokens": self.tokens, "source": source, "loss": loss,
                          "ppl": math.exp(min(loss, 50.0))})
         weights = [len(b) for b in self.eval_batches.values()]
@@ -477,11 +570,24 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------- #
     def save(self) -> None:
-        """Checkpoint now. A failed write keeps the previous checkpoints; too many in a row stop the run."""
-        try:
-            self.log.sync()
-            path = ckpt.save_checkpoint(self.paths.ckpt_dir, self.state_dict(), self.cfg.checkpoint.keep_last)
-        except OSError as err:
+        """Checkpoint now. A failed write keeps the previous checkpoints; too many in a row stop the run.
+
+        Under DDP every rank takes part (the state gathers each rank's RNG and data
+        state), rank 0 writes, and the outcome is shared so all ranks go on or stop together.
+        """
+        state = self.state_dict()
+        if self.dist.enabled:
+            self._check_replicas()
+        path, err = None, None
+        if self.dist.is_main:
+            try:
+                self.log.sync()
+                path = ckpt.save_checkpoint(self.paths.ckpt_dir, state, self.cfg.checkpoint.keep_last)
+            except OSError as error:
+                err = error
+        if self.dist.enabled:
+            err = dist.broadcast_object(None if err is None else str(err))
+        if err is not None:
             self.save_failures += 1
             self.log.warn(self.step, f"checkpoint at step {self.step} failed ({err}); the previous "
                                      f"checkpoints are intact ({self.save_failures} failures in a row)")
@@ -493,15 +599,38 @@ class Trainer:
         self.last_save = time.monotonic()
         self.log.line(self.step, f"Checkpoint | {path}", echo=False)
 
+    def _check_replicas(self) -> None:
+        """Data-parallel replicas must be identical: weights, buffers (except the per-rank usage
+        counts since the last decision), optimizer moments, expert records and the controller's
+        generator. Compared by digest at every checkpoint; a mismatch is a bug and stops the run."""
+        tensors = {k: v for k, v in self.model.state_dict().items() if not k.endswith("usage_counts")}
+        for i, p in enumerate(self.model.parameters()):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"optimizer.{i}.{key}"] = value
+        controller = self.controller.state_dict()
+        tensors["controller.generator"] = controller.pop("generator")
+        digests = dist.gather_objects(dist.state_digest(tensors, extra=controller))
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"data-parallel replicas diverged at step {self.step}: digests by rank {digests}")
+        self.log.line(self.step, f"Ranks | {self.dist.world_size} replicas identical (digest {digests[0]})",
+                      echo=False)
+
     def state_dict(self) -> dict:
+        """The checkpoint. Under DDP (a collective): `ranks` holds every rank's RNG and data state."""
         window = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.window.items()}
+        # Per rank: RNG, data position, the partial log interval and the usage counted since the
+        # last decision (the controller all-reduces it at the next one).
+        per_rank = {"rng": rng_state(), "data": self.stream.state_dict(), "window": window,
+                    "usage_counts": [layer.usage_counts.cpu() for layer in self.model.moe_layers]}
+        ranks = dist.gather_objects(per_rank) if self.dist.enabled else None
         return {"step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "controller": self.controller.state_dict(), "data": self.stream.state_dict(),
+                "controller": self.controller.state_dict(), "data": per_rank["data"],
                 "plasticity": {m.config_key: m.state_dict() for m in self.plasticity},
                 "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                             "bad_steps": self.bad_steps, "window": window},
-                "rng": rng_state(), "config": self.cfg.to_dict()}
+                "rng": per_rank["rng"], "config": self.cfg.to_dict(),
+                **({"ranks": ranks} if ranks is not None else {})}
 
     def load_state_dict(self, state: dict, restore_data: bool = True) -> None:
         self.model.load_state_dict(state["model"])
@@ -511,13 +640,17 @@ class Trainer:
         for mechanism in self.plasticity:  # a mechanism switched on at resume starts fresh
             if mechanism.config_key in state.get("plasticity", {}):
                 mechanism.load_state_dict(state["plasticity"][mechanism.config_key])
+        mine = state["ranks"][self.dist.rank] if "ranks" in state else state
         if restore_data:
-            self.stream.load_state_dict(state["data"])
+            self.stream.load_state_dict(mine["data"])
         t = state["trainer"]
         self.step, self.tokens, self.elapsed = t["step"], t["tokens"], t["elapsed"]
         self.bad_steps = t["bad_steps"]
-        self.window = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t["window"].items()}
-        set_rng_state(state["rng"])
+        for layer, counts in zip(self.model.moe_layers, mine.get("usage_counts", [])):
+            layer.usage_counts.copy_(counts)
+        window = mine.get("window", t["window"])   # the rank's own partial log interval
+        self.window = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in window.items()}
+        set_rng_state(mine["rng"])
 
     def _install_signal_handlers(self) -> dict:
         """SIGINT / SIGTERM: finish the current step, save, exit cleanly."""

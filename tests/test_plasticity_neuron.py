@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nemoe.errors import UserError
 from nemoe.model import NemoeLM, split_block
-from nemoe.moe import ExpertPool
+from nemoe import moe
 from nemoe.plasticity.neuron import NeuronPlasticity, composite_fitness, select_dead
 from tests.conftest import tiny_config
 
@@ -63,30 +63,32 @@ def probe(model):
 def reference_taylor(model, steps) -> torch.Tensor:
     """sum over steps and tokens of |h * dL/dh| per (layer, slot, neuron), by retain_grad."""
     model = copy.deepcopy(model)
-    seen = []
-
-    def expert(self, slot, x):
-        h = F.gelu(x @ self.w_in[slot] + self.b_in[slot])
-        h.retain_grad()
-        seen.append((self, slot, h))
-        return h @ self.w_out[slot] + self.b_out[slot]
-
     pools = [layer.experts for layer in model.moe_layers]
     for pool in pools:
         pool.capture = None
+    seen = []
+
+    def mlp(x, w_in, b_in, w_out, b_out, capture=None, slot=0):
+        h = F.gelu(x @ w_in + b_in)
+        h.retain_grad()
+        layer = next(i for i, pool in enumerate(pools) if w_in._base is pool.w_in)
+        seen.append((layer, slot, h))
+        return h @ w_out + b_out
+
     total = torch.zeros(len(pools), pools[0].w_in.shape[0], H, dtype=torch.float64)
-    original = ExpertPool.expert
-    ExpertPool.expert = expert
+    original = moe.mlp
+    moe.mlp = mlp
     try:
         for step in range(steps):
             seen.clear()
             out = model(*split_block(batch(step)))
             (out.loss_ce + 0.01 * out.loss_lb).backward()
-            for pool, slot, h in seen:
-                total[pools.index(pool), slot] += (h * h.grad).abs().sum(0).double()
+            for layer, slot, h in seen:
+                total[layer, slot] += (h * h.grad).abs().sum(0).double()
             model.zero_grad(set_to_none=True)
     finally:
-        ExpertPool.expert = original
+        moe.mlp = original
+    assert seen, "the reference saw the experts run"
     return total
 
 

@@ -77,3 +77,5 @@ def build_mechanisms(cfg, model: torch.nn.Module, probe_batch: torch.Tensor) -> 
         raise UserError(f"plasticity.{missing[0]}: this mechanism is not available in this version")
     return [REGISTRY[name](cfg, model, probe_batch) for name in enabled]
 from nemoe.plasticity import neuron  # noqa: E402,F401
+from nemoe.plasticity import layers  # noqa: E402,F401
+from nemoe.plasticity import heads  # noqa: E402,F401

@@ -1,0 +1,234 @@
+"""tools/compare.py: a tiny grid and a tiny domain shift end to end, checked against the runs' own logs."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import nemoe.plasticity
+from nemoe.config import load_config
+from nemoe.data import TokenStream
+from nemoe.errors import UserError
+from nemoe.tokenizer import get_tokenizer
+from tools import compare as cmp
+
+pytestmark = pytest.mark.slow
+
+# 12 steps of 4 x 16 tokens, an evaluation every 4 steps, checkpoints at 6 and 12.
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=16", "model.d_expert=64",
+    "moe.experts_init=2", "moe.experts_max=4",
+    "morph.interval=4", "morph.probation_steps=4", "morph.split_usage=0.3", "morph.prune_usage=0.2",
+    "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=3", "train.total_tokens=768",
+    "train.device=cpu", "train.precision=fp32",
+    "log.every_steps=4", "log.sample_every_steps=0", "log.console=plain",
+    "eval.every_steps=4", "eval.batches=1", "eval.batch_size=2",
+    "checkpoint.every_steps=6", "checkpoint.every_minutes=0", "checkpoint.keep_last=2",
+]
+SOURCES = ("prose", "code", "all")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """A two-source config on small local text files (starts faster than the built-in corpus)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    words = "the river bends past an old mill where children learn to swim and the miller keeps a ledger".split()
+    (folder / "prose.txt").write_text("".join(
+        f"Note {i}. " + " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(20 + i % 13)) + ".\n\n"
+        for i in range(400)))
+    (folder / "code.txt").write_text("".join(
+        f"def f{i}(x):\n    y = x * {i % 17} + {i}\n    return [y for _ in range({i % 5})]\n\n" for i in range(400)))
+    sources = [{"name": "prose", "kind": "files", "path": str(folder / "prose.txt"), "weight": 0.6},
+               {"name": "code", "kind": "files", "path": str(folder / "code.txt"), "weight": 0.4}]
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"data": {"sources": sources, "heldout_fraction": 0.2}}))
+    return str(path)
+
+
+def compare(config, out, *args, tiny=TINY):
+    argv = ["--config", config, "--out", str(out), "--jobs", "2", *args]
+    for item in tiny:
+        argv += ["--set", item]
+    return cmp.main(argv)
+
+
+@pytest.fixture(scope="module")
+def grid(config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    assert compare(config, out, "--strategies", "static_moe,morph", "--seeds", "2") == 0
+    return out
+
+
+def final_eval(out, run):
+    evals = pd.read_csv(out / "logs" / run / "eval.csv")
+    last = evals[evals["step"] == evals["step"].max()]
+    return int(last["step"].iloc[0]), dict(zip(last["source"], last["loss"]))
+
+
+# --------------------------------------------------------------------------- #
+# Statistics and strategies
+# --------------------------------------------------------------------------- #
+
+def test_t_quantile_matches_the_table():
+    for df, value in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]:
+        assert cmp.t_quantile(0.975, df) == pytest.approx(value, abs=1e-4)
+    assert cmp.t_quantile(0.95, 10) == pytest.approx(1.8125, abs=1e-4)
+
+
+def test_paired_ci_on_hand_numbers():
+    # diffs 0.5, 1.0, 0.5: mean 2/3, sd sqrt(1/12), half-width t(0.975, 2) * sd / sqrt(3)
+    p = cmp.paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 0.5, 1: 1.0, 2: 2.5})
+    half = 4.302653 * math.sqrt(1 / 12) / math.sqrt(3)
+    assert p.n == 3 and p.mean == pytest.approx(2 / 3)
+    assert (p.low, p.high) == (pytest.approx(2 / 3 - half, abs=1e-5), pytest.approx(2 / 3 + half, abs=1e-5))
+    assert p.verdict == "not significant"
+    p = cmp.paired_difference({0: 1.0, 1: 1.1, 2: 0.9}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert p.low == pytest.approx(1 - 4.302653 * 0.1 / math.sqrt(3), abs=1e-5)
+    assert p.verdict == "significantly higher"
+    assert cmp.paired_difference({0: -1.0, 1: -1.01}, {0: 0.0, 1: 0.0}).verdict == "significantly lower"
+    assert cmp.paired_difference({0: 1.0}, {0: 0.0}).verdict == "no CI possible (n=1)"
+    assert cmp.paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).verdict == "identical in every seed"
+
+
+def test_dense_has_the_active_parameters_of_the_moe():
+    for top_k, d_expert in [(1, 64), (2, 0)]:
+        common = TINY + [f"moe.top_k={top_k}", f"model.d_expert={d_expert}", "moe.experts_min=2"]
+        base = load_config("local.yaml", common)
+        counts = {}
+        for name in ("dense", "static_moe"):
+            cfg = load_config("local.yaml", common + cmp.STRATEGIES[name].overrides(base))
+            counts[name] = cmp.param_counts(cfg, 0)["params_active"]
+        # Identical but for the router (d_model weights per slot and layer) and, at top-2,
+        # the second expert's output bias.
+        n_layers, d_model = base.model.n_layers, base.model.d_model
+        router = n_layers * d_model * (base.moe.experts_max - 1)
+        assert counts["dense"] == counts["static_moe"] - router - n_layers * d_model * (top_k - 1)
+
+
+def test_unavailable_mechanisms_are_skipped_or_refused(monkeypatch):
+    monkeypatch.setattr(nemoe.plasticity, "REGISTRY", {})
+    names, notes = cmp.choose_strategies(None)
+    assert names == ["dense", "static_moe", "morph"]
+    assert len(notes) == 3 and all("not available" in n for n in notes)
+    with pytest.raises(UserError, match="not available"):
+        cmp.choose_strategies("static_moe,heads")
+    with pytest.raises(UserError, match="unknown"):
+        cmp.choose_strategies("static_moe,nonsense")
+
+
+# --------------------------------------------------------------------------- #
+# The grid, end to end
+# --------------------------------------------------------------------------- #
+
+def test_grid_numbers_are_the_runs_own(grid):
+    results = pd.read_csv(grid / "results.csv")
+    summary = pd.read_csv(grid / "summary.csv")
+    report = (grid / "report.md").read_text()
+    assert sorted(results["run"]) == ["morph-s0", "morph-s1", "static_moe-s0", "static_moe-s1"]
+    finals = {}
+    for row in results.itertuples():
+        step, losses = final_eval(grid, row.run)
+        assert step == row.step == 12
+        for source in SOURCES:
+            assert getattr(row, f"loss_{source}") == pytest.approx(losses[source], rel=1e-12)
+        finals[(row.strategy, row.seed)] = losses
+        train = pd.read_csv(grid / "logs" / row.run / "training_log.csv").iloc[-1]
+        assert row.tokens_per_s == pytest.approx(train["tokens"] / train["elapsed_s"])
+        assert row.events == len(pd.read_csv(grid / "logs" / row.run / "events.csv"))
+    assert results[results["strategy"] == "morph"]["events"].min() > 0, "the tiny morph runs have events"
+    for strategy in ("static_moe", "morph"):
+        values = [finals[(strategy, s)]["all"] for s in (0, 1)]
+        mean, sd = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)
+        got = summary[(summary["strategy"] == strategy) & (summary["metric"] == "loss_all")].iloc[0]
+        assert (got["mean"], got["sd"]) == (pytest.approx(mean, rel=1e-12), pytest.approx(sd, rel=1e-9))
+        assert f"| {strategy} | 2 | {mean:.4f} ± {sd:.4f} |" in report
+    diffs = [finals[("morph", s)]["all"] - finals[("static_moe", s)]["all"] for s in (0, 1)]
+    half = 12.7062 * abs(diffs[0] - diffs[1]) / math.sqrt(2) / math.sqrt(2)
+    row = summary[(summary["strategy"] == "morph") & (summary["metric"] == "loss_all")].iloc[0]
+    assert row["diff"] == pytest.approx(sum(diffs) / 2, rel=1e-9)
+    assert row["ci_high"] - row["diff"] == pytest.approx(half, rel=1e-4)
+    significant = not (row["ci_low"] <= 0 <= row["ci_high"])
+    assert f"held-out all loss: {row['diff']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] — **" \
+           + ("significantly" if significant else "not significant") in report
+    assert row["verdict"] == ("not significant" if not significant else
+                              "significantly lower" if row["ci_high"] < 0 else "significantly higher")
+    assert (grid / "curves.png").stat().st_size > 0
+
+
+def test_same_seed_same_data_order(grid):
+    """The batches each run's own config reads: equal across strategies, different across seeds."""
+    tokenizer = get_tokenizer("gpt2")
+    first = {}
+    for run in ("static_moe-s0", "morph-s0", "static_moe-s1", "morph-s1"):
+        saved = yaml.safe_load((grid / "logs" / run / "config.yaml").read_text())
+        cfg = cmp.config_from_dict(saved)
+        stream = TokenStream(cfg.data, tokenizer, cfg.model.seq_len)
+        first[run] = torch.cat([stream.next_batch(cfg.train.batch_size) for _ in range(12)])
+        stream.close()
+    assert torch.equal(first["static_moe-s0"], first["morph-s0"])
+    assert torch.equal(first["static_moe-s1"], first["morph-s1"])
+    assert not torch.equal(first["static_moe-s0"], first["static_moe-s1"])
+    results = pd.read_csv(grid / "results.csv")
+    assert cmp.data_order_consistent(results)
+    assert results.groupby("seed")["data_fingerprint"].first().nunique() == 2
+    assert "identical across strategies" in (grid / "report.md").read_text()
+    assert not cmp.data_order_consistent(results.assign(data_fingerprint=results["run"]))
+
+
+def test_changed_settings_are_refused(grid, config, capsys):
+    assert compare(config, grid, "--strategies", "static_moe,morph", "--seeds", "2", "--set", "train.weight_decay=0.05") == 2
+    assert "was made with other settings (train.weight_decay" in capsys.readouterr().err
+
+
+def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(grid, config):
+    before = pd.read_csv(grid / "results.csv").set_index("run")
+    stamps = {p: p.stat().st_mtime_ns for p in grid.glob("*/*/*") if p.is_file() and "morph-s1" not in str(p)}
+    # morph-s1 "interrupted" after its step-6 checkpoint: the final one is gone.
+    (grid / "checkpoints" / "morph-s1" / "nemo_ckpt_step12.pt").unlink()
+    assert compare(config, grid, "--strategies", "static_moe,morph", "--seeds", "2") == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "finished runs were not touched"
+    console = (grid / "console" / "morph-s1.txt").read_text()
+    assert "resumed from nemo_ckpt_step6.pt" in console
+    after = pd.read_csv(grid / "results.csv").set_index("run")
+    columns = [f"loss_{s}" for s in SOURCES] + ["events"]
+    assert after[columns].equals(before[columns]), "the resumed run ends exactly where it ended before"
+
+
+# --------------------------------------------------------------------------- #
+# Domain shift
+# --------------------------------------------------------------------------- #
+
+def test_shift_protocol_end_to_end(config, tmp_path):
+    out = tmp_path / "shift"
+    assert compare(config, out, "--protocol", "shift", "--phases", "prose:4,code:4,prose:4",
+                   "--strategies", "morph", "--seeds", "1",
+                   tiny=[t for t in TINY if not t.startswith("eval.every_steps")]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert list(results["phase"]) == [1, 2, 3] and list(results["source"]) == ["prose", "code", "prose"]
+    evals = pd.read_csv(out / "logs" / "morph-s0" / "eval.csv")
+    assert sorted(set(evals["step"])) == list(range(13)), "an evaluation every step"
+    loss = {(r.source, r.step): r.loss for r in evals.itertuples()}
+    events = pd.read_csv(out / "logs" / "morph-s0" / "events.csv")
+    p1, p2, p3 = (results.iloc[i] for i in range(3))
+    assert p2["forget_prose"] == pytest.approx(loss[("prose", 8)] / loss[("prose", 4)] - 1)
+    assert p3["forget_code"] == pytest.approx(loss[("code", 12)] / loss[("code", 8)] - 1)
+    adapt = next(s for s in range(5, 9) if loss[("code", s)] <= 1.05 * loss[("code", 8)]) - 4
+    assert p2["adapt_steps"] == adapt
+    recovered = [s for s in range(9, 13) if loss[("prose", s)] <= 1.05 * loss[("prose", 4)]]
+    assert (p3["recover_steps"] == recovered[0] - 8) if recovered else math.isnan(p3["recover_steps"])
+    for phase, (lo, hi) in zip((p1, p2, p3), [(0, 4), (4, 8), (8, 12)]):
+        assert phase["events"] == ((events["step"] > lo) & (events["step"] <= hi)).sum()
+    console = (out / "console" / "morph-s0.txt").read_text()
+    assert console.count("data settings changed") == 2, "phases 2 and 3 switch the source weights"
+    saved = yaml.safe_load((out / "logs" / "morph-s0" / "config.yaml").read_text())
+    assert [s["weight"] for s in saved["data"]["sources"]] == [1.0, cmp.OFF_PHASE_WEIGHT]
+    assert "forget_prose" in (out / "report.md").read_text()
+
+
+def test_shift_rejects_an_unknown_source(config, tmp_path, capsys):
+    assert compare(config, tmp_path, "--protocol", "shift", "--phases", "prose:4,wiki:4") == 2
+    assert "'wiki' is not a source of this config" in capsys.readouterr().err

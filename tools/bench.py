@@ -1,0 +1,802 @@
+#!/usr/bin/env python
+"""Benchmark: throughput, MFU, MoE dispatch, morphogenesis overhead, checkpoints, data, memory.
+
+    python tools/bench.py                          # the full run on this machine (CPU: a few minutes)
+    python tools/bench.py --quick                  # tiny shapes, seconds (what the test runs)
+    python tools/bench.py --only moe_layer,data --json bench.json
+    python tools/bench.py --device cuda            # on a GPU: also fp16 + GradScaler, 15 GB cap, compile
+
+Everything runs in one process on one device and measures the real code paths:
+nemoe.model.NemoeLM with AdamW over `param_groups`, the real Trainer (built-in
+corpus, the t4 model shapes) for morphogenesis, checkpoints and resume, and
+nemoe.data.TokenStream with the GPT-2 tokenizer for the data pipeline. Timings
+are medians over repeats; on a shared machine they move with the other load, so
+compare figures from one run, never across runs.
+
+Sections (`--only` takes a comma list):
+  throughput  training tokens/s: MoE vs dense with equal active parameters vs seed-style MoE
+  mfu         model FLOPs utilisation against this device's measured fp32 matmul peak
+  moe_layer   the MoE layer alone (forward + backward) for E in {2, 4, 8}, k in {1, 2}, per dispatch
+  morph       share of wall time in controller work (decide, surgery, probe batches)
+  checkpoint  save / load time and size of the t4 model; resume to the first step
+  data        text -> packed blocks tokens/s against the trainer's consumption
+  memory      t4 memory plan: parameters, gradients, AdamW state, activations, largest micro-batch
+  gpu         (CUDA only) t4 tokens/s and peak memory under fp16 + GradScaler, capped to 15 GB;
+              the largest micro-batch that fits; torch.compile speedup
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/bench.py`
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tools._common import guard, note, resolve_device  # noqa: E402
+from nemoe import checkpoint as ckpt  # noqa: E402
+from nemoe.config import config_from_dict, find_config, read_yaml  # noqa: E402
+from nemoe.data import TokenStream  # noqa: E402
+from nemoe.errors import UserError  # noqa: E402
+from nemoe.model import NemoeLM, split_block  # noqa: E402
+from nemoe.moe import MoELayer, mlp  # noqa: E402
+from nemoe.tokenizer import get_tokenizer  # noqa: E402
+
+SECTIONS = ("throughput", "mfu", "moe_layer", "morph", "checkpoint", "data", "memory", "gpu")
+NEEDS = {"mfu": ("throughput",), "data": ("throughput",)}   # sections that read another's figures
+MEMORY_CAP = 15e9          # bytes: a T4's usable memory, with a little room (15 GB, not GiB)
+T4_MORPH_INTERVAL = 1000   # configs/t4.yaml morph.interval, the interval the overhead target is for
+
+
+@dataclass
+class Shapes:
+    """Sizes of one benchmark run. FULL: the t4 model grown to 4 experts; QUICK: seconds."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    seq_len: int
+    d_expert: int
+    batch_size: int
+    n_experts: int            # live experts in the throughput comparison
+    top_k: int
+    warmup_steps: int         # untimed steps before each timed stretch
+    timed_steps: int          # timed steps per round
+    rounds: int               # rounds of (MoE, dense, seed-style), interleaved against drifting load
+    layer_repeats: int        # timed forward+backward passes per MoE-layer variant
+    morph_interval: int       # short interval timed in the morph section, extrapolated to the t4 one
+    morph_intervals: int      # how many of them
+    matmul_n: int             # side of the square matmul that measures the peak
+    data_batches: int         # batches timed in the data section
+    memory_batches: tuple[int, int]   # micro-batches at which activations are measured (linear fit)
+
+
+FULL = Shapes(d_model=384, n_layers=6, n_heads=6, seq_len=64, d_expert=1536, batch_size=16, n_experts=4,
+              top_k=1, warmup_steps=1, timed_steps=2, rounds=2, layer_repeats=3, morph_interval=3,
+              morph_intervals=2, matmul_n=2048, data_batches=200, memory_batches=(1, 16))
+QUICK = Shapes(d_model=32, n_layers=2, n_heads=2, seq_len=16, d_expert=64, batch_size=4, n_experts=4,
+               top_k=1, warmup_steps=1, timed_steps=2, rounds=1, layer_repeats=2, morph_interval=2,
+               morph_intervals=2, matmul_n=256, data_batches=20, memory_batches=(1, 2))
+
+
+# --------------------------------------------------------------------------- #
+# Timing helpers
+# --------------------------------------------------------------------------- #
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds one call of fn() takes, device work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_matmul_flops(device: torch.device, n: int, dtype=torch.float32, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of an (n, n) @ (n, n) matmul: 2 n^3 FLOPs each."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up: thread pools, cuBLAS handles
+    best = min(timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+# --------------------------------------------------------------------------- #
+# Models: nemoe's MoE, the dense baseline, the seed-style MoE
+# --------------------------------------------------------------------------- #
+
+def model_config(shapes: Shapes, n_experts: int, top_k: int, d_expert: int):
+    """A Config with `n_experts` live experts in `n_experts` slots (no free slots)."""
+    return config_from_dict({
+        "model": {"d_model": shapes.d_model, "n_layers": shapes.n_layers, "n_heads": shapes.n_heads,
+                  "seq_len": shapes.seq_len, "d_expert": d_expert, "dropout": 0.0},
+        "moe": {"experts_init": n_experts, "experts_min": n_experts, "experts_max": n_experts, "top_k": top_k},
+        "train": {"batch_size": shapes.batch_size}})
+
+
+def seed_style_forward(layer: MoELayer, x: torch.Tensor):
+    """The seed NEMoE's computation: every live expert on every token, outputs masked by the gates.
+
+    Same router, gates and losses as MoELayer.forward, so only the dispatch differs;
+    it costs n_live / k times the expert FLOPs of the sorted dispatch.
+    """
+    B, T, C = x.shape
+    flat = x.reshape(-1, C)                                              # (N, C)
+    top_idx, gates, aux = layer.route(flat)
+    # (N, E) gate of each slot for each token, zero where the slot was not chosen.
+    gate_matrix = torch.zeros(flat.size(0), layer.n_slots, device=x.device).scatter(1, top_idx, gates)
+    slot_weights = layer.experts.per_slot()
+    y = torch.zeros_like(flat)
+    for slot in layer.active.nonzero().flatten().tolist():
+        y = y + (mlp(flat, *slot_weights[slot]).float() * gate_matrix[:, slot:slot + 1]).to(flat.dtype)
+    return y.view(B, T, C), aux
+
+
+def indexed_forward(layer: MoELayer, x: torch.Tensor):
+    """Sorted dispatch indexing the stacked weights per slot (w_in[slot]): nemoe's dispatch before the unbind."""
+    B, T, C = x.shape
+    flat = x.reshape(-1, C)
+    top_idx, gates, aux = layer.route(flat)
+    order = torch.argsort(top_idx.flatten(), stable=True)
+    token_of_choice = order // layer.top_k
+    sorted_x = flat[token_of_choice]
+    outputs, start = [], 0
+    for slot, n in enumerate(aux.counts.tolist()):
+        if n:
+            outputs.append(layer.experts.expert(slot, sorted_x[start:start + n]))
+            start += n
+    contrib = torch.cat(outputs) * gates.flatten()[order].unsqueeze(1)
+    return torch.zeros_like(flat).index_add_(0, token_of_choice, contrib).view(B, T, C), aux
+
+
+def padded_forward(layer: MoELayer, x: torch.Tensor):
+    """Dropless, batched: sorted token-choices padded to the busiest slot's count, one bmm per matrix.
+
+    Pads cost compute (every slot, live or free, runs `capacity` rows); no Python loop.
+    """
+    B, T, C = x.shape
+    flat = x.reshape(-1, C)
+    top_idx, gates, aux = layer.route(flat)
+    choice_slot = top_idx.flatten()                                      # (N*k,)
+    order = torch.argsort(choice_slot, stable=True)
+    token_of_choice = order // layer.top_k
+    sorted_slot = choice_slot[order]
+    first_of_slot = torch.cumsum(aux.counts, 0) - aux.counts             # (E,)
+    row = torch.arange(order.numel(), device=x.device) - first_of_slot[sorted_slot]   # rank within its slot
+    capacity = int(aux.counts.max())
+    e = layer.experts
+    padded = flat.new_zeros(layer.n_slots, capacity, C).index_put((sorted_slot, row), flat[token_of_choice])
+    h = F.gelu(torch.baddbmm(e.b_in.unsqueeze(1), padded, e.w_in))      # (E, cap, H)
+    out = torch.baddbmm(e.b_out.unsqueeze(1), h, e.w_out)               # (E, cap, C)
+    contrib = out[sorted_slot, row] * gates.flatten()[order].unsqueeze(1)
+    return torch.zeros_like(flat).index_add_(0, token_of_choice, contrib).view(B, T, C), aux
+
+
+DISPATCH = {"sorted": None,   # nemoe's MoELayer.forward: sort, one slice per expert, unbound weights
+            "sorted_indexed": indexed_forward, "padded_bmm": padded_forward, "seed_all_experts": seed_style_forward}
+
+
+def use_dispatch(model: NemoeLM, name: str) -> NemoeLM:
+    """Swap every MoE layer's forward for a benchmark variant (None: nemoe's own)."""
+    fn = DISPATCH[name]
+    if fn is not None:
+        for layer in model.moe_layers:
+            layer.forward = types.MethodType(fn, layer)
+    return model
+
+
+def training_flops_per_token(model: NemoeLM, seq_len: int) -> float:
+    """6 N + 12 L T d (PaLM, Chowdhery et al. 2022, appendix B).
+
+    N: parameters a token multiplies by (active experts only; the tied embedding
+    counted once, as the LM head; the position table is a lookup, not a matmul).
+    12 L T d: attention scores and weighted values, forward + backward, without
+    halving for the causal mask (PaLM's convention).
+    """
+    n_matmul = model.count_params()["active_per_token"] - model.pos_emb.weight.numel()
+    d_model = model.tok_emb.weight.size(1)
+    return 6 * n_matmul + 12 * len(model.blocks) * seq_len * d_model
+
+
+# --------------------------------------------------------------------------- #
+# Section 1 + 2: training throughput and MFU
+# --------------------------------------------------------------------------- #
+
+def builtin_batches(shapes: Shapes, n: int) -> list[torch.Tensor]:
+    """`n` packed (B, T+1) blocks of the built-in corpus, GPT-2 tokens."""
+    cfg = model_config(shapes, 2, 1, shapes.d_expert)
+    stream = TokenStream(cfg.data, get_tokenizer("gpt2"), shapes.seq_len)
+    try:
+        return [stream.next_batch(shapes.batch_size) for _ in range(n)]
+    finally:
+        stream.close()
+
+
+class TrainLoop:
+    """NemoeLM + AdamW(param_groups) + clipping: the trainer's step without its bookkeeping."""
+
+    def __init__(self, cfg, dispatch: str, device: torch.device):
+        torch.manual_seed(0)  # MoE and seed-style start from identical weights
+        self.cfg, self.device = cfg, device
+        self.model = use_dispatch(NemoeLM(cfg).to(device), dispatch).train()
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-4, fused=device.type == "cuda")
+
+    def step(self, batch: torch.Tensor) -> float:
+        inputs, targets = split_block(batch.to(self.device))                # (B, T) each
+        out = self.model(inputs, targets)
+        loss = out.loss_ce + self.cfg.moe.lb_coef * out.loss_lb + self.cfg.moe.z_coef * out.loss_z
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def tokens_per_s(self, batches: list[torch.Tensor], warmup: int) -> float:
+        for batch in batches[:warmup]:
+            self.step(batch)
+        timed_batches = batches[warmup:]
+        seconds = timed(lambda: [self.step(b) for b in timed_batches], self.device)
+        return len(timed_batches) * batches[0].size(0) * (batches[0].size(1) - 1) / seconds
+
+
+def bench_throughput(ctx) -> dict:
+    s, device = ctx.shapes, ctx.device
+    configs = {"moe": (model_config(s, s.n_experts, s.top_k, s.d_expert), "sorted"),
+               "dense": (model_config(s, 1, 1, s.top_k * s.d_expert), "sorted"),
+               "seed_style": (model_config(s, s.n_experts, s.top_k, s.d_expert), "seed_all_experts")}
+    batches = builtin_batches(s, s.warmup_steps + s.timed_steps)
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(s.rounds):   # interleaved, so a burst of other load hits all three alike
+        for name, (cfg, dispatch) in configs.items():
+            loop = TrainLoop(cfg, dispatch, device)
+            samples[name].append(loop.tokens_per_s(batches, s.warmup_steps))
+            del loop
+    tps = {name: statistics.median(v) for name, v in samples.items()}
+    moe_model = NemoeLM(configs["moe"][0])
+    dense_model = NemoeLM(configs["dense"][0])
+    return {
+        "shapes": {"d_model": s.d_model, "n_layers": s.n_layers, "seq_len": s.seq_len, "batch_size": s.batch_size,
+                   "n_experts": s.n_experts, "top_k": s.top_k, "d_expert": s.d_expert, "vocab": 50257,
+                   "precision": "fp32"},
+        "tokens_per_s": tps, "samples": samples,
+        "active_params": {"moe": moe_model.count_params()["active_per_token"],
+                          "dense": dense_model.count_params()["active_per_token"]},
+        "flops_per_token": {"moe": training_flops_per_token(moe_model, s.seq_len),
+                            "dense": training_flops_per_token(dense_model, s.seq_len)},
+        "moe_vs_dense": tps["moe"] / tps["dense"],
+        "moe_vs_seed_style": tps["moe"] / tps["seed_style"],
+    }
+
+
+def bench_mfu(ctx) -> dict:
+    thr = ctx.results["throughput"]
+    peak = peak_matmul_flops(ctx.device, ctx.shapes.matmul_n)
+    achieved = {name: thr["tokens_per_s"][name] * thr["flops_per_token"][name] for name in ("moe", "dense")}
+    return {"formula": "6*N_active_matmul + 12*L*T*d FLOPs per token (PaLM appendix B)",
+            "peak_matmul_flops": peak, "matmul_n": ctx.shapes.matmul_n, "achieved_flops": achieved,
+            "mfu": {name: flops / peak for name, flops in achieved.items()}}
+
+
+# --------------------------------------------------------------------------- #
+# Section 3: the MoE layer alone
+# --------------------------------------------------------------------------- #
+
+def layer_seconds(layer: MoELayer, fn, x: torch.Tensor, grad: torch.Tensor, repeats: int, device) -> float:
+    """Median seconds of forward + backward of one dispatch variant."""
+    def once():
+        y, aux = fn(layer, x)
+        (y * grad).sum().add(aux.lb_loss + aux.z_loss).backward()
+    once()
+    return statistics.median(timed(once, device) for _ in range(repeats))
+
+
+def bench_moe_layer(ctx) -> dict:
+    s, device = ctx.shapes, ctx.device
+    n_tokens = s.batch_size * s.seq_len
+    rows = []
+    for n_experts in (2, 4, 8):
+        for top_k in (1, 2):
+            torch.manual_seed(0)
+            layer = MoELayer(s.d_model, s.d_expert, n_experts, n_experts, top_k).to(device)
+            x = torch.randn(s.batch_size, s.seq_len, s.d_model, device=device, requires_grad=True)
+            grad = torch.randn_like(x)
+            reference = layer(x)[0]
+            ms, max_diff = {}, {}
+            for name, fn in DISPATCH.items():
+                fn = fn or MoELayer.forward
+                with torch.no_grad():
+                    max_diff[name] = (fn(layer, x)[0] - reference).abs().max().item()
+                ms[name] = 1e3 * layer_seconds(layer, fn, x, grad, s.layer_repeats, device)
+            rows.append({"n_experts": n_experts, "top_k": top_k, "ms": ms, "max_abs_diff": max_diff,
+                         "fastest": min(ms, key=ms.get),
+                         "sorted_vs_seed": ms["seed_all_experts"] / ms["sorted"]})
+    return {"tokens": n_tokens, "d_model": s.d_model, "d_expert": s.d_expert, "rows": rows}
+
+
+# --------------------------------------------------------------------------- #
+# Sections 4 + 5: morphogenesis overhead, checkpoints and resume (the real Trainer)
+# --------------------------------------------------------------------------- #
+
+def trainer_overrides(shapes: Shapes, quick: bool, device: torch.device) -> dict:
+    """local.yaml (built-in corpus) with the t4 model, expert and batch settings.
+
+    Morphogenesis on a short interval with thresholds that make every interval act
+    (2 live experts: the busier has usage >= 0.5 > split_usage, so it splits).
+    """
+    raw = read_yaml(find_config("local.yaml"))
+    t4 = read_yaml(find_config("t4.yaml"))
+    if quick:
+        raw["model"] = {"d_model": shapes.d_model, "n_layers": shapes.n_layers, "n_heads": shapes.n_heads,
+                        "seq_len": shapes.seq_len, "d_expert": shapes.d_expert}
+        raw["train"]["batch_size"] = shapes.batch_size
+    else:
+        raw["model"] = dict(t4["model"])
+        raw["train"].update(batch_size=t4["train"]["batch_size"], grad_accum=t4["train"]["grad_accum"])
+        raw["eval"] = {"batch_size": t4["eval"]["batch_size"]}
+    raw["moe"] = dict(t4["moe"])
+    raw["morph"].update(interval=shapes.morph_interval, probation_steps=shapes.morph_interval,
+                        split_usage=0.3, prune_usage=0.02, crossover_prob=1.0, probation_min_usage=0.01)
+    raw["train"].update(device=str(device), precision="fp32", warmup_steps=1)
+    raw["log"] = {"every_steps": 10 ** 6, "sample_every_steps": 0, "console": "plain"}
+    raw["eval"] = {**raw.get("eval", {}), "every_steps": 0, "batches": 1}
+    raw["checkpoint"] = {"every_steps": 0, "every_minutes": 0, "keep_last": 2}
+    raw["name"] = "bench"
+    return raw
+
+
+def open_trainer(raw: dict, run_dir: Path, resume: bool = False):
+    from nemoe.trainer import RunPaths, Trainer   # the trainer's own code path, as train_nemoe.py runs it
+    return Trainer(config_from_dict(raw), RunPaths.of(run_dir, "bench"), resume=resume)
+
+
+def close_trainer(trainer) -> None:
+    trainer.stream.close()
+    trainer.log.close()
+    trainer.lock.release()
+
+
+def get_trainer(ctx):
+    """The t4-shaped Trainer shared by the morph and checkpoint sections (opened once)."""
+    if ctx.trainer is None:
+        ctx.trainer_raw = trainer_overrides(ctx.shapes, ctx.quick, ctx.device)
+        ctx.trainer = open_trainer(ctx.trainer_raw, ctx.run_dir)
+    return ctx.trainer
+
+
+def bench_morph(ctx) -> dict:
+    """Time train_step and evolve separately over a few short intervals; extrapolate to the t4 interval.
+
+    share(I) = (t_evolve + I * t_routing) / (I * t_step + t_evolve), with t_step the
+    mean training step (update_routing, the per-step controller work, included),
+    t_evolve the mean evolve() at a due step (decide + surgery + probe losses) and
+    t_routing the per-step cost of update_routing.
+    """
+    s, trainer = ctx.shapes, get_trainer(ctx)
+    probe_seconds = []
+    real_probe = trainer.probe_loss
+
+    def timed_probe() -> float:   # instance attribute shadows the method: evolve() calls this one
+        start = time.perf_counter()
+        loss = real_probe()
+        probe_seconds.append(time.perf_counter() - start)
+        return loss
+
+    trainer.probe_loss = timed_probe
+    step_seconds, evolve_seconds, n_events = [], [], 0
+    trainer.controller.update_routing(trainer.model.moe_layers, trainer.step)
+    for _ in range(s.morph_interval * s.morph_intervals):
+        step_seconds.append(timed(trainer.train_step, ctx.device))
+        due = trainer.controller.due(trainer.step)
+        start = time.perf_counter()
+        events = trainer.evolve()
+        sync(ctx.device)
+        if due:
+            evolve_seconds.append(time.perf_counter() - start)
+            n_events += len(events)
+    del trainer.probe_loss
+    layers = trainer.model.moe_layers
+    routing = statistics.median(
+        timed(lambda: trainer.controller.update_routing(layers, trainer.step), ctx.device) for _ in range(50))
+    t_step, t_evolve = statistics.mean(step_seconds), statistics.mean(evolve_seconds)
+
+    def share(interval: int) -> float:
+        return (t_evolve + interval * routing) / (interval * t_step + t_evolve)
+
+    return {"steps": len(step_seconds), "interval_timed": s.morph_interval, "evolve_calls": len(evolve_seconds),
+            "events": n_events, "step_s": t_step, "evolve_s": t_evolve,
+            "probe_s_per_evolve": sum(probe_seconds) / max(len(evolve_seconds), 1),
+            "update_routing_s": routing, "share_at_timed_interval": share(s.morph_interval),
+            "t4_interval": T4_MORPH_INTERVAL, "share_at_t4_interval": share(T4_MORPH_INTERVAL),
+            "expert_counts": trainer.controller.expert_counts()}
+
+
+def bench_checkpoint(ctx) -> dict:
+    trainer = get_trainer(ctx)
+    if trainer.step == 0:
+        trainer.train_step()   # so the checkpoint holds AdamW state, as every real one does
+    save_s = []
+    for _ in range(1 if ctx.quick else 3):
+        save_s.append(timed(trainer.save, ctx.device))
+    path = ckpt.list_checkpoints(trainer.paths.ckpt_dir)[0][1]
+    load_s = statistics.median(timed(lambda: ckpt.load_checkpoint(path), ctx.device)
+                               for _ in range(1 if ctx.quick else 3))
+    step = trainer.step
+    close_trainer(trainer)
+    ctx.trainer = None
+    # Resume: a new Trainer finds the checkpoint, restores everything, then takes a step.
+    start = time.perf_counter()
+    resumed = open_trainer(ctx.trainer_raw, ctx.run_dir, resume=True)
+    opened = time.perf_counter() - start
+    resumed.train_step()
+    sync(ctx.device)
+    to_first_step = time.perf_counter() - start
+    resumed_at = resumed.step - 1
+    close_trainer(resumed)
+    params = sum(p.numel() for p in resumed.model.parameters())
+    return {"model_params": params, "size_bytes": path.stat().st_size, "save_s": statistics.median(save_s),
+            "load_s": load_s, "resume_open_s": opened, "resume_to_first_step_s": to_first_step,
+            "saved_step": step, "resumed_step": resumed_at, "path_on": str(ctx.run_dir)}
+
+
+# --------------------------------------------------------------------------- #
+# Section 6: data pipeline
+# --------------------------------------------------------------------------- #
+
+def bench_data(ctx) -> dict:
+    s = ctx.shapes
+    cfg = model_config(s, 2, 1, s.d_expert)
+    start = time.perf_counter()
+    stream = TokenStream(cfg.data, get_tokenizer("gpt2"), s.seq_len)
+    stream.next_batch(s.batch_size)   # opens the mixture (built-in corpus build, interleave threads)
+    startup = time.perf_counter() - start
+    seconds = timed(lambda: [stream.next_batch(s.batch_size) for _ in range(s.data_batches)], torch.device("cpu"))
+    stream.close()
+    tokens_per_s = s.data_batches * s.batch_size * s.seq_len / seconds
+    consumed = ctx.results["throughput"]["tokens_per_s"]["moe"]
+    return {"batches": s.data_batches, "batch_size": s.batch_size, "seq_len": s.seq_len,
+            "startup_s": startup, "tokens_per_s": tokens_per_s, "trainer_tokens_per_s": consumed,
+            "ratio": tokens_per_s / consumed}
+
+
+# --------------------------------------------------------------------------- #
+# Section 7: memory plan for configs/t4.yaml
+# --------------------------------------------------------------------------- #
+
+def t4_config(batch_size: int | None = None):
+    raw = read_yaml(find_config("t4.yaml"))
+    raw["data"] = {}   # the plan needs the model only; no Hub access
+    raw["train"]["device"] = "cpu"
+    if batch_size is not None:
+        raw["train"]["batch_size"] = batch_size
+    return config_from_dict(raw)
+
+
+def activation_bytes(model: NemoeLM, batch_size: int, seq_len: int) -> int:
+    """Bytes of the tensors autograd keeps for backward in one training forward (fp32, CPU).
+
+    Counted through saved-tensor hooks, each storage once, parameters excluded:
+    this is the activation memory that grows with the micro-batch.
+    """
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    idx = torch.randint(0, model.tok_emb.num_embeddings, (batch_size, seq_len + 1))
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*split_block(idx))
+    del out
+    return sum(seen.values())
+
+
+def bench_memory(ctx) -> dict:
+    cfg = t4_config()
+    torch.manual_seed(0)
+    model = NemoeLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    static = {"params": 4 * n_params, "grads": 4 * n_params, "adamw_state": 8 * n_params}   # fp32
+    b1, b2 = ctx.shapes.memory_batches
+    act1, act2 = (activation_bytes(model, b, cfg.model.seq_len) for b in (b1, b2))
+    per_sequence = (act2 - act1) / (b2 - b1)          # activations grow linearly with the micro-batch
+    fixed = act1 - per_sequence * b1
+    # Backward holds, on top, the gradient of the logits while the LM head's backward
+    # runs: one (B, T, V) fp32 tensor, the largest transient (stated, not measured).
+    transient_per_sequence = 4 * cfg.model.seq_len * cfg.model.vocab_size
+
+    def total(b: int) -> float:
+        return sum(static.values()) + fixed + b * (per_sequence + transient_per_sequence)
+
+    configured = cfg.train.batch_size
+    largest = int((MEMORY_CAP - sum(static.values()) - fixed) // (per_sequence + transient_per_sequence))
+    return {"config": "configs/t4.yaml", "precision": "fp32 (an upper bound for fp16 autocast)",
+            "method": "static: bytes per parameter; activations: saved-tensor hooks at two micro-batches, "
+                      "linear fit; + one (B, T, V) fp32 logits gradient",
+            "params": n_params, "bytes": {**static, "activations_at_micro_batch": fixed + configured * per_sequence,
+                                          "transient_at_micro_batch": configured * transient_per_sequence,
+                                          "total_at_micro_batch": total(configured)},
+            "activation_bytes_per_sequence": per_sequence, "measured_at": [b1, b2],
+            "activation_bytes_measured": [act1, act2], "micro_batch": configured,
+            "grad_accum": cfg.train.grad_accum, "cap_bytes": MEMORY_CAP, "largest_micro_batch": largest,
+            "fits": total(configured) <= MEMORY_CAP}
+
+
+# --------------------------------------------------------------------------- #
+# Section 8: GPU (CUDA only)
+# --------------------------------------------------------------------------- #
+
+def gpu_trainer_run(ctx, batch_size: int, steps: int, compile_model: bool = False) -> dict:
+    """The real Trainer on the t4 model under fp16 autocast + GradScaler: tokens/s, peak memory, scale.
+
+    Built-in corpus (no Hub), morphogenesis at the t4 interval (no event in the window).
+    """
+    raw = trainer_overrides(ctx.shapes, ctx.quick, ctx.device)
+    raw["train"].update(precision="fp16", batch_size=batch_size, compile=compile_model)
+    raw["morph"]["interval"] = T4_MORPH_INTERVAL
+    trainer = open_trainer(raw, ctx.run_dir / f"gpu-b{batch_size}-compile{int(compile_model)}")
+    try:
+        losses = [trainer.train_step().item() for _ in range(3)]   # warm-up (and compilation)
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        seconds = timed(lambda: losses.extend(trainer.train_step().item() for _ in range(steps)), ctx.device)
+        return {"batch_size": batch_size, "tokens_per_s": steps * trainer.cfg.tokens_per_step / seconds,
+                "peak_bytes": torch.cuda.max_memory_allocated(ctx.device),
+                "precision": trainer.precision, "grad_scaler": trainer.scaler.is_enabled(),
+                "scale": trainer.scaler.get_scale(), "losses_finite": all(math.isfinite(x) for x in losses)}
+    finally:
+        close_trainer(trainer)
+
+
+def release_gpu_memory() -> None:
+    """Free the cached blocks of trainers that are gone, so the next run starts from an empty GPU."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_gpu(ctx) -> dict:
+    device = ctx.device
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device in this run"}
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, MEMORY_CAP / total), device)
+    steps = 5 if ctx.quick else 30
+    peak = {"fp32": peak_matmul_flops(device, 4096), "fp16": peak_matmul_flops(device, 8192, torch.float16)}
+    out = {"device_name": torch.cuda.get_device_name(device), "cap_bytes": MEMORY_CAP, "peak_matmul_flops": peak}
+    micro_batch = t4_config().train.batch_size
+    out["t4_fp16"] = run = gpu_trainer_run(ctx, micro_batch, steps)
+    release_gpu_memory()
+    flops = training_flops_per_token(NemoeLM(t4_config()), t4_config().model.seq_len)
+    run["mfu_fp16"] = run["tokens_per_s"] * flops / peak["fp16"]
+    # Doubling from the configured micro-batch until the 15 GB cap refuses.
+    largest, batch = None, micro_batch
+    while batch <= (4 * micro_batch if ctx.quick else 4096):
+        try:
+            gpu_trainer_run(ctx, batch, 1)
+            largest, batch = batch, batch * 2
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            release_gpu_memory()
+    out["largest_micro_batch_measured"] = largest
+    try:
+        compiled = gpu_trainer_run(ctx, micro_batch, steps, compile_model=True)
+        out["compile"] = {**compiled, "speedup": compiled["tokens_per_s"] / run["tokens_per_s"]}
+    except Exception as err:   # optional: report why it did not compile
+        out["compile"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Targets, table, main
+# --------------------------------------------------------------------------- #
+
+def targets(results: dict) -> list[dict]:
+    """Each issue target: measured value, the bar, met or not (None: section not run)."""
+    def get(section, *keys):
+        value = results.get(section)
+        for key in keys:
+            if not isinstance(value, (dict, list)):
+                return None
+            value = value[key] if isinstance(value, list) else value.get(key)
+        return value
+
+    def e4k1():
+        for row in get("moe_layer", "rows") or []:
+            if row["n_experts"] == 4 and row["top_k"] == 1:
+                return row["sorted_vs_seed"]
+        return None
+
+    checks = [("MoE / dense tokens/s (equal active params)", get("throughput", "moe_vs_dense"), ">=", 0.85),
+              ("MoE layer: sorted vs seed-style, E=4 k=1", e4k1(), ">=", 3.0),
+              ("morph overhead share at interval 1000", get("morph", "share_at_t4_interval"), "<", 0.01),
+              ("data pipeline / trainer consumption", get("data", "ratio"), ">=", 10.0),
+              ("checkpoint save (s)", get("checkpoint", "save_s"), "<", 2.0),
+              ("resume to first step (s)", get("checkpoint", "resume_to_first_step_s"), "<", 10.0),
+              ("t4 micro-batch fits 15 GB (plan)", get("memory", "fits"), "==", True)]
+    rows = []
+    for name, value, op, bar in checks:
+        met = None if value is None else {">=": value >= bar, "<": value < bar, "==": value == bar}[op]
+        rows.append({"target": name, "value": value, "op": op, "bar": bar, "met": met})
+    return rows
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+
+
+def table_lines(results: dict) -> list[str]:
+    """The human-readable table: one line per figure."""
+    lines = []
+    add = lambda section, what, value: lines.append(f"{section:<11} {what:<48} {value}")  # noqa: E731
+    if "throughput" in results:
+        r = results["throughput"]
+        for name, tps in r["tokens_per_s"].items():
+            add("throughput", f"{name} tokens/s (fwd+bwd+AdamW)", f"{tps:,.0f}")
+        add("throughput", "MoE / dense (equal active params)", f"{r['moe_vs_dense']:.2f}x")
+        add("throughput", "MoE / seed-style (all experts, masked)", f"{r['moe_vs_seed_style']:.2f}x")
+    if "mfu" in results:
+        r = results["mfu"]
+        add("mfu", f"peak matmul fp32 ({r['matmul_n']}^2)", f"{r['peak_matmul_flops'] / 1e9:,.1f} GFLOP/s")
+        for name, value in r["mfu"].items():
+            add("mfu", f"{name} MFU", f"{100 * value:.1f} %")
+    if "moe_layer" in results:
+        for row in results["moe_layer"]["rows"]:
+            times = " ".join(f"{k} {v:.1f}" for k, v in row["ms"].items())
+            add("moe_layer", f"E={row['n_experts']} k={row['top_k']} ms: fastest {row['fastest']}",
+                f"{times} | sorted vs seed {row['sorted_vs_seed']:.2f}x")
+    if "morph" in results:
+        r = results["morph"]
+        add("morph", f"step / evolve ({r['events']} events in {r['evolve_calls']} calls)",
+            f"{r['step_s'] * 1e3:.0f} ms / {r['evolve_s'] * 1e3:.0f} ms "
+            f"(probe {r['probe_s_per_evolve'] * 1e3:.0f} ms)")
+        add("morph", f"overhead at interval {r['interval_timed']} (measured)",
+            f"{100 * r['share_at_timed_interval']:.1f} %")
+        add("morph", f"overhead at interval {r['t4_interval']} (extrapolated)",
+            f"{100 * r['share_at_t4_interval']:.3f} %")
+    if "checkpoint" in results:
+        r = results["checkpoint"]
+        add("checkpoint", f"size ({r['model_params']:,} params + AdamW)", human_bytes(r["size_bytes"]))
+        add("checkpoint", "save / load", f"{r['save_s']:.2f} s / {r['load_s']:.2f} s")
+        add("checkpoint", "resume to first step (open + restore + step)", f"{r['resume_to_first_step_s']:.2f} s")
+    if "data" in results:
+        r = results["data"]
+        add("data", "text -> packed blocks tokens/s",
+            f"{r['tokens_per_s']:,.0f} (start-up {r['startup_s']:.2f} s)")
+        add("data", "data / trainer consumption", f"{r['ratio']:,.0f}x")
+    if "memory" in results:
+        r, b = results["memory"], results["memory"]["bytes"]
+        add("memory", f"t4 params ({r['params']:,}) / grads / AdamW",
+            f"{human_bytes(b['params'])} / {human_bytes(b['grads'])} / {human_bytes(b['adamw_state'])}")
+        add("memory", f"activations + logits grad at micro-batch {r['micro_batch']}",
+            f"{human_bytes(b['activations_at_micro_batch'])} + {human_bytes(b['transient_at_micro_batch'])}")
+        add("memory", "total / largest micro-batch under 15 GB",
+            f"{human_bytes(b['total_at_micro_batch'])} / {r['largest_micro_batch']}")
+    if "gpu" in results:
+        r = results["gpu"]
+        if "skipped" in r:
+            add("gpu", "skipped", r["skipped"])
+        else:
+            t = r["t4_fp16"]
+            add("gpu", f"t4 fp16+GradScaler tokens/s ({r['device_name']})",
+                f"{t['tokens_per_s']:,.0f}, MFU {100 * t['mfu_fp16']:.1f} %, scale {t['scale']:g}")
+            add("gpu", "t4 peak memory / largest micro-batch (15 GB cap)",
+                f"{human_bytes(t['peak_bytes'])} / {r['largest_micro_batch_measured']}")
+            c = r["compile"]
+            add("gpu", "torch.compile", f"{c['speedup']:.2f}x" if "speedup" in c else c["error"])
+    lines.append("")
+    for t in targets(results):
+        if t["met"] is not None:
+            value = t["value"] if isinstance(t["value"], bool) else f"{t['value']:.4g}"
+            lines.append(f"target  {t['target']:<46} {value} {t['op']} {t['bar']}: "
+                         f"{'met' if t['met'] else 'NOT MET'}")
+    return lines
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Context:
+    def __init__(self, shapes: Shapes, device: torch.device, quick: bool, run_dir: Path):
+        self.shapes, self.device, self.quick, self.run_dir = shapes, device, quick, run_dir
+        self.results: dict = {}
+        self.trainer, self.trainer_raw = None, None
+
+
+RUNNERS = {"throughput": bench_throughput, "mfu": bench_mfu, "moe_layer": bench_moe_layer, "morph": bench_morph,
+           "checkpoint": bench_checkpoint, "data": bench_data, "memory": bench_memory, "gpu": bench_gpu}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in seconds, figures meaningless")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice, one per core); on a shared "
+                        "machine 1 avoids waiting at every parallel region for a descheduled thread")
+    p.add_argument("--only", default=",".join(SECTIONS), metavar="A,B",
+                   help=f"comma list of sections ({', '.join(SECTIONS)}); those they need run too")
+    return p.parse_args(argv)
+
+
+def selected_sections(only: str) -> list[str]:
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in SECTIONS]
+    if unknown or not wanted:
+        raise UserError(f"--only {only!r}: unknown section(s) {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {', '.join(SECTIONS)}")
+    needed = set(wanted) | {dep for s in wanted for dep in NEEDS.get(s, ())}
+    return [s for s in SECTIONS if s in needed]
+
+
+@guard
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sections = selected_sections(args.only)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    shapes = QUICK if args.quick else FULL
+    header = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else cpu_name(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds"), "quick": args.quick, "shapes": asdict(shapes)}
+    print(f"nemoe bench | {header['device']} ({header['device_name']}, {header['threads']} threads) | "
+          f"torch {header['torch']} | {header['date']}{' | quick' if args.quick else ''}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="nemoe-bench-") as tmp:
+        ctx = Context(shapes, device, args.quick, Path(tmp))
+        try:
+            for name in sections:
+                start = time.perf_counter()
+                ctx.results[name] = RUNNERS[name](ctx)
+                note(f"{name} done in {time.perf_counter() - start:.1f} s")
+        finally:
+            if ctx.trainer is not None:
+                close_trainer(ctx.trainer)
+    print("\n".join(table_lines(ctx.results)))
+    if args.json:
+        payload = {**header, "sections": ctx.results, "targets": targets(ctx.results)}
+        try:
+            Path(args.json).write_text(json.dumps(payload, indent=2))
+        except OSError as err:
+            raise UserError(f"--json {args.json}: cannot write: {err}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
