@@ -568,6 +568,9 @@ def _neuron_checks(cfg: Config) -> list[tuple[bool, str]]:
          "plasticity.neuron.composite_* weights must be >= 0 with a positive sum"),
         (n.record_steps >= 0, "plasticity.neuron.record_steps must be >= 0 (0: the whole interval)"),
         (n.min_age >= 0, "plasticity.neuron.min_age must be >= 0"),
+        (not (n.enabled and cfg.plasticity.layers.enabled),
+         "plasticity.layers and plasticity.neuron cannot be enabled together yet (a layer shift "
+         "does not move the neuron mechanism's per-layer records)"),
     ]
 
 

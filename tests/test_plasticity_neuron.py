@@ -344,10 +344,12 @@ def test_a_new_expert_in_a_slot_restarts_its_neuron_records():
     ({"regrowth": "magic"}, "regrowth must be one of"),
     ({"composite_taylor": 0.0, "composite_gradient": 0.0, "composite_weight": 0.0}, "positive sum"),
     ({"min_age": -1}, "min_age must be >= 0"),
+    ({"layers": True}, "plasticity.layers and plasticity.neuron cannot be enabled together"),
 ])
 def test_config_errors(neuron, words):
+    layers = {"enabled": neuron.pop("layers", False)}
     with pytest.raises(UserError) as err:
-        tiny_config(plasticity={"neuron": {"enabled": True} | neuron})
+        tiny_config(plasticity={"neuron": {"enabled": True} | neuron, "layers": layers})
     assert words in str(err.value)
 
 
