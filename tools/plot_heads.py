@@ -107,7 +107,7 @@ def plot(heads, events, run_name: str, metric: str = "gate"):
     ax.set_ylabel("layer.head")
     tokens = int(heads["tokens"].max()) if "tokens" in heads and heads["tokens"].notna().any() else 0
     fig.suptitle(f"{run_name}: attention-head {metric}s (step {int(steps[-1]):,}, {human(tokens)} tokens, "
-                 f"{counts.get('prune', 0)} prunes, {counts.get('grow', 0)} grows)")
+                 f"head_prune {counts.get('prune', 0)}, head_grow {counts.get('grow', 0)})")
     return fig
 
 
