@@ -76,6 +76,9 @@ def build_mechanisms(cfg, model: torch.nn.Module, probe_batch: torch.Tensor) -> 
     if missing:
         raise UserError(f"plasticity.{missing[0]}: this mechanism is not available in this version")
     return [REGISTRY[name](cfg, model, probe_batch) for name in enabled]
-from nemoe.plasticity import neuron  # noqa: E402,F401
-from nemoe.plasticity import layers  # noqa: E402,F401
-from nemoe.plasticity import heads  # noqa: E402,F401
+
+
+# Each mechanism module registers its class in REGISTRY when imported.
+from nemoe.plasticity import heads, layers, neuron  # noqa: E402
+
+__all__ = ["Mechanism", "REGISTRY", "build_mechanisms", "heads", "layers", "neuron"]
