@@ -238,7 +238,7 @@ class TrainLoop:
         torch.manual_seed(0)  # MoE and seed-style start from identical weights
         self.cfg, self.device = cfg, device
         self.model = use_dispatch(NemoeLM(cfg).to(device), dispatch).train()
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-4, fused=device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-4, fused=True)  # as the trainer
 
     def step(self, batch: torch.Tensor) -> float:
         inputs, targets = split_block(batch.to(self.device))                # (B, T) each
