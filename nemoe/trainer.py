@@ -378,6 +378,8 @@ class Trainer:
                 mechanism.observe(self.step)
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # the GradScaler skips non-finite steps itself
+        for mechanism in self.plasticity:
+            mechanism.after_step(self.step)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._note_bad_step(finite)

@@ -47,13 +47,13 @@ def probe_loss_of(model, probe):
 
 
 def train_step(model, optimizer, mech, step, batch):
-    """What the trainer does around the mechanism: backward, observe, step, due."""
+    """What the trainer does around the mechanism: backward, observe, step, after_step."""
     model.train()
     model(*split_block(batch)).loss_ce.backward()
     mech.observe(step)
     optimizer.step()
+    mech.after_step(step)
     optimizer.zero_grad(set_to_none=True)
-    mech.due(step + 1)
 
 
 def batch(seed):

@@ -11,6 +11,8 @@ boundaries:
     observe(step)         after the step's gradients are final (unscaled and
                           clipped), before the optimizer applies them; skipped
                           for a step whose gradients were not finite
+    after_step(step)      right after the optimizer step (e.g. to rescale the
+                          update of some parameter slices)
     due(step) / act(...)  after the optimizer step, beside the expert controller
     snapshot()            at every log step: rows of plasticity.csv (vitality, gates, ...)
     state_dict()          in every checkpoint; load_state_dict() on --resume
@@ -44,6 +46,9 @@ class Mechanism:
 
     def observe(self, step: int) -> None:
         """Accumulate fitness from this step's gradients (and recorded activations)."""
+
+    def after_step(self, step: int) -> None:
+        """Called right after every optimizer step, before the gradients are cleared."""
 
     def due(self, step: int) -> bool:
         return self.section.enabled and step > 0 and step % self.section.interval == 0

@@ -36,8 +36,7 @@ then opening the gate linearly over `warmup_steps`.
   parameter by -lr * (wd * p_old + m_hat / (sqrt(v_hat) + eps)) and its moments do
   not depend on lr, so scaling the move by m is AdamW at lr * m for those elements
   (decoupled weight decay included). The snapshot is taken in observe() (before the
-  optimizer step) and the correction applied in the first call after the step
-  (due(), which the trainer makes every step).
+  optimizer step) and the correction applied in after_step(), right after it.
 * Gate gradients (importance) come from the gate buffers themselves: with
   prune=importance they require grad, so backward() accumulates dL/dg into
   `head_gate.grad` (not a parameter: no optimizer, no clipping, never trained);
@@ -181,8 +180,10 @@ class HeadPlasticity(Mechanism):
             self._snapshot_newborns(step)
         self._set_gates(step + 1)
 
-    def due(self, step: int) -> bool:
+    def after_step(self, step: int) -> None:
         self._correct_newborn_steps()
+
+    def due(self, step: int) -> bool:
         h = self.section
         if h.mode == "cycle":
             return step in self.cycle_schedule()
