@@ -122,13 +122,24 @@ def agree_or_raise(error: BaseException | None) -> None:
         raise UserError(f"rank {rank} failed: {msg}")
 
 
-def state_digest(tensors: dict[str, torch.Tensor], extra: object = None) -> str:
-    """A short hash of tensors' bytes (and a picklable extra), to compare replicas across ranks."""
+def state_digest(state) -> str:
+    """A short hash of a nested state (dicts, lists, tensors, numbers, strings): every tensor's
+    exact bytes, so replicas on different ranks can be compared without sending them."""
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        h.update(name.encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    if extra is not None:
-        h.update(repr(extra).encode())
+
+    def feed(node, path: str) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node, key=str):
+                feed(node[key], f"{path}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, item in enumerate(node):
+                feed(item, f"{path}[{i}]")
+        elif torch.is_tensor(node):
+            t = node.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{path}:{t.dtype}:{t.numel()}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(f"{path}={node!r}".encode())
+
+    feed(state, "")
     return h.hexdigest()[:16]

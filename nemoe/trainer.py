@@ -605,15 +605,13 @@ class Trainer:
 
     def _check_replicas(self) -> None:
         """Data-parallel replicas must be identical: weights, buffers (except the per-rank usage
-        counts since the last decision), optimizer moments, expert records and the controller's
-        generator. Compared by digest at every checkpoint; a mismatch is a bug and stops the run."""
-        tensors = {k: v for k, v in self.model.state_dict().items() if not k.endswith("usage_counts")}
-        for i, p in enumerate(self.model.parameters()):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                tensors[f"optimizer.{i}.{key}"] = value
-        controller = self.controller.state_dict()
-        tensors["controller.generator"] = controller.pop("generator")
-        digests = dist.gather_objects(dist.state_digest(tensors, extra=controller))
+        counts since the last decision), optimizer state, expert records and the controller's
+        generator (plasticity mechanisms act on the model, so their decisions show there; their
+        own state holds per-rank statistics until the next decision). Compared by digest at every
+        checkpoint; a mismatch is a bug and stops the run."""
+        replica = {"model": {k: v for k, v in self.model.state_dict().items() if not k.endswith("usage_counts")},
+                   "optimizer": self.optimizer.state_dict(), "controller": self.controller.state_dict()}
+        digests = dist.gather_objects(dist.state_digest(replica))
         if len(set(digests)) > 1:
             raise RuntimeError(f"data-parallel replicas diverged at step {self.step}: digests by rank {digests}")
         self.log.line(self.step, f"Ranks | {self.dist.world_size} replicas identical (digest {digests[0]})",
@@ -622,15 +620,17 @@ class Trainer:
     def state_dict(self) -> dict:
         """The checkpoint. Under DDP (a collective): `ranks` holds every rank's RNG and data state."""
         window = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in self.window.items()}
-        # Per rank: RNG, data position, the partial log interval and the usage counted since the
-        # last decision (the controller all-reduces it at the next one).
+        # Per rank: RNG, data position, the partial log interval, the usage counted since the
+        # last decision (the controller all-reduces it at the next one) and the plasticity
+        # mechanisms' state (their statistics are likewise all-reduced only when they decide).
         per_rank = {"rng": rng_state(), "data": self.stream.state_dict(), "window": window,
-                    "usage_counts": [layer.usage_counts.cpu() for layer in self.model.moe_layers]}
+                    "usage_counts": [layer.usage_counts.cpu() for layer in self.model.moe_layers],
+                    "plasticity": {m.config_key: m.state_dict() for m in self.plasticity}}
         ranks = dist.gather_objects(per_rank) if self.dist.enabled else None
         return {"step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "controller": self.controller.state_dict(), "data": per_rank["data"],
-                "plasticity": {m.config_key: m.state_dict() for m in self.plasticity},
+                "plasticity": per_rank["plasticity"],
                 "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                             "bad_steps": self.bad_steps, "window": window},
                 "rng": per_rank["rng"], "config": self.cfg.to_dict(),
@@ -641,10 +641,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.controller.load_state_dict(state["controller"])
-        for mechanism in self.plasticity:  # a mechanism switched on at resume starts fresh
-            if mechanism.config_key in state.get("plasticity", {}):
-                mechanism.load_state_dict(state["plasticity"][mechanism.config_key])
         mine = state["ranks"][self.dist.rank] if "ranks" in state else state
+        for mechanism in self.plasticity:  # a mechanism switched on at resume starts fresh
+            if mechanism.config_key in mine.get("plasticity", {}):
+                mechanism.load_state_dict(mine["plasticity"][mechanism.config_key])
         if restore_data:
             self.stream.load_state_dict(mine["data"])
         t = state["trainer"]

@@ -146,3 +146,29 @@ def test_resume_with_another_world_size_is_refused(ddp_run, capsys):
     err = capsys.readouterr().err
     assert "written by 2 data-parallel process(es), this run has 1" in err
     assert "Traceback" not in err
+
+
+PLASTIC = ["--set", "plasticity.neuron.enabled=true", "--set", "plasticity.neuron.interval=4",
+           "--set", "plasticity.heads.enabled=true", "--set", "plasticity.heads.interval=4",
+           "--set", "plasticity.heads.prune=importance", "--set", "plasticity.heads.warmup_steps=2"]
+
+
+def test_plasticity_under_torchrun_stays_in_sync_and_resumes_exactly(tmp_path):
+    """Neuron and head statistics are per rank until a decision all-reduces them: each rank's
+    own statistics are checkpointed, so a resumed run decides exactly as a straight one."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    torchrun(straight, "p", "--max-steps", "12", *PLASTIC)
+    torchrun(resumed, "p", "--max-steps", "6", *PLASTIC)      # stops mid-interval (events at 4, 8)
+    torchrun(resumed, "p", "--max-steps", "12", "--resume", *PLASTIC)
+    a, b = logs(straight, "p"), logs(resumed, "p")
+    granularities = set(a[1]["granularity"])
+    assert {"neuron", "head"} <= granularities
+    for x, y in zip(a[:2], b[:2]):   # training log and events
+        drop = [c for c in ("tokens_per_s", "elapsed_s") if c in x.columns]
+        pd.testing.assert_frame_equal(x.drop(columns=drop), y.drop(columns=drop))
+    # eval.csv: the interrupted run also evaluated where --max-steps stopped it (step 6).
+    evals = b[2][b[2]["step"] != 6].reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[2], evals)
+    text = (straight / "logs" / "p" / "training_log.txt").read_text()
+    assert len(re.findall(r"Ranks \| 2 replicas identical", text)) == 3   # steps 5, 10, 12
