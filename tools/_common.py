@@ -98,6 +98,17 @@ def find_log_dir(arg: str | Path) -> Path:
                     f"<run-dir>/logs/<run-name>")
 
 
+def run_csv(arg: str | Path, name: str) -> tuple[Path, Path]:
+    """(csv path, log folder) for an argument that is a run's log folder or one of its CSV files."""
+    path = Path(arg).expanduser()
+    if path.suffix == ".csv":
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        return path, path.parent
+    log_dir = find_log_dir(path)
+    return log_dir / name, log_dir
+
+
 def checkpoint_dir(log_dir: Path) -> Path:
     """`<run-dir>/checkpoints/<run-name>` for the log folder `<run-dir>/logs/<run-name>`."""
     return log_dir.parent.parent / "checkpoints" / log_dir.name

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
-from tools._common import (EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard,  # noqa: E402
+from tools._common import (EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, run_csv, guard,  # noqa: E402
                            human, latest_step, layer_columns, note, pyplot, read_events, read_training_log,
                            save_figure, steps_to_tokens)
 from nemoe.errors import UserError  # noqa: E402
@@ -37,14 +37,7 @@ def parse_args(argv):
 
 def load(arg: str):
     """(training log, events, run name) for a log folder or a training_log.csv path."""
-    path = Path(arg).expanduser()
-    if path.suffix == ".csv":
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        csv_path, log_dir = path, path.parent
-    else:
-        log_dir = find_log_dir(path)
-        csv_path = log_dir / TRAIN_CSV
+    csv_path, log_dir = run_csv(arg, TRAIN_CSV)
     train = read_training_log(csv_path)
     if not layer_columns(train):
         raise UserError(f"{csv_path}: no experts_L<i> columns; is this a nemoe training log?")

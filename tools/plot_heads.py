@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
-from tools._common import (EVENTS_CSV, find_log_dir, guard, human, note, one_timeline,  # noqa: E402
+from tools._common import (EVENTS_CSV, guard, human, note, one_timeline, run_csv,  # noqa: E402
                            pyplot, read_events, read_log_csv, save_figure)
 from nemoe.errors import UserError  # noqa: E402
 
@@ -37,17 +37,10 @@ def parse_args(argv):
 
 def load(arg: str, metric: str):
     """(head rows of plasticity.csv for `metric`, head events, run name)."""
-    path = Path(arg).expanduser()
-    if path.suffix == ".csv":
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        csv_path, log_dir = path, path.parent
-    else:
-        log_dir = find_log_dir(path)
-        csv_path = log_dir / PLASTICITY_CSV
-        if not csv_path.is_file():
-            raise UserError(f"{log_dir}: no {PLASTICITY_CSV}; was the run trained with "
-                            f"plasticity.heads.enabled=true?")
+    csv_path, log_dir = run_csv(arg, PLASTICITY_CSV)
+    if not csv_path.is_file():
+        raise UserError(f"{log_dir}: no {PLASTICITY_CSV}; was the run trained with "
+                        f"plasticity.heads.enabled=true?")
     frame = read_log_csv(csv_path, ["step", "granularity", "layer", "unit", "name", "value"],
                          ["step", "tokens", "layer", "value"])
     frame = frame.dropna(subset=["step", "layer"])

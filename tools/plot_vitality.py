@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
 
-from tools._common import (EVENTS_CSV, find_log_dir, guard, one_timeline, pyplot,  # noqa: E402
+from tools._common import (EVENTS_CSV, run_csv, guard, one_timeline, pyplot,  # noqa: E402
                            read_events, read_log_csv, read_run_config, save_figure)
 from nemoe.errors import UserError  # noqa: E402
 
@@ -37,14 +37,7 @@ def parse_args(argv):
 
 def load(arg: str, value: str):
     """(layers x steps table of `value`, layer events, run config or None, run name)."""
-    path = Path(arg).expanduser()
-    if path.suffix == ".csv":
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        csv_path, log_dir = path, path.parent
-    else:
-        log_dir = find_log_dir(path)
-        csv_path = log_dir / PLASTICITY_CSV
+    csv_path, log_dir = run_csv(arg, PLASTICITY_CSV)
     frame = read_log_csv(csv_path, ["step", "granularity", "layer", "name", "value"],
                          ["step", "tokens", "layer", "value"])
     frame = frame[(frame["granularity"] == "layer") & (frame["name"] == value)]
