@@ -453,7 +453,7 @@ class Trainer:
             if mechanism.due(self.step):
                 events += mechanism.act(self.optimizer, self.step, self.tokens, self.probe_loss)
                 # Blocks moved by layer senescence take their expert records along.
-                for shift in getattr(mechanism, "layer_shifts", ()):
+                for shift in mechanism.layer_shifts:
                     self.controller.remap_layers(shift.sources, shift.newborn, self.step)
         return events
 

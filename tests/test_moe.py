@@ -46,7 +46,7 @@ def test_one_slot_is_a_dense_feed_forward_layer():
     mlp = torch.nn.functional.gelu(flat @ layer.experts.w_in[0] + layer.experts.b_in[0])
     assert torch.equal(y, (mlp @ layer.experts.w_out[0] + layer.experts.b_out[0]).view_as(x))
     assert torch.allclose(y, naive_moe(layer, x), atol=1e-6)
-    assert aux.counts.tolist() == [10] and float(aux.lb_loss) == 1.0
+    assert aux.counts.tolist() == [10] and aux.lb_loss.item() == 1.0
 
 
 def test_inactive_slots_receive_no_tokens():

@@ -37,6 +37,9 @@ class Mechanism:
 
     granularity = ""   # neuron | head | layer: the events.csv `granularity` column
     config_key = ""    # its section under `plasticity:` in the config
+    # Blocks moved by the last act() (layer senescence only): the trainer moves the
+    # expert controller's per-layer records along (MorphController.remap_layers).
+    layer_shifts: tuple = ()
 
     def __init__(self, cfg, model: torch.nn.Module, probe_batch: torch.Tensor):
         """model: the bare NemoeLM (never a DDP or compiled wrapper); probe_batch: fixed
