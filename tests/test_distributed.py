@@ -58,6 +58,13 @@ def torchrun(run_dir: Path, name: str, *extra: str, wait: bool = True):
     return done
 
 
+def assert_same_logs(a: list, b: list) -> None:
+    """CSV logs equal bit for bit, except the wall-clock columns."""
+    for x, y in zip(a, b):
+        drop = [c for c in ("tokens_per_s", "elapsed_s") if c in x.columns]
+        pd.testing.assert_frame_equal(x.drop(columns=drop), y.drop(columns=drop))
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp")
@@ -134,10 +141,7 @@ def test_sigkill_and_resume_under_torchrun(ddp_run, tmp_path):
     proc.wait()
     assert first.exists(), proc.stdout.read()[-3000:]
     torchrun(tmp_path, "ddp", "--max-steps", str(STEPS), "--resume")
-    straight, resumed = logs(ddp_run, "ddp"), logs(tmp_path, "ddp")
-    for a, b in zip(straight, resumed):
-        drop = [c for c in ("tokens_per_s", "elapsed_s") if c in a.columns]
-        pd.testing.assert_frame_equal(a.drop(columns=drop), b.drop(columns=drop))   # bit for bit
+    assert_same_logs(logs(ddp_run, "ddp"), logs(tmp_path, "ddp"))
 
 
 def test_resume_with_another_world_size_is_refused(ddp_run, capsys):
@@ -164,9 +168,7 @@ def test_plasticity_under_torchrun_stays_in_sync_and_resumes_exactly(tmp_path):
     a, b = logs(straight, "p"), logs(resumed, "p")
     granularities = set(a[1]["granularity"])
     assert {"neuron", "head"} <= granularities
-    for x, y in zip(a[:2], b[:2]):   # training log and events
-        drop = [c for c in ("tokens_per_s", "elapsed_s") if c in x.columns]
-        pd.testing.assert_frame_equal(x.drop(columns=drop), y.drop(columns=drop))
+    assert_same_logs(a[:2], b[:2])   # training log and events
     # eval.csv: the interrupted run also evaluated where --max-steps stopped it (step 6).
     evals = b[2][b[2]["step"] != 6].reset_index(drop=True)
     pd.testing.assert_frame_equal(a[2], evals)
