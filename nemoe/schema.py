@@ -1,0 +1,136 @@
+"""What a run writes, in one place: folder layout, file names, CSV columns, checkpoint names.
+
+The trainer writes these files and every tool reads them; both take the names
+from here, so a renamed column or file changes in one line.
+
+    <run-dir>/logs/<run-name>/          the log folder (RunPaths.log_dir)
+        training_log.txt                one line per log interval, event, evaluation, ...
+        training_log.csv                TRAIN columns (per layer: experts_L<i>, ...)
+        events.csv                      EVENT_COLUMNS: one row per structural event
+        eval.csv                        EVAL_COLUMNS: held-out loss per source and "all"
+        plasticity.csv                  STATE_COLUMNS: per-unit mechanism state (long format)
+        config.yaml                     the resolved config
+        .lock                           the writer's lock (nemoe.lock)
+    <run-dir>/checkpoints/<run-name>/   nemo_ckpt_step<step>.pt, the last checkpoint.keep_last
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# --------------------------------------------------------------------------- #
+# Run layout
+# --------------------------------------------------------------------------- #
+
+LOGS_DIR, CHECKPOINTS_DIR = "logs", "checkpoints"
+TEXT_LOG = "training_log.txt"
+TRAIN_CSV = "training_log.csv"
+EVENTS_CSV = "events.csv"
+EVAL_CSV = "eval.csv"
+STATE_CSV = "plasticity.csv"
+CONFIG_YAML = "config.yaml"
+LOCK_FILE = ".lock"
+CSV_LOGS = (TRAIN_CSV, EVENTS_CSV, EVAL_CSV, STATE_CSV)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's files live: `<run_dir>/logs/<name>` and `<run_dir>/checkpoints/<name>`."""
+
+    run_dir: Path
+    name: str
+
+    @classmethod
+    def of(cls, run_dir: str | Path, name: str) -> "RunPaths":
+        return cls(Path(run_dir), name)
+
+    @classmethod
+    def from_log_dir(cls, log_dir: str | Path) -> "RunPaths":
+        log_dir = Path(log_dir)
+        return cls(log_dir.parent.parent, log_dir.name)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / LOGS_DIR / self.name
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / CHECKPOINTS_DIR / self.name
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoint files
+# --------------------------------------------------------------------------- #
+
+CHECKPOINT_FORMAT = "nemoe-checkpoint-v2"
+LEGACY_CHECKPOINT_FORMATS = ("nemoe-checkpoint-v1",)
+_CHECKPOINT_NAME = re.compile(r"^nemo_ckpt_step(\d+)\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"nemo_ckpt_step{step}.pt"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step in a checkpoint file name, None for any other name."""
+    m = _CHECKPOINT_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint file in `directory` by name, newest first."""
+    if not directory.is_dir():
+        return []
+    found = [(step, p) for p in directory.iterdir() if (step := checkpoint_step(p.name)) is not None]
+    return sorted(found, reverse=True)
+
+
+# --------------------------------------------------------------------------- #
+# CSV columns
+# --------------------------------------------------------------------------- #
+
+# training_log.csv: one row per log interval (means over it), then three columns per layer.
+TRAIN_COLUMNS = ["step", "tokens", "loss", "loss_ce", "loss_lb", "loss_z", "loss_lb_scaled",
+                 "loss_z_scaled", "lr", "grad_norm", "grad_scale", "tokens_per_s", "elapsed_s"]
+LAYER_COLUMNS = ("experts", "usage_entropy", "max_load")   # experts_L0, usage_entropy_L0, ...
+
+
+def layer_column(prefix: str, layer: int) -> str:
+    return f"{prefix}_L{layer}"
+
+
+def train_columns(n_layers: int) -> list[str]:
+    return TRAIN_COLUMNS + [layer_column(p, i) for p in LAYER_COLUMNS for i in range(n_layers)]
+
+
+# events.csv: one row per structural event at any granularity (nemoe.plasticity.Event).
+#   granularity  expert | neuron | head | layer
+#   event        what happened: split, crossover, prune, failed_probation, graduate (expert);
+#                turnover (neuron); prune, grow, measure (head); death, birth (layer)
+#   unit         what changed, e.g. e7, n3 n17, h2, L3 id5
+#   expert       the expert's id (-1: not inside an expert); parents: parent ids or units
+#   value        the measurement the decision compared with `threshold` (a usage share,
+#                a fitness, an attention entropy, a vitality, ...); cause says which, in words
+EVENT_COLUMNS = ["step", "tokens", "granularity", "event", "layer", "unit", "expert", "parents", "value",
+                 "threshold", "n_before", "n_after", "probe_loss_before", "probe_loss_after", "cause"]
+# Logs written before the columns were renamed: `action` is today's `event` (their `event`
+# column repeated it with a prefix, e.g. evolve_split), `usage` is today's `value`.
+LEGACY_EVENT_RENAMES = {"action": "event", "usage": "value"}
+
+EVAL_COLUMNS = ["step", "tokens", "source", "loss", "ppl"]
+
+# plasticity.csv, long format: one row per measured quantity of one unit at a log step,
+# e.g. (step, tokens, layer, 3, L3, vitality, 0.81) or (step, tokens, head, 0, h2, gate, 1.0).
+STATE_COLUMNS = ["step", "tokens", "granularity", "layer", "unit", "name", "value"]
+
+# Columns the readers parse as numbers.
+TRAIN_NUMERIC = [c for c in TRAIN_COLUMNS]
+EVENT_NUMERIC = ["step", "tokens", "layer", "expert", "value", "threshold", "n_before", "n_after",
+                 "probe_loss_before", "probe_loss_after"]
+EVAL_NUMERIC = ["step", "tokens", "loss", "ppl"]
+STATE_NUMERIC = ["step", "tokens", "layer", "value"]
+
+# Every line of training_log.txt starts like this; on resume, lines after the restored step go.
+TEXT_LINE = re.compile(r"^\[[^\]]*\] Step (\d+) \|")
