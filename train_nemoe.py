@@ -49,14 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Imported here so `--help` answers without loading torch.
         from nemoe.config import load_config
-        from nemoe.trainer import RunPaths, Trainer
+        from nemoe.schema import RunPaths
+        from nemoe.trainer import Trainer
 
         if args.max_steps is not None and args.max_steps < 1:
             raise UserError("--max-steps must be >= 1")
         cfg = load_config(args.config, overrides_of(args))
-        paths = RunPaths.of(Path(args.run_dir), args.run_name or cfg.name)
-        Trainer(cfg, paths, resume=args.resume, max_steps=args.max_steps,
-                allow_config_change=args.allow_config_change).train()
+        trainer = Trainer(cfg, RunPaths.of(Path(args.run_dir), args.run_name or cfg.name), resume=args.resume,
+                          max_steps=args.max_steps, allow_config_change=args.allow_config_change)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

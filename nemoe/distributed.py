@@ -88,6 +88,13 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return out.to(values.device)
 
 
+def sum_over_ranks_(values: torch.Tensor) -> torch.Tensor:
+    """In place: `values` becomes its sum over ranks (for statistics a decision reads)."""
+    if _active():
+        values.copy_(sum_over_ranks(values))
+    return values
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj` (picklable), in rank order, on every rank."""
     if not _active():
@@ -120,6 +127,15 @@ def agree_or_raise(error: BaseException | None) -> None:
     if bad:
         rank, msg = bad[0]
         raise UserError(f"rank {rank} failed: {msg}")
+
+
+def replicas_digest(state, step: int) -> str:
+    """The digest of `state` (see state_digest), which must be the same on every rank; a
+    difference is a bug and raises RuntimeError naming each rank's digest."""
+    digests = gather_objects(state_digest(state))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"data-parallel replicas diverged at step {step}: digests by rank {digests}")
+    return digests[0]
 
 
 def state_digest(state) -> str:

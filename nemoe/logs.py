@@ -8,8 +8,8 @@ files read as one uninterrupted run.
 from __future__ import annotations
 
 import csv
+import io
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -18,22 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from nemoe.files import atomic_write
-
-EVENT_COLUMNS = ["step", "tokens", "event", "layer", "action", "expert", "parents", "usage",
-                 "threshold", "n_before", "n_after", "probe_loss_before", "probe_loss_after",
-                 "granularity", "unit", "cause"]
-EVAL_COLUMNS = ["step", "tokens", "source", "loss", "ppl"]
-# plasticity.csv, long format: one row per measured quantity of one unit at a log step,
-# e.g. (step, tokens, layer, 3, "", vitality, 0.81) or (step, tokens, head, 0, h2, gate, 1.0).
-STATE_COLUMNS = ["step", "tokens", "granularity", "layer", "unit", "name", "value"]
-
-
-def train_columns(n_layers: int) -> list[str]:
-    return (["step", "tokens", "loss", "loss_ce", "loss_lb", "loss_z", "loss_lb_scaled",
-             "loss_z_scaled", "lr", "grad_norm", "grad_scale", "tokens_per_s", "elapsed_s"]
-            + [f"experts_L{i}" for i in range(n_layers)]
-            + [f"usage_entropy_L{i}" for i in range(n_layers)]
-            + [f"max_load_L{i}" for i in range(n_layers)])
+from nemoe.schema import (CSV_LOGS, EVAL_COLUMNS, EVAL_CSV, EVENT_COLUMNS, EVENTS_CSV, LEGACY_EVENT_RENAMES,
+                          STATE_COLUMNS, STATE_CSV, TEXT_LINE, TEXT_LOG, TRAIN_CSV, train_columns)
 
 
 def _fmt(value) -> str:
@@ -45,10 +31,13 @@ def _fmt(value) -> str:
 class CsvLog:
     """An append-only CSV file with a fixed header, flushed after every row."""
 
-    def __init__(self, path: Path, columns: list[str]):
+    def __init__(self, path: Path, columns: list[str], renames: dict[str, str] | None = None):
+        """renames: old column name -> new, for a file written under an older header."""
         self.path, self.columns = path, columns
         if not path.exists() or path.stat().st_size == 0:
             atomic_write(path, ",".join(columns) + "\n")
+        else:
+            migrate_csv(path, columns, renames or {})
         self._file = open(path, "a", encoding="utf-8", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore",
                                       lineterminator="\n")
@@ -63,6 +52,24 @@ class CsvLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def migrate_csv(path: Path, columns: list[str], renames: dict[str, str]) -> bool:
+    """Rewrite a CSV whose header is not `columns` (a run started by an older nemoe): old
+    columns renamed, unknown ones dropped, missing ones empty. True when it was rewritten."""
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f), [])
+        if header == columns:
+            return False
+        f.seek(0)
+        rows = [{renames.get(k, k): v for k, v in row.items() if k not in renames.values()}
+                for row in csv.DictReader(f)]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, out.getvalue())
+    return True
 
 
 def truncate_csv(path: Path, last_step: int) -> int:
@@ -87,16 +94,13 @@ def truncate_csv(path: Path, last_step: int) -> int:
     return dropped
 
 
-_STEP_OF_LINE = re.compile(r"^\[[^\]]*\] Step (\d+) \|")
-
-
 def truncate_text_log(path: Path, last_step: int) -> int:
     """Drop text-log lines of steps after last_step (and a partial last line)."""
     if not path.exists():
         return 0
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     kept = [ln for ln in lines if ln.endswith("\n")
-            and (m := _STEP_OF_LINE.match(ln)) is not None and int(m.group(1)) <= last_step]
+            and (m := TEXT_LINE.match(ln)) is not None and int(m.group(1)) <= last_step]
     atomic_write(path, "".join(kept))
     return len(lines) - len(kept)
 
@@ -107,11 +111,11 @@ class RunLogger:
     def __init__(self, log_dir: Path, n_layers: int, console: str, total_tokens: int):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir, self.write_failures = log_dir, 0
-        self.train_csv = CsvLog(log_dir / "training_log.csv", train_columns(n_layers))
-        self.events_csv = CsvLog(log_dir / "events.csv", EVENT_COLUMNS)
-        self.eval_csv = CsvLog(log_dir / "eval.csv", EVAL_COLUMNS)
+        self.train_csv = CsvLog(log_dir / TRAIN_CSV, train_columns(n_layers))
+        self.events_csv = CsvLog(log_dir / EVENTS_CSV, EVENT_COLUMNS, LEGACY_EVENT_RENAMES)
+        self.eval_csv = CsvLog(log_dir / EVAL_CSV, EVAL_COLUMNS)
         self.state_csv: CsvLog | None = None   # plasticity.csv, opened by the first state row
-        self._text = open(log_dir / "training_log.txt", "a", encoding="utf-8")
+        self._text = open(log_dir / TEXT_LOG, "a", encoding="utf-8")
         use_rich = console == "rich" or (console == "auto" and sys.stdout.isatty())
         self.console = Console()
         self.progress = None
@@ -129,9 +133,9 @@ class RunLogger:
     def truncate_after(log_dir: Path, step: int) -> int:
         """On resume: drop every row and line after `step`; returns how many went."""
         dropped = 0
-        for name in ("training_log.csv", "events.csv", "eval.csv", "plasticity.csv"):
+        for name in CSV_LOGS:
             dropped += truncate_csv(log_dir / name, step)
-        return dropped + truncate_text_log(log_dir / "training_log.txt", step)
+        return dropped + truncate_text_log(log_dir / TEXT_LOG, step)
 
     # -- writing ---------------------------------------------------------------- #
     def _guard(self, write, *args) -> None:
@@ -184,7 +188,7 @@ class RunLogger:
     def state_rows(self, rows: list[dict]) -> None:
         """Rows of plasticity.csv (per-unit state of the plasticity mechanisms)."""
         if self.state_csv is None:
-            self.state_csv = CsvLog(self.log_dir / "plasticity.csv", STATE_COLUMNS)
+            self.state_csv = CsvLog(self.log_dir / STATE_CSV, STATE_COLUMNS)
         for row in rows:
             self._guard(self.state_csv.write, row)
 

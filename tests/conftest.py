@@ -28,3 +28,11 @@ def _deterministic():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
+
+
+def act(mechanism, optimizer, step: int, tokens: int = 0, probe_loss=lambda: 1.0, expert_id=None):
+    """Run one mechanism's act() as nemoe.plasticity.Plasticity does, outside a trainer."""
+    from nemoe.plasticity import ActContext, Probe
+    if expert_id is None:
+        expert_id = getattr(mechanism, "expert_id", lambda layer, slot: -1)
+    return mechanism.act(ActContext(optimizer, step, tokens, Probe(probe_loss), expert_id))

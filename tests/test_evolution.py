@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from nemoe.evolution import (ExpertRecord, MorphController, blend_slots, clear_slot, copy_slot,
-                             open_slot, plan_layer, slot_params)
 from nemoe.model import NemoeLM, split_block
-from tests.conftest import tiny_config
+from nemoe.plasticity.experts import (ExpertMorphogenesis, ExpertRecord, blend_slots, clear_slot, copy_slot,
+                                      open_slot, plan_layer, slot_params)
+from tests.conftest import act, tiny_config
 
 
 def trained_model(cfg, steps=3):
@@ -191,7 +191,7 @@ def test_controller_events_and_bounds_over_many_intervals():
     cfg = tiny_config(morph={"interval": 1, "probation_steps": 2, "split_usage": 0.3,
                              "prune_usage": 0.2, "crossover_prob": 0.5})
     model, opt = trained_model(cfg)
-    controller = MorphController(cfg, cfg.model.n_layers)
+    controller = ExpertMorphogenesis(cfg, model)
     gen = torch.Generator().manual_seed(3)
     kinds = set()
     for step in range(1, 30):
@@ -200,8 +200,8 @@ def test_controller_events_and_bounds_over_many_intervals():
         model(*split_block(block)).loss_ce.backward()
         opt.step()
         opt.zero_grad()
-        events = controller.evolve(model.moe_layers, opt, step, step * 64, lambda: 1.0)
-        kinds |= {e.action for e in events}
+        events = act(controller, opt, step, step * 64)
+        kinds |= {e.event for e in events}
         for li, layer in enumerate(model.moe_layers):
             n = layer.n_active()
             assert n == controller.expert_counts()[li]
@@ -215,9 +215,9 @@ def test_controller_events_and_bounds_over_many_intervals():
 
 def test_controller_state_round_trip_gives_same_future_decisions():
     cfg = tiny_config(morph={"crossover_prob": 0.5})
-    a = MorphController(cfg, 2)
+    a = ExpertMorphogenesis(cfg, NemoeLM(cfg))
     torch.rand(5, generator=a.generator)
-    b = MorphController(cfg, 2)
+    b = ExpertMorphogenesis(cfg, NemoeLM(cfg))
     b.load_state_dict(a.state_dict())
     assert torch.equal(torch.rand(3, generator=a.generator), torch.rand(3, generator=b.generator))
     assert b.records == a.records and b.next_id == a.next_id
@@ -226,12 +226,12 @@ def test_controller_state_round_trip_gives_same_future_decisions():
 def test_ramp_opens_linearly():
     cfg = tiny_config(morph={"probation_steps": 8})   # ramp = 4 steps
     model, opt = trained_model(cfg)
-    controller = MorphController(cfg, 2)
+    controller = ExpertMorphogenesis(cfg, model)
     layer = model.moe_layers[0]
     controller.records[0][2] = ExpertRecord(id=9, birth_step=10, probation_until=18, origin="split")
     open_slot(layer, 2)
     seen = []
     for step in range(10, 16):
-        controller.update_routing(model.moe_layers, step)
+        controller.update_routing(step)
         seen.append(math.exp(layer.route_offset[2].item()))
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0], abs=1e-6)

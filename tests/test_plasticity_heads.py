@@ -17,7 +17,7 @@ from nemoe.config import config_from_dict
 from nemoe.errors import UserError
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity.heads import HeadPlasticity, attention_entropy, count_of, head_slices
-from tests.conftest import tiny_config
+from tests.conftest import act, tiny_config
 from tests.test_trainer import run
 from tools import plot_heads
 
@@ -152,8 +152,8 @@ def test_each_prune_criterion_picks_the_right_head(rule, prepare):
     if rule == "entropy":
         entropy = attention_entropy(model, probe)
         assert entropy[1, 3] == entropy.max() and entropy[1, 3] > 0.99
-    events = mech.act(optimizer, 4, 0, probe_loss_of(model, probe))
-    assert [(e.event, e.layer, e.unit) for e in events] == [("head_prune", 1, "h3")]
+    events = act(mech, optimizer, 4, 0, probe_loss_of(model, probe))
+    assert [(e.event, e.layer, e.unit) for e in events] == [("prune", 1, "h3")]
     assert rule.split("_")[0] in events[0].cause
     assert model.blocks[1].attn.head_gate[3] == 0 and live(mech) == [4, 3]
 
@@ -164,7 +164,7 @@ def test_random_prune_follows_its_own_seeded_generator():
         model, mech, probe = setup(prune="random", prune_fraction=0.1, seed=seed)
         draw = torch.rand(2, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         layer, head = divmod(int(draw.argmax()), 4)
-        events = mech.act(optimizer_of(model), 4, 0, probe_loss_of(model, probe))
+        events = act(mech, optimizer_of(model), 4, 0, probe_loss_of(model, probe))
         assert [(e.layer, e.unit) for e in events] == [(layer, f"h{head}")]
         picks.append((layer, head))
     assert len(set(picks)) > 1
@@ -175,12 +175,12 @@ def test_min_heads_and_counts_are_honoured():
     model, mech, probe = setup(prune="magnitude", prune_fraction=0.9, min_heads=3, grow="balanced",
                                grow_fraction=0.5, interval=4, warmup_steps=2)
     optimizer = optimizer_of(model)
-    events = mech.act(optimizer, 4, 0, probe_loss_of(model, probe))
-    assert [e.event for e in events] == ["head_prune", "head_prune"] and live(mech) == [3, 3]
-    events = mech.act(optimizer, 8, 0, probe_loss_of(model, probe))
+    events = act(mech, optimizer, 4, 0, probe_loss_of(model, probe))
+    assert [e.event for e in events] == ["prune", "prune"] and live(mech) == [3, 3]
+    events = act(mech, optimizer, 8, 0, probe_loss_of(model, probe))
     # balanced regrowth: 1 of 2 dead heads, in layer 0 (tie -> lowest layer); then one prune,
     # in layer 0 again: layer 1 is at min_heads and the newborn is protected
-    assert [(e.event, e.layer) for e in events] == [("head_grow", 0), ("head_prune", 0)]
+    assert [(e.event, e.layer) for e in events] == [("grow", 0), ("prune", 0)]
     assert events[0].unit != events[1].unit and live(mech) == [3, 3]
     assert all(e.n_after >= 3 for e in events)
 
@@ -197,16 +197,16 @@ def test_newborn_head_leaves_the_output_bit_identical_at_birth(rule):
     optimizer = optimizer_of(model)
     probe_loss = probe_loss_of(model, probe)
     train_step(model, optimizer, mech, 0, batch(0))
-    pruned = mech.act(optimizer, 1, 64, probe_loss)
-    dead = [(e.layer, int(e.unit[1:])) for e in pruned if e.event == "head_prune"]
+    pruned = act(mech, optimizer, 1, 64, probe_loss)
+    dead = [(e.layer, int(e.unit[1:])) for e in pruned if e.event == "prune"]
     assert len(dead) == 2
     train_step(model, optimizer, mech, 1, batch(1))
     before_logits = model.eval()(probe[:, :-1]).logits
     old = {lh: [p[i].clone() for p, i in head_slices(model.blocks[lh[0]].attn, lh[1]) if p.dim() == 2]
            for lh in dead}
-    events = mech.act(optimizer, 2, 128, probe_loss)
-    grown = [e for e in events if e.event == "head_grow"]
-    assert len(grown) == 2 and events[-1].event == "head_measure"
+    events = act(mech, optimizer, 2, 128, probe_loss)
+    grown = [e for e in events if e.event == "grow"]
+    assert len(grown) == 2 and events[-1].event == "measure"
     assert torch.equal(model.eval()(probe[:, :-1]).logits, before_logits)
     assert all(e.probe_loss_before == e.probe_loss_after for e in events)
     for lh in dead:
@@ -230,7 +230,7 @@ def test_optimizer_state_follows_prune_and_grow():
     _make_head_small(model, 0, 1)
     kept = {id(p): [s.clone() for s in optimizer.state[p].values()] for p in (attn.qkv.weight, attn.proj.weight)}
     probe_loss = probe_loss_of(model, probe)
-    assert [(e.layer, e.unit) for e in mech.act(optimizer, 2, 0, probe_loss)] == [(0, "h1")]
+    assert [(e.layer, e.unit) for e in act(mech, optimizer, 2, 0, probe_loss)] == [(0, "h1")]
     for p in (attn.qkv.weight, attn.proj.weight):
         state = optimizer.state[p]
         assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
@@ -240,8 +240,8 @@ def test_optimizer_state_follows_prune_and_grow():
         assert torch.equal(state["exp_avg"][other], kept[id(p)][1][other]), "other heads keep their moments"
     for step in range(2, 4):
         train_step(model, optimizer, mech, step, batch(step))
-    events = mech.act(optimizer, 4, 0, probe_loss)
-    assert events[0].event == "head_grow" and (events[0].layer, events[0].unit) == (0, "h1")
+    events = act(mech, optimizer, 4, 0, probe_loss)
+    assert events[0].event == "grow" and (events[0].layer, events[0].unit) == (0, "h1")
     for p, index in head_slices(attn, 1):
         assert all(s[index].abs().max() == 0 for s in optimizer.state[p].values() if s.shape == p.shape)
     assert all(s.shape == p.shape for p in model.parameters() for s in optimizer.state[p].values() if s.dim())
@@ -256,9 +256,9 @@ def _newborn_step(mult):
     optimizer = optimizer_of(model, weight_decay=0.0)
     probe_loss = probe_loss_of(model, probe)
     train_step(model, optimizer, mech, 0, batch(0))
-    mech.act(optimizer, 1, 0, probe_loss)
+    act(mech, optimizer, 1, 0, probe_loss)
     train_step(model, optimizer, mech, 1, batch(1))
-    mech.act(optimizer, 2, 0, probe_loss)                 # (0, h2) is reborn, gate 0
+    act(mech, optimizer, 2, 0, probe_loss)                 # (0, h2) is reborn, gate 0
     train_step(model, optimizer, mech, 2, batch(2))       # gate 0: no gradient, no move
     before = copy.deepcopy(model.state_dict())
     train_step(model, optimizer, mech, 3, batch(3))       # gate 1/4: the first real step
@@ -342,10 +342,10 @@ def straight(tmp_path_factory):
 def test_cycle_run_logs_events_and_gates(straight):
     _, events, state = read(straight)
     heads = events[events["granularity"] == "head"]
-    measures = heads[heads["event"] == "head_measure"]
+    measures = heads[heads["event"] == "measure"]
     assert measures["step"].tolist() == [4, 6, 10, 12, 16, 18]       # phase ends (learn end: 22)
     assert measures["action"].tolist() == ["prune", "grow"] * 3
-    prunes, grows = heads[heads["event"] == "head_prune"], heads[heads["event"] == "head_grow"]
+    prunes, grows = heads[heads["event"] == "prune"], heads[heads["event"] == "grow"]
     assert set(prunes["step"]) == {4, 10, 16} and set(grows["step"]) == {6, 12, 18}
     assert (prunes.groupby("step").size() == 2).all(), "0.3 of 8 live heads"
     assert (grows["probe_loss_before"] == grows["probe_loss_after"]).all(), "births preserve the function"
@@ -366,7 +366,7 @@ def test_resume_is_bit_exact_across_head_events(straight, tmp_path):
     pd.testing.assert_frame_equal(events, s_events)
     pd.testing.assert_frame_equal(state, s_state)
     resumed = events[(events["granularity"] == "head") & (events["step"] > 9)]
-    assert {"head_prune", "head_grow"} <= set(resumed["event"])
+    assert {"prune", "grow"} <= set(resumed["event"])
 
 
 @pytest.mark.slow

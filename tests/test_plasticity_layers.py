@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from nemoe.errors import UserError
-from nemoe.evolution import MorphController
 from nemoe.model import NemoeLM, split_block
+from nemoe.plasticity import LayerShift
+from nemoe.plasticity.experts import ExpertMorphogenesis
 from nemoe.plasticity.layers import LayerSenescence
-from tests.conftest import tiny_config
+from tests.conftest import act, tiny_config
 from tests.test_trainer import logs, run
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,8 +72,8 @@ def test_shift_moves_parameters_and_their_exact_optimizer_state():
     before = [block_snapshot(b, optimizer) for b in model.blocks]
     probe_loss, _ = probe_recorder(model, probe)
     mech.measure = lambda *a: None        # keep the vitalities set above: position 4 must die
-    events = mech.act(optimizer, 3, 0, probe_loss)
-    assert [e.event for e in events] == ["layer_death", "layer_birth"]
+    events = act(mech, optimizer, 3, 0, probe_loss)
+    assert [e.event for e in events] == ["death", "birth"]
     assert (events[0].layer, events[1].layer) == (4, 1)   # death zone 4..5, birth position 1
     # Positions 1..3 moved to 2..4 with their exact moments and step; 0 and 5 untouched.
     for new, old in [(0, 0), (2, 1), (3, 2), (4, 3), (5, 5)]:
@@ -91,14 +92,14 @@ def test_shift_moves_parameters_and_their_exact_optimizer_state():
         for s in optimizer.state[p].values():
             assert s.dim() == 0 or s.shape == p.shape
     assert [r.id for r in mech.records] == [0, 6, 1, 2, 3, 5]
-    assert mech.layer_shifts[0].sources == [0, 0, 1, 2, 3, 5]
+    assert events[1].shift.sources == [0, 0, 1, 2, 3, 5] and events[1].shift.newborn == 1
 
 
 @pytest.mark.parametrize("newborn", ["copy", "fresh"])
 def test_newborn_at_zero_influence_leaves_the_logits_bit_identical(newborn):
     cfg, model, optimizer, mech, probe = setup(newborn=newborn, mutation_std=0.05)
     probe_loss, logits = probe_recorder(model, probe)
-    events = mech.act(optimizer, 3, 0, probe_loss)
+    events = act(mech, optimizer, 3, 0, probe_loss)
     death, birth = events
     # Calls: base, 6 ablations, before the death, after it, after the birth.
     assert len(logits) == 1 + 6 + 3
@@ -117,8 +118,8 @@ def test_zones_core_never_dies_and_newborns_land_in_the_birth_zone():
     stem = [p.detach().clone() for p in model.blocks[0].parameters()]
     deaths, births = [], []
     for step in range(4, 28, 2):
-        for e in mech.act(optimizer, step, 0, probe_loss):
-            (deaths if e.event == "layer_death" else births).append(e.layer)
+        for e in act(mech, optimizer, step, 0, probe_loss):
+            (deaths if e.event == "death" else births).append(e.layer)
         mech.observe(step)
     assert deaths and len(deaths) == len(births)
     assert set(deaths) <= {5, 6} and set(births) == {1}
@@ -128,10 +129,10 @@ def test_zones_core_never_dies_and_newborns_land_in_the_birth_zone():
 def test_death_needs_age_and_low_vitality():
     cfg, model, optimizer, mech, probe = setup(min_age=10, trigger=0.01)
     probe_loss, _ = probe_recorder(model, probe)
-    assert mech.act(optimizer, 4, 0, probe_loss) == []        # young and vital
+    assert act(mech, optimizer, 4, 0, probe_loss) == []        # young and vital
     mech.section.trigger = 100.0
-    assert mech.act(optimizer, 6, 0, probe_loss) == []        # still younger than min_age
-    assert len(mech.act(optimizer, 10, 0, probe_loss)) == 2
+    assert act(mech, optimizer, 6, 0, probe_loss) == []        # still younger than min_age
+    assert len(act(mech, optimizer, 10, 0, probe_loss)) == 2
 
 
 def test_vitality_formula_and_newborn_warmup():
@@ -145,10 +146,10 @@ def test_vitality_formula_and_newborn_warmup():
     for r in mech.records:
         assert r.vitality == pytest.approx((0.5 + 0.5 * r.importance) * math.exp(-0.5))
     mech.section.trigger = 0.0
-    events = mech.act(optimizer, 4, 0, probe_loss)
+    events = act(mech, optimizer, 4, 0, probe_loss)
     assert events == []
     mech.section.trigger = 100.0
-    birth = mech.act(optimizer, 6, 0, probe_loss)[1]
+    birth = act(mech, optimizer, 6, 0, probe_loss)[1]
     ramp = []
     for step in range(6, 12):
         mech.observe(step)
@@ -202,14 +203,14 @@ def test_checkpoints_without_influence_or_temperature_still_load():
 def test_controller_records_follow_the_shift():
     cfg = tiny_config(model={"n_layers": 4}, plasticity={"layers": {**LAYERS, "birth_zone": 1,
                                                                        "death_zone": 1}})
-    controller = MorphController(cfg, 4)
+    controller = ExpertMorphogenesis(cfg, NemoeLM(cfg))
     rows = [list(row) for row in controller.records]
     next_id = controller.next_id
-    controller.remap_layers([2, 0, 1, 2], newborn=0, step=7)   # L3 died, copy of L2 born at 0
+    controller.on_layer_shift(LayerShift(7, [2, 0, 1, 2], newborn=0, parent=2))   # L3 died, copy of L2 at 0
     assert controller.records[1:] == rows[:3]
     assert [r.parents for r in controller.records[0] if r] == [(r.id,) for r in rows[2] if r]
     assert [r.id for r in controller.records[0] if r] == [next_id, next_id + 1]
-    controller.remap_layers([-1, 0, 1, 2], newborn=0, step=9)  # fresh
+    controller.on_layer_shift(LayerShift(9, [-1, 0, 1, 2], newborn=0, parent=-1))  # fresh
     assert [(r.birth_step, r.origin) for r in controller.records[0] if r] == [(9, "init")] * 2
 
 
@@ -218,13 +219,10 @@ def test_controller_records_follow_the_shift():
     ({"birth_zone": 0}, "stable core"),
     ({"newborn": "clone"}, "copy or fresh"),
     ({"max_dropout": 0.05}, "max_dropout"),
-    ({"heads": True}, "cannot be enabled together"),
 ])
 def test_invalid_layer_settings_are_one_clear_error(layers, message):
-    heads = {"heads": {"enabled": layers.pop("heads", False)}}
     with pytest.raises(UserError) as err:
-        tiny_config(model={"n_layers": 4, "dropout": 0.1},
-                    plasticity={"layers": {"enabled": True, **layers}, **heads})
+        tiny_config(model={"n_layers": 4, "dropout": 0.1}, plasticity={"layers": {"enabled": True, **layers}})
     assert message in str(err.value) and str(err.value).count("\n  - ") == 1
 
 
@@ -248,11 +246,11 @@ def layer_run(tmp_path_factory):
 def test_run_logs_layer_events_and_vitality(layer_run):
     train, events, _ = logs(layer_run)
     layer = events[events["granularity"] == "layer"]
-    assert list(layer["event"]) == ["layer_death", "layer_birth"] * 4
+    assert list(layer["event"]) == ["death", "birth"] * 4
     assert list(layer["step"]) == [4, 4, 8, 8, 12, 12, 16, 16]
-    assert set(layer[layer["event"] == "layer_death"]["layer"]) == {3}
-    assert set(layer[layer["event"] == "layer_birth"]["layer"]) == {0}
-    births = layer[layer["event"] == "layer_birth"]
+    assert set(layer[layer["event"] == "death"]["layer"]) == {3}
+    assert set(layer[layer["event"] == "birth"]["layer"]) == {0}
+    births = layer[layer["event"] == "birth"]
     assert (births["probe_loss_before"] == births["probe_loss_after"]).all()
     state = pd.read_csv(layer_run / "logs" / "tiny" / "plasticity.csv")
     vit = state[state["name"] == "vitality"]

@@ -1,25 +1,15 @@
-"""Structural plasticity beside expert morphogenesis: neurons, attention heads, layers.
+"""Structural plasticity at every granularity, run by one container.
 
-Every mechanism follows one lifecycle, the same as the expert controller's:
-measure fitness while training runs, decide at its interval, operate on the
-parameters *and* the optimizer state (slot writes, never a rebuilt optimizer),
-report each change as a `MorphEvent` (events.csv), and checkpoint its own state.
+    experts  expert morphogenesis (the `morph` section): split, crossover, probation, prune
+    neuron   neuron apoptosis inside experts (plasticity.neuron)
+    heads    attention-head prune / grow through gates (plasticity.heads)
+    layers   layer senescence: blocks age, die and are reborn (plasticity.layers)
 
-The trainer drives a mechanism through four calls, all at optimizer-step
-boundaries:
-
-    observe(step)         after the step's gradients are final (unscaled and
-                          clipped), before the optimizer applies them; skipped
-                          for a step whose gradients were not finite
-    after_step(step)      right after the optimizer step (e.g. to rescale the
-                          update of some parameter slices)
-    due(step) / act(...)  after the optimizer step, beside the expert controller
-    snapshot()            at every log step: rows of plasticity.csv (vitality, gates, ...)
-    state_dict()          in every checkpoint; load_state_dict() on --resume
-
-Decisions must be the same on every data-parallel rank: statistics taken from
-activations are all-reduced before use (gradients already are, by DDP), and any
-randomness comes from the mechanism's own seeded generator.
+Every mechanism follows the lifecycle of `nemoe.plasticity.base.Mechanism`.
+`Plasticity` holds the ones a run uses (experts always: its records name every
+expert in the logs) in a fixed order and relays between them: a layer shift
+reaches every other mechanism's `on_layer_shift`, and each act()'s events reach
+the others' `on_events`, so records of every kind follow the structure.
 """
 
 from __future__ import annotations
@@ -28,65 +18,69 @@ from typing import Callable
 
 import torch
 
-from nemoe.errors import UserError
-from nemoe.evolution import MorphEvent
+from nemoe.plasticity.base import ActContext, Event, LayerShift, Mechanism, Probe
+from nemoe.plasticity.experts import ExpertMorphogenesis
+from nemoe.plasticity.heads import HeadPlasticity
+from nemoe.plasticity.layers import LayerSenescence
+from nemoe.plasticity.neuron import NeuronPlasticity
+
+# Section name under `plasticity:` -> mechanism, in the order they act at a shared step.
+REGISTRY: dict[str, type[Mechanism]] = {"neuron": NeuronPlasticity, "heads": HeadPlasticity,
+                                        "layers": LayerSenescence}
 
 
-class Mechanism:
-    """Base of one plasticity mechanism; `section` is its config (enabled, interval, ...)."""
-
-    granularity = ""   # neuron | head | layer: the events.csv `granularity` column
-    config_key = ""    # its section under `plasticity:` in the config
-    # Blocks moved by the last act() (layer senescence only): the trainer moves the
-    # expert controller's per-layer records along (MorphController.remap_layers).
-    layer_shifts: tuple = ()
+class Plasticity:
+    """The run's mechanisms: expert morphogenesis first, then the enabled plasticity sections."""
 
     def __init__(self, cfg, model: torch.nn.Module, probe_batch: torch.Tensor):
-        """model: the bare NemoeLM (never a DDP or compiled wrapper); probe_batch: fixed
-        held-out packed blocks (B, T+1) on CPU, for measurements such as attention entropy."""
-        self.cfg, self.model, self.probe_batch = cfg, model, probe_batch
-        self.section = getattr(cfg.plasticity, self.config_key)
+        self.experts = ExpertMorphogenesis(cfg, model, probe_batch)
+        enabled = [name for name, section in vars(cfg.plasticity).items() if section.enabled]
+        self.mechanisms: list[Mechanism] = [self.experts] + [REGISTRY[n](cfg, model, probe_batch) for n in enabled]
 
+    def __iter__(self):
+        return iter(self.mechanisms)
+
+    # -- the step ------------------------------------------------------------------ #
     def observe(self, step: int) -> None:
-        """Accumulate fitness from this step's gradients (and recorded activations)."""
+        for m in self.mechanisms:
+            m.observe(step)
 
     def after_step(self, step: int) -> None:
-        """Called right after every optimizer step, before the gradients are cleared."""
-
-    def due(self, step: int) -> bool:
-        return self.section.enabled and step > 0 and step % self.section.interval == 0
+        for m in self.mechanisms:
+            m.after_step(step)
 
     def act(self, optimizer: torch.optim.Optimizer, step: int, tokens: int,
-            probe_loss: Callable[[], float]) -> list[MorphEvent]:
-        """Decide and operate; returns the events (probe loss measured around each)."""
-        raise NotImplementedError
+            probe_loss: Callable[[], float]) -> list[Event]:
+        """Every mechanism due at this optimizer-step boundary decides and operates, in order;
+        the others follow each one's changes before their own turn."""
+        events: list[Event] = []
+        for m in self.mechanisms:
+            if not m.due(step):
+                continue
+            new = m.act(ActContext(optimizer, step, tokens, Probe(probe_loss), self.experts.expert_id))
+            others = [o for o in self.mechanisms if o is not m]
+            for shift in (e.shift for e in new if e.shift is not None):
+                for o in others:
+                    o.on_layer_shift(shift)
+            for o in others:
+                o.on_events(new)
+            events += new
+        return events
 
+    # -- output and checkpoints ------------------------------------------------------- #
     def snapshot(self) -> list[dict]:
-        """Per-unit state for plasticity.csv at each log step: dicts with keys
-        layer, unit, name, value (e.g. {"layer": 3, "unit": "", "name": "vitality", "value": 0.8})."""
-        return []
+        """Rows of plasticity.csv (without step and tokens) of the mechanisms that report state."""
+        return [{"granularity": m.granularity, **row} for m in self.mechanisms for row in m.snapshot()]
 
     def state_dict(self) -> dict:
-        return {}
+        return {m.config_key: m.state_dict() for m in self.mechanisms}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """A mechanism switched on at resume starts fresh (its key is missing)."""
+        for m in self.mechanisms:
+            if m.config_key in state:
+                m.load_state_dict(state[m.config_key])
 
 
-# name in the config -> class; each mechanism module registers itself below.
-REGISTRY: dict[str, type[Mechanism]] = {}
-
-
-def build_mechanisms(cfg, model: torch.nn.Module, probe_batch: torch.Tensor) -> list[Mechanism]:
-    """The enabled mechanisms, in a fixed order (neuron, heads, layers)."""
-    enabled = [name for name, section in vars(cfg.plasticity).items() if section.enabled]
-    missing = [name for name in enabled if name not in REGISTRY]
-    if missing:
-        raise UserError(f"plasticity.{missing[0]}: this mechanism is not available in this version")
-    return [REGISTRY[name](cfg, model, probe_batch) for name in enabled]
-
-
-# Each mechanism module registers its class in REGISTRY when imported.
-from nemoe.plasticity import heads, layers, neuron  # noqa: E402
-
-__all__ = ["Mechanism", "REGISTRY", "build_mechanisms", "heads", "layers", "neuron"]
+__all__ = ["ActContext", "Event", "ExpertMorphogenesis", "HeadPlasticity", "LayerSenescence", "LayerShift",
+           "Mechanism", "NeuronPlasticity", "Plasticity", "Probe", "REGISTRY"]

@@ -53,14 +53,12 @@ then opening the gate linearly over `warmup_steps`.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 
-from nemoe.evolution import MorphEvent
+from nemoe.distributed import sum_over_ranks_
 from nemoe.model import split_block
-from nemoe.plasticity import REGISTRY, Mechanism
+from nemoe.plasticity.base import ActContext, Event, LayerShift, Mechanism, element_states, shift_rows
 
 
 def count_of(fraction: float, n: int) -> int:
@@ -81,13 +79,6 @@ def head_slices(attn, h: int) -> list[tuple[torch.nn.Parameter, tuple]]:
     rows = rows.to(attn.qkv.weight.device)
     cols = slice(h * hs, (h + 1) * hs)
     return [(attn.qkv.weight, (rows,)), (attn.qkv.bias, (rows,)), (attn.proj.weight, (slice(None), cols))]
-
-
-def _states(optimizer, p: torch.Tensor) -> list[torch.Tensor]:
-    """Per-element optimizer state of p (AdamW: exp_avg, exp_avg_sq); the shared `step` stays."""
-    if optimizer is None:
-        return []
-    return [t for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t) and t.shape == p.shape]
 
 
 @torch.no_grad()
@@ -262,9 +253,10 @@ class HeadPlasticity(Mechanism):
         schedule[h.cycles * period + h.interval] = ("learn", h.cycles)
         return schedule
 
-    def act(self, optimizer, step: int, tokens: int, probe_loss: Callable[[], float]) -> list[MorphEvent]:
-        self._all_reduce_stats()
-        probe = _ProbeCache(probe_loss)
+    def act(self, ctx: ActContext) -> list[Event]:
+        if self.track_gate_grad:   # local gradients on each data-parallel rank: sum them
+            sum_over_ranks_(self.gate_grad_sum)
+        optimizer, step, tokens, probe = ctx.optimizer, ctx.step, ctx.tokens, ctx.probe
         if self.section.mode == "continuous":
             events = self._grow(optimizer, step, tokens, probe) + self._prune(optimizer, step, tokens, probe)
         else:
@@ -273,7 +265,7 @@ class HeadPlasticity(Mechanism):
         self.gate_grad_steps = 0
         return events
 
-    def _cycle_step(self, optimizer, step, tokens, probe) -> list[MorphEvent]:
+    def _cycle_step(self, optimizer, step, tokens, probe) -> list[Event]:
         operation, cycle = self.cycle_schedule()[step]
         before, n_before = probe(), int(self.alive.sum())
         if operation == "prune":
@@ -284,14 +276,10 @@ class HeadPlasticity(Mechanism):
             what = f"end of pruned phase, then grow {len(events)} head(s)"
         else:
             events, what = [], "end of the last learn phase"
-        measure = self._event(step, tokens, "head_measure", -1, operation, f"cycle{cycle}",
+        measure = self._event(step, tokens, "measure", -1, f"cycle{cycle} {operation}",
                               f"cycle {cycle}/{self.section.cycles}: {what}", 0.0, 0.0, n_before,
                               int(self.alive.sum()), before, probe())
         return events + [measure]
-
-    def _all_reduce_stats(self) -> None:
-        if self.track_gate_grad and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.gate_grad_sum)
 
     def prune_scores(self) -> tuple[torch.Tensor, str, bool]:
         """(values (L, nh), what they are, True when the highest value prunes first)."""
@@ -308,7 +296,7 @@ class HeadPlasticity(Mechanism):
         return torch.rand(self.n_layers, self.n_heads, generator=self.generator, dtype=torch.float64), \
             "random draw", True
 
-    def _prune(self, optimizer, step, tokens, probe) -> list[MorphEvent]:
+    def _prune(self, optimizer, step, tokens, probe) -> list[Event]:
         values, what, high_first = self.prune_scores()
         alive = self.alive
         protect = max(self.section.interval, self.section.warmup_steps)
@@ -331,11 +319,11 @@ class HeadPlasticity(Mechanism):
             value, n_before, before = float(values[layer, head]), int(self.alive[layer].sum()), probe()
             self.prune_head(optimizer, layer, head, step)
             cause = f"{what} {value:.4g} {'>=' if high_first else '<='} kept {cut:.4g}"
-            events.append(self._event(step, tokens, "head_prune", layer, "prune", f"h{head}", cause, value,
-                                      cut, n_before, int(self.alive[layer].sum()), before, probe.again()))
+            events.append(self._event(step, tokens, "prune", layer, f"h{head}", cause, value,
+                                      cut, n_before, int(self.alive[layer].sum()), before, probe.measure()))
         return events
 
-    def _grow(self, optimizer, step, tokens, probe) -> list[MorphEvent]:
+    def _grow(self, optimizer, step, tokens, probe) -> list[Event]:
         dead = [tuple(x) for x in ((self.pruned_at >= 0) & (self.pruned_at < step)).nonzero().tolist()]
         n_grow = count_of(self.section.grow_fraction, len(dead))
         if not n_grow:
@@ -370,9 +358,9 @@ class HeadPlasticity(Mechanism):
                      "balanced": "layer had {:.0f} live heads",
                      "random": "random draw {:.4g}"}[rule].format(
                 n_before if values is None else float(values[layer, head]))
-            events.append(self._event(step, tokens, "head_grow", layer, "grow", f"h{head}", cause,
+            events.append(self._event(step, tokens, "grow", layer, f"h{head}", cause,
                                       n_before if values is None else float(values[layer, head]), 0.0,
-                                      n_before, int(self.alive[layer].sum()), before, probe.again()))
+                                      n_before, int(self.alive[layer].sum()), before, probe.measure()))
         return events
 
     def _pick_growth(self, dead, n_grow, values) -> list[tuple[int, int]]:
@@ -398,7 +386,7 @@ class HeadPlasticity(Mechanism):
         self.pruned_at[layer, head] = step
         self.born[layer, head] = -1
         for p, index in head_slices(attn, head):
-            for s in _states(optimizer, p):
+            for s in element_states(optimizer, p):
                 s[index] = 0
 
     @torch.no_grad()
@@ -411,16 +399,29 @@ class HeadPlasticity(Mechanism):
                 std = self.std_in if p is self.attns[layer].qkv.weight else self.std_out
                 shape = p[index].shape
                 p[index] = (torch.randn(shape, generator=self.generator) * std).to(p.device, p.dtype)
-            for s in _states(optimizer, p):
+            for s in element_states(optimizer, p):
                 s[index] = 0
 
     # -- output ----------------------------------------------------------------- #
-    def _event(self, step, tokens, event, layer, action, unit, cause, value, threshold, n_before, n_after,
-               before, after) -> MorphEvent:
-        return MorphEvent(step=step, tokens=tokens, event=event, layer=layer, action=action, expert=-1,
-                          parents="", usage=value, threshold=threshold, n_before=n_before, n_after=n_after,
-                          probe_loss_before=before, probe_loss_after=after, granularity="head", unit=unit,
-                          cause=cause)
+    def _event(self, step, tokens, event, layer, unit, cause, value, threshold, n_before, n_after,
+               before, after) -> Event:
+        return Event(step=step, tokens=tokens, granularity="head", event=event, layer=layer, unit=unit,
+                     value=value, threshold=threshold, n_before=n_before, n_after=n_after,
+                     probe_loss_before=before, probe_loss_after=after, cause=cause)
+
+    # -- following layer shifts ------------------------------------------------ #
+    def on_layer_shift(self, shift: LayerShift) -> None:
+        """Head records move with their blocks (whose gates moved with the block's buffers). A
+        copied newborn carries its parent's heads, records included; a fresh one has all heads open."""
+        self.born = shift_rows(self.born, shift.sources)
+        self.pruned_at = shift_rows(self.pruned_at, shift.sources)
+        self.gate_grad_sum.copy_(shift_rows(self.gate_grad_sum, shift.sources))
+        if shift.parent < 0:   # (a copy's row already came from sources[newborn] == parent)
+            self.born[shift.newborn] = -1
+            self.pruned_at[shift.newborn] = -1
+            self.gate_grad_sum[shift.newborn] = 0
+            with torch.no_grad():
+                self.attns[shift.newborn].head_gate.fill_(1.0)
 
     def snapshot(self) -> list[dict]:
         """Per head: gate, and attention entropy on the probe batch (plasticity.csv)."""
@@ -447,22 +448,3 @@ class HeadPlasticity(Mechanism):
         self.gate_grad_sum.copy_(state["gate_grad_sum"])
         self.gate_grad_steps = state["gate_grad_steps"]
         self.last_observed = state["last_observed"]
-
-
-class _ProbeCache:
-    """The probe loss, measured lazily: an operation's "after" is the next one's "before"."""
-
-    def __init__(self, probe_loss: Callable[[], float]):
-        self.probe_loss, self.value = probe_loss, None
-
-    def __call__(self) -> float:
-        if self.value is None:
-            self.value = self.probe_loss()
-        return self.value
-
-    def again(self) -> float:
-        self.value = self.probe_loss()
-        return self.value
-
-
-REGISTRY["heads"] = HeadPlasticity

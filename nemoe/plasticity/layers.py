@@ -36,8 +36,9 @@ model's output is unchanged), rising linearly to 1 over `warmup_steps`:
     copy   parameters of the most vital other block + relative noise, its buffers and
            optimizer moments (the same state a split expert gets in evolution.py);
     fresh  a new random init (GPT-2 style, as NemoeLM), zero moments and step 0.
-Each shift is published in `layer_shifts` so the trainer can move the expert
-controller's per-layer records with their blocks.
+Each shift rides on its birth event (`Event.shift`): the other mechanisms
+(expert records, neuron records, head records) move their per-layer state with
+the blocks through `on_layer_shift`.
 
 Decisions read only the probe loss, which is the same on every data-parallel rank
 (same parameters, same probe batch); noise comes from the mechanism's own seeded,
@@ -53,8 +54,7 @@ from typing import Callable
 
 import torch
 
-from nemoe.evolution import MorphEvent
-from nemoe.plasticity import REGISTRY, Mechanism
+from nemoe.plasticity.base import ActContext, Event, LayerShift, Mechanism, add_relative_noise_
 
 
 @dataclass
@@ -71,15 +71,6 @@ class LayerRecord:
     vitality: float = 1.0
 
 
-@dataclass
-class LayerShift:
-    """One death + birth as a map of positions, for whoever keeps per-layer records."""
-
-    sources: list[int]          # per position: the position its block held before the event
-    newborn: int                # the newborn's position
-    parent: int                 # the newborn's parent position before the event (-1: fresh)
-
-
 class LayerSenescence(Mechanism):
     granularity = "layer"
     config_key = "layers"
@@ -92,7 +83,6 @@ class LayerSenescence(Mechanism):
         self.step = 0
         self.base_dropout = cfg.model.dropout
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.layer_shifts: list[LayerShift] = []   # the last act()'s shifts
         self.apply_drives()
 
     # -- zones ---------------------------------------------------------------- #
@@ -124,9 +114,9 @@ class LayerSenescence(Mechanism):
         return 1.0 if age >= warmup else s0 + (1.0 - s0) * age / warmup
 
     # -- the review ------------------------------------------------------------- #
-    def act(self, optimizer, step: int, tokens: int, probe_loss: Callable[[], float]) -> list[MorphEvent]:
+    def act(self, ctx: ActContext) -> list[Event]:
+        optimizer, step, tokens, probe_loss = ctx.optimizer, ctx.step, ctx.tokens, ctx.probe.measure
         self.step = step
-        self.layer_shifts = []
         self.measure(probe_loss(), probe_loss)
         self.apply_drives(optimizer)   # new vitality -> temperature, dropout, lr_scale
         dead = self.choose_death()
@@ -170,13 +160,13 @@ class LayerSenescence(Mechanism):
     # -- death and birth ---------------------------------------------------------- #
     @torch.no_grad()
     def replace(self, dead: int, optimizer, step: int, tokens: int, base: float,
-                probe_loss: Callable[[], float]) -> list[MorphEvent]:
+                probe_loss: Callable[[], float]) -> list[Event]:
         s, blocks, b = self.section, self.model.blocks, self.birth_position
         n = len(blocks)
         corpse = self.records[dead]
-        death = self._event(step, tokens, "layer_death", "death", dead, corpse,
+        death = self._event(step, tokens, "death", dead, corpse,
                             cause=f"vitality {corpse.vitality:.4f} < {s.trigger:g} at age {self.age(dead)}",
-                            usage=corpse.vitality, threshold=s.trigger, before=base)
+                            value=corpse.vitality, threshold=s.trigger, before=base)
         parent = self.choose_parent(dead) if s.newborn == "copy" else -1
         parent_state = block_state(blocks[parent], optimizer) if parent >= 0 else None
         parent_record = self.records[parent] if parent >= 0 else None
@@ -202,22 +192,20 @@ class LayerSenescence(Mechanism):
         self.records[b] = record
         blocks[b].influence.fill_(s.newborn_influence)
         self.apply_drives(optimizer)
-        birth = self._event(step, tokens, "layer_birth", "birth", b, record, cause=cause,
-                            usage=s.newborn_influence, threshold=0.0,
+        birth = self._event(step, tokens, "birth", b, record, cause=cause,
+                            value=s.newborn_influence, threshold=0.0,
                             before=death.probe_loss_after, parents="" if parent < 0 else str(parent_record.id))
         birth.probe_loss_after = probe_loss()
         sources = [pos - 1 if b < pos <= dead else pos for pos in range(n)]
         sources[b] = parent
-        self.layer_shifts.append(LayerShift(sources=sources, newborn=b, parent=parent))
+        birth.shift = LayerShift(step=step, sources=sources, newborn=b, parent=parent)
         return [death, birth]
 
-    def _event(self, step, tokens, event, action, layer, record, cause, usage, threshold, before,
-               parents="") -> MorphEvent:
+    def _event(self, step, tokens, event, layer, record, cause, value, threshold, before, parents="") -> Event:
         n = len(self.records)
-        return MorphEvent(step=step, tokens=tokens, event=event, layer=layer, action=action, expert=-1,
-                          parents=parents, usage=usage, threshold=threshold, n_before=n, n_after=n,
-                          probe_loss_before=before, probe_loss_after=before, granularity="layer",
-                          unit=f"L{layer} id{record.id}", cause=cause)
+        return Event(step=step, tokens=tokens, granularity="layer", event=event, layer=layer,
+                     unit=f"L{layer} id{record.id}", parents=parents, value=value, threshold=threshold,
+                     n_before=n, n_after=n, probe_loss_before=before, probe_loss_after=before, cause=cause)
 
     # -- what vitality drives ---------------------------------------------------- #
     def drives(self, i: int) -> dict[str, float]:
@@ -298,13 +286,11 @@ def load_block_state(block: torch.nn.Module, optimizer, state: dict) -> None:
 
 @torch.no_grad()
 def mutate_(block: torch.nn.Module, mutation_std: float, generator: torch.Generator) -> None:
-    """p += N(0, (mutation_std * RMS(p))^2) per parameter tensor (as evolution.copy_slot)."""
+    """p += N(0, (mutation_std * RMS(p))^2) per parameter tensor (as a split expert's copy)."""
     if mutation_std <= 0:
         return
     for p in block.parameters():
-        scale = mutation_std * p.float().pow(2).mean().sqrt()
-        noise = torch.randn(p.shape, generator=generator)  # CPU: the same on every device
-        p += (noise * scale.cpu()).to(p.device, p.dtype)
+        add_relative_noise_(p, p, mutation_std, generator)
 
 
 @torch.no_grad()
@@ -333,5 +319,3 @@ def fresh_init_(block: torch.nn.Module, optimizer, n_layers: int, experts_init: 
     moe.usage_counts.zero_()
     block.attn.temperature.fill_(1.0)
 
-
-REGISTRY["layers"] = LayerSenescence

@@ -35,10 +35,11 @@ their moments: the refit moves them a little, their gradient statistics stay val
 
 Records per (layer, slot, neuron), checkpointed: birth step, parent neuron (-1:
 none), generation (parent's + 1 for clone/mutation; 0 starts a fresh line) and the
-number of deaths at that position. When the expert controller gives a slot a new
-expert (a live slot whose routing offset is -inf: born at this very step), that
-slot's records restart (born then, no parent, generation 0, fitness reset): an
-expert's neurons are judged from its own birth, not its parent's history.
+number of deaths at that position. When expert morphogenesis puts a new expert in
+a slot (a split or crossover event), that slot's records restart (born then, no
+parent, generation 0, fitness reset): an expert's neurons are judged from its own
+birth, not its parent's history. When layer senescence moves blocks, the records
+move with them, and a newborn block's records start fresh.
 
 Activation checkpointing: h is seen through a tensor hook that fires once per
 backward pass; the recomputed forward's graph is never backpropagated, so nothing
@@ -50,15 +51,13 @@ scale changes rarely); rankings inside one expert are unaffected.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from nemoe.evolution import MorphEvent, _slot_states
+from nemoe.distributed import sum_over_ranks_
 from nemoe.moe import ExpertPool
-from nemoe.plasticity import REGISTRY, Mechanism
+from nemoe.plasticity.base import ActContext, Event, LayerShift, Mechanism, element_states, shift_rows
 
 INIT_STD = 0.02   # ExpertPool's init of w_in
 RIDGE = 1e-6      # functional refit: Tikhonov term relative to the mean activation energy
@@ -208,7 +207,6 @@ class NeuronPlasticity(Mechanism):
 
     @torch.no_grad()
     def observe(self, step: int) -> None:
-        self._restart_new_experts(step)
         uses_gradient = self.section.metric in ("gradient", "composite")
         for li, (layer, capture) in enumerate(zip(self.layers, self.captures)):
             self.taylor[li] += capture.taylor
@@ -224,20 +222,35 @@ class NeuronPlasticity(Mechanism):
         self._set_recording(step + 1)
         self.step = step + 1
 
+    # -- following the other mechanisms ------------------------------------------ #
+    _PER_LAYER = ("birth_step", "parent", "generation", "deaths", "taylor", "grad_norm", "tokens", "gram",
+                  "last_fitness")
+
+    def on_events(self, events: list[Event]) -> None:
+        """A new expert in a slot (split or crossover): its neurons' records restart."""
+        for e in events:
+            if e.granularity == "expert" and e.event in ("split", "crossover"):
+                self._restart(e.layer, e.slot, e.step)
+
     @torch.no_grad()
-    def _restart_new_experts(self, step: int) -> None:
-        """Fresh neuron records for slots where the controller placed a new expert."""
-        live = torch.stack([layer.active for layer in self.layers])                  # (L, E)
-        offset = torch.stack([layer.route_offset for layer in self.layers])          # (L, E)
-        born = (live & torch.isneginf(offset)).to(self.birth_step.device)            # born at `step`
-        cell = born[..., None]                                                       # (L, E, 1)
-        self.birth_step.masked_fill_(cell, step)
-        self.parent.masked_fill_(cell, -1)
-        for t in (self.generation, self.deaths, self.taylor, self.grad_norm):
-            t.masked_fill_(cell, 0)
-        self.tokens.masked_fill_(born, 0)
-        if self.gram is not None:
-            self.gram.masked_fill_(born[..., None, None], 0)
+    def on_layer_shift(self, shift: LayerShift) -> None:
+        """Records move with their blocks; the newborn block's neurons all start fresh."""
+        for name in self._PER_LAYER:
+            t = getattr(self, name)
+            if t is not None:
+                t.copy_(shift_rows(t, shift.sources))
+        for slot in range(self.tokens.shape[1]):
+            self._restart(shift.newborn, slot, shift.step)
+        self.last_fitness[shift.newborn] = 0
+
+    @torch.no_grad()
+    def _restart(self, li: int, slot: int, step: int) -> None:
+        """Fresh records for every neuron of one slot: born at `step`, no parent, no history."""
+        self.birth_step[li, slot] = step
+        self.parent[li, slot] = -1
+        for t in (self.generation, self.deaths, self.taylor, self.grad_norm, self.tokens, self.gram):
+            if t is not None:
+                t[li, slot] = 0
 
     @torch.no_grad()
     def _fitness(self, li: int) -> torch.Tensor:
@@ -250,21 +263,14 @@ class NeuronPlasticity(Mechanism):
         return composite_fitness(parts, {"grad_activation": s.composite_taylor,
                                          "gradient": s.composite_gradient, "weight": s.composite_weight})
 
-    def _all_reduce(self) -> None:
-        """Activation statistics differ per data-parallel rank: sum them (gradients already agree)."""
-        if dist.is_available() and dist.is_initialized():
-            for t in (self.taylor, self.tokens, self.gram):
-                if t is not None:
-                    dist.all_reduce(t)
-
     # -- acting ---------------------------------------------------------------- #
-    def act(self, optimizer: torch.optim.Optimizer, step: int, tokens: int,
-            probe_loss: Callable[[], float]) -> list[MorphEvent]:
-        self.step = step
-        self._restart_new_experts(step)
-        self._all_reduce()
-        events: list[MorphEvent] = []
-        losses: list[float] = []   # the probe loss after one event is the next one's "before"
+    def act(self, ctx: ActContext) -> list[Event]:
+        self.step = step = ctx.step
+        # Activation statistics differ per data-parallel rank: sum them (gradients already agree).
+        for t in (self.taylor, self.tokens, self.gram):
+            if t is not None:
+                sum_over_ranks_(t)
+        events: list[Event] = []
         for li, layer in enumerate(self.layers):
             fitness = self._fitness(li)                                      # (E, H)
             self.last_fitness[li] = fitness
@@ -276,13 +282,10 @@ class NeuronPlasticity(Mechanism):
                 dead = select_dead(fitness[slot], self.n_deaths, eligible)
                 if len(dead) == 0:
                     continue
-                if not losses:
-                    losses.append(probe_loss())
-                before = losses[-1]
-                parents, residual = self._turn_over(optimizer, li, slot, dead, fitness[slot], step)
-                losses.append(probe_loss())
-                events.append(self._event(step, tokens, li, slot, dead, parents, fitness[slot],
-                                          residual, before, losses[-1]))
+                before = ctx.probe()
+                parents, residual = self._turn_over(ctx.optimizer, li, slot, dead, fitness[slot], step)
+                events.append(self._event(ctx, li, slot, dead, parents, fitness[slot], residual, before,
+                                          ctx.probe.measure()))
         for t in (self.taylor, self.grad_norm, self.tokens, self.gram):
             if t is not None:
                 t.zero_()
@@ -322,7 +325,7 @@ class NeuronPlasticity(Mechanism):
         pool.w_out[slot, dead] = 0
         for p, index in ((pool.w_in, (slot, slice(None), dead)), (pool.b_in, (slot, dead)),
                          (pool.w_out, (slot, dead))):
-            for state in _slot_states(optimizer, p):
+            for state in element_states(optimizer, p):
                 state[index] = 0
         src = torch.tensor(parents, device=dead.device)
         has_parent = src >= 0
@@ -352,19 +355,19 @@ class NeuronPlasticity(Mechanism):
         w_in[:, dead] = new_w
         b_in[dead] = new_b
 
-    def _event(self, step, tokens, li, slot, dead, parents, fitness, residual, before, after) -> MorphEvent:
+    def _event(self, ctx, li, slot, dead, parents, fitness, residual, before, after) -> Event:
         s = self.section
         dead_fitness = fitness[dead.to(fitness.device)]
         cutoff = float(dead_fitness.max())
         cause = f"{s.metric} <= {cutoff:.4g}; {s.regrowth}"
         if s.regrowth == "functional":
             cause += f" refit residual {residual:.4g}" if residual is not None else " (no recorded tokens)"
-        return MorphEvent(
-            step=step, tokens=tokens, event="neuron_turnover", layer=li, action="turnover", expert=slot,
-            parents=" ".join(f"n{p}" for p in parents if p >= 0), usage=float(dead_fitness.mean()),
+        return Event(
+            step=ctx.step, tokens=ctx.tokens, granularity="neuron", event="turnover", layer=li,
+            unit=" ".join(f"n{j}" for j in dead.tolist()), expert=ctx.expert_id(li, slot),
+            parents=" ".join(f"n{p}" for p in parents if p >= 0), value=float(dead_fitness.mean()),
             threshold=cutoff, n_before=self.width, n_after=self.width, probe_loss_before=before,
-            probe_loss_after=after, granularity="neuron", unit=" ".join(f"n{j}" for j in dead.tolist()),
-            cause=cause)
+            probe_loss_after=after, cause=cause, slot=slot)
 
     # -- reporting and checkpoints ------------------------------------------------ #
     def snapshot(self) -> list[dict]:
@@ -384,16 +387,13 @@ class NeuronPlasticity(Mechanism):
             rows += [{"layer": li, "unit": "", "name": k, "value": v} for k, v in values.items()]
         return rows
 
-    _TENSORS = ("birth_step", "parent", "generation", "deaths", "taylor", "grad_norm", "tokens",
-                "gram", "last_fitness")
-
     def state_dict(self) -> dict:
-        state = {name: getattr(self, name).cpu() for name in self._TENSORS if getattr(self, name) is not None}
+        state = {name: getattr(self, name).cpu() for name in self._PER_LAYER if getattr(self, name) is not None}
         return state | {"generator": self.generator.get_state(), "step": self.step,
                         "recording": self.captures[0].recording}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in self._TENSORS:
+        for name in self._PER_LAYER:
             mine = getattr(self, name)
             if mine is not None and name in state and state[name].shape == mine.shape:
                 mine.copy_(state[name])
@@ -403,5 +403,3 @@ class NeuronPlasticity(Mechanism):
             capture.recording = state["recording"]
             capture.clear()
 
-
-REGISTRY["neuron"] = NeuronPlasticity

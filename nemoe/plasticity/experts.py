@@ -1,4 +1,4 @@
-"""Morphogenesis controller: experts split, cross over, serve probation and die.
+"""Expert morphogenesis (the `morph` section): experts split, cross over, serve probation and die.
 
 Two halves, kept apart so each can be read and tested alone:
 
@@ -21,8 +21,9 @@ Two halves, kept apart so each can be read and tested alone:
 
 Newborns enter with routing weight 0 (see moe.py) that opens linearly over
 `ramp_steps`, so a birth never changes the model's output. Decisions use only
-all-reduced usage counts and the controller's own seeded generator, so every
-data-parallel rank takes the same decisions.
+usage counts summed over ranks and the mechanism's own seeded generator, so every
+data-parallel rank takes the same decisions. The usage counts themselves are
+per-rank statistics (model buffers that DDP does not touch), checkpointed per rank.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 
+from nemoe.distributed import sum_over_ranks
 from nemoe.moe import MoELayer
+from nemoe.plasticity.base import ActContext, Event, LayerShift, Mechanism, add_relative_noise_, element_states
 
 
 @dataclass
@@ -62,48 +63,6 @@ class Action:
     parents: tuple[int, ...] = ()   # parent slots for births
     usage: float = 0.0          # the usage the decision was based on
     threshold: float = 0.0      # the threshold it was compared with
-
-
-@dataclass
-class MorphEvent:
-    """One row of events.csv: a structural event at any granularity.
-
-    Expert events fill every field; the other granularities (neuron, head, layer)
-    use `layer`, `expert` (-1 when not inside an expert), `unit` (what changed,
-    e.g. "h3" or "n17 n40") and `cause` (the measurement that decided it).
-    """
-
-    step: int
-    tokens: int
-    event: str
-    layer: int
-    action: str
-    expert: int
-    parents: str
-    usage: float
-    threshold: float
-    n_before: int
-    n_after: int
-    probe_loss_before: float
-    probe_loss_after: float
-    granularity: str = "expert"   # expert | neuron | head | layer
-    unit: str = ""
-    cause: str = ""
-
-    def as_row(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def describe(self) -> str:
-        """The event's part of its training_log.txt line."""
-        probe = f"Probe {self.probe_loss_before:.4f}→{self.probe_loss_after:.4f}"
-        if self.granularity != "expert":
-            expert = f" | Expert {self.expert}" if self.expert >= 0 else ""
-            return (f"Event {self.event} | Layer {self.layer}{expert} | Unit {self.unit} | "
-                    f"Cause {self.cause} | {probe}")
-        parents = f" | Parents {self.parents}" if self.parents else ""
-        return (f"Event {self.event} | Layer {self.layer} | Action {self.action} | "
-                f"Expert {self.expert}{parents} | Usage {self.usage:.4f} | Thresh {self.threshold:g} | "
-                f"{self.n_before}→{self.n_after} | {probe}")
 
 
 # --------------------------------------------------------------------------- #
@@ -174,19 +133,6 @@ def slot_params(layer: MoELayer) -> list[torch.nn.Parameter]:
     return [e.w_in, e.b_in, e.w_out, e.b_out, layer.router.weight]
 
 
-def _slot_states(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> list[torch.Tensor]:
-    """The optimizer's per-element state tensors of `p` (exp_avg, exp_avg_sq, ...).
-
-    Scalars such as Adam's `step` are shared by all slots of a parameter and left
-    alone: a newborn inherits its parent's moments, so the shared bias correction
-    is consistent with them.
-    """
-    if optimizer is None:
-        return []
-    state = optimizer.state.get(p, {})
-    return [t for t in state.values() if torch.is_tensor(t) and t.shape == p.shape]
-
-
 @torch.no_grad()
 def copy_slot(layer: MoELayer, optimizer, src: int, dst: int, mutation_std: float,
               generator: torch.Generator) -> None:
@@ -194,10 +140,8 @@ def copy_slot(layer: MoELayer, optimizer, src: int, dst: int, mutation_std: floa
     for p in slot_params(layer):
         p[dst] = p[src]
         if mutation_std > 0:
-            scale = mutation_std * p[src].float().pow(2).mean().sqrt()
-            noise = torch.randn(p[src].shape, generator=generator)  # CPU: same on every device
-            p[dst] += (noise * scale.cpu()).to(p.device, p.dtype)
-        for s in _slot_states(optimizer, p):
+            add_relative_noise_(p[dst], p[src], mutation_std, generator)
+        for s in element_states(optimizer, p):
             s[dst] = s[src]
 
 
@@ -206,7 +150,7 @@ def blend_slots(layer: MoELayer, optimizer, a: int, b: int, dst: int, alpha: flo
     """dst := alpha * a + (1 - alpha) * b, for parameters, router rows and moments."""
     for p in slot_params(layer):
         p[dst] = alpha * p[a] + (1 - alpha) * p[b]
-        for s in _slot_states(optimizer, p):
+        for s in element_states(optimizer, p):
             s[dst] = alpha * s[a] + (1 - alpha) * s[b]
 
 
@@ -218,7 +162,7 @@ def clear_slot(layer: MoELayer, optimizer, slot: int) -> None:
     layer.usage_counts[slot] = 0
     for p in slot_params(layer):
         p[slot] = 0
-        for s in _slot_states(optimizer, p):
+        for s in element_states(optimizer, p):
             s[slot] = 0
 
 
@@ -230,28 +174,40 @@ def open_slot(layer: MoELayer, slot: int) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# The controller
+# The mechanism
 # --------------------------------------------------------------------------- #
 
-_EVENT_OF = {"split": "evolve_split", "crossover": "evolve_crossover", "prune": "evolve_prune",
-             "failed_probation": "evolve_failed_probation", "graduate": "evolve_graduate"}
+class ExpertMorphogenesis(Mechanism):
+    """Owns the expert records and the decision generator; acts on the model's MoE layers.
 
+    Always built (the records name every expert in the logs, also in a static-MoE
+    run); acts only when `morph.enabled`.
+    """
 
-class MorphController:
-    """Owns expert records and the decision generator; acts on a model's MoE layers."""
+    granularity = "expert"
+    config_key = "experts"
 
-    def __init__(self, cfg, n_layers: int):
-        """cfg: the run's Config (morph and moe sections are read)."""
+    @classmethod
+    def config_section(cls, cfg):
+        return cfg.morph
+
+    def __init__(self, cfg, model, probe_batch=None):
+        super().__init__(cfg, model, probe_batch)
         self.morph, self.moe = cfg.morph, cfg.moe
         self.ramp_steps = cfg.ramp_steps
         self.generator = torch.Generator().manual_seed(cfg.morph.seed)
         self.records: list[list[ExpertRecord | None]] = []
         self.next_id = 0
-        for _ in range(n_layers):
-            row = []
-            for slot in range(cfg.moe.experts_max):
-                row.append(self._new_record() if slot < cfg.moe.experts_init else None)
-            self.records.append(row)
+        for _ in range(cfg.model.n_layers):
+            self.records.append(self._founders())
+
+    @property
+    def layers(self) -> list[MoELayer]:
+        return self.model.moe_layers
+
+    def _founders(self, birth_step: int = 0) -> list[ExpertRecord | None]:
+        return [self._new_record(birth_step=birth_step) if slot < self.moe.experts_init else None
+                for slot in range(self.moe.experts_max)]
 
     def _new_record(self, **kw) -> ExpertRecord:
         record = ExpertRecord(id=self.next_id, **kw)
@@ -261,61 +217,54 @@ class MorphController:
     def expert_counts(self) -> list[int]:
         return [sum(r is not None for r in row) for row in self.records]
 
+    def expert_id(self, layer: int, slot: int) -> int:
+        record = self.records[layer][slot]
+        return -1 if record is None else record.id
+
     # -- per step ----------------------------------------------------------- #
+    def after_step(self, step: int) -> None:
+        """The optimizer step `step` is done: set the routing of step + 1's forward pass."""
+        self.update_routing(step + 1)
+
     @torch.no_grad()
-    def update_routing(self, layers: list[MoELayer], step: int) -> None:
+    def update_routing(self, step: int) -> None:
         """Open newborns' routing weight: offset = log(progress), progress 0 -> 1."""
-        for layer, row in zip(layers, self.records):
+        for layer, row in zip(self.layers, self.records):
             for slot, r in enumerate(row):
                 if r is not None and r.origin != "init" and step - r.birth_step <= self.ramp_steps:
                     progress = (step - r.birth_step) / self.ramp_steps
                     layer.route_offset[slot] = math.log(progress) if progress > 0 else -math.inf
 
-    def due(self, step: int) -> bool:
-        return self.morph.enabled and step > 0 and step % self.morph.interval == 0
-
-    def evolve(self, layers: list[MoELayer], optimizer, step: int, tokens: int,
-               probe_loss: Callable[[], float]) -> list[MorphEvent]:
+    # -- decisions ------------------------------------------------------------ #
+    def act(self, ctx: ActContext) -> list[Event]:
         """Read usage, decide and operate on every layer; returns the events."""
-        usage = self._read_usage(layers)
-        events: list[MorphEvent] = []
-        current_loss: list[float] = []   # lazily measured probe loss, reused as the next "before"
-
-        def probe() -> float:
-            if not current_loss:
-                current_loss.append(probe_loss())
-            return current_loss[-1]
-
-        for li, (layer, row) in enumerate(zip(layers, self.records)):
+        usage = self._read_usage()
+        events: list[Event] = []
+        for li, (layer, row) in enumerate(zip(self.layers, self.records)):
             for slot, r in enumerate(row):
                 if r is not None:
                     r.usage = usage[li][slot]
                     r.usage_ema = self.morph.usage_ema * r.usage_ema + (1 - self.morph.usage_ema) * r.usage
             actions = plan_layer(row, usage[li], self.morph, self.moe.top_k, self.moe.experts_min,
-                                 step, self.generator)
+                                 ctx.step, self.generator)
             for action in actions:
-                n_before = self.expert_counts()[li]
-                before = probe()
-                record = self._operate(layer, optimizer, row, action, step)
-                if action.kind != "graduate":
-                    current_loss.append(probe_loss())
-                events.append(MorphEvent(
-                    step=step, tokens=tokens, event=_EVENT_OF[action.kind], layer=li,
-                    action=action.kind, expert=record.id,
-                    parents=" ".join(str(row[p].id) for p in action.parents),
-                    usage=action.usage, threshold=action.threshold, n_before=n_before,
-                    n_after=self.expert_counts()[li], probe_loss_before=before,
-                    probe_loss_after=current_loss[-1], unit=f"e{record.id}",
-                    cause=f"usage {action.usage:.4f} vs {action.threshold:g}"))
-        self.update_routing(layers, step)
+                n_before, before = self.expert_counts()[li], ctx.probe()
+                record = self._operate(layer, ctx.optimizer, row, action, ctx.step)
+                after = ctx.probe() if action.kind == "graduate" else ctx.probe.measure()
+                events.append(Event(
+                    step=ctx.step, tokens=ctx.tokens, granularity="expert", event=action.kind, layer=li,
+                    unit=f"e{record.id}", expert=record.id,
+                    parents=" ".join(str(row[p].id) for p in action.parents), value=action.usage,
+                    threshold=action.threshold, n_before=n_before, n_after=self.expert_counts()[li],
+                    probe_loss_before=before, probe_loss_after=after,
+                    cause=f"usage {action.usage:.4f} vs {action.threshold:g}", slot=action.slot))
+        self.update_routing(ctx.step)
         return events
 
-    def _read_usage(self, layers: list[MoELayer]) -> list[list[float]]:
+    def _read_usage(self) -> list[list[float]]:
         """Usage share per slot over the interval, summed over ranks; resets the counters."""
-        counts = torch.stack([layer.usage_counts for layer in layers]).double()   # (L, E)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
-        for layer in layers:
+        counts = sum_over_ranks(torch.stack([layer.usage_counts for layer in self.layers]).double())  # (L, E)
+        for layer in self.layers:
             layer.usage_counts.zero_()
         totals = counts.sum(dim=1, keepdim=True).clamp_min(1)
         return (counts / totals).tolist()
@@ -338,36 +287,38 @@ class MorphController:
             blend_slots(layer, optimizer, a, b, action.slot, m.crossover_alpha)
         open_slot(layer, action.slot)
         record = self._new_record(parents=tuple(row[p].id for p in action.parents), birth_step=step,
-                                  probation_until=step + max(m.probation_steps, 1),
-                                  origin=action.kind)
+                                  probation_until=step + max(m.probation_steps, 1), origin=action.kind)
         row[action.slot] = record
         return record
 
-    def remap_layers(self, sources: list[int], newborn: int, step: int) -> None:
-        """Follow a layer shift (plasticity.layers): position i now holds the block that was
-        at position sources[i]. The newborn's experts get new ids: copies of its parent's
-        records (same slot state, so routing ramps stay in step, parents = the copied
-        expert) or, for a fresh block (source -1), founders born at `step`."""
+    def on_layer_shift(self, shift: LayerShift) -> None:
+        """Position i now holds the block that was at position sources[i]. The newborn's
+        experts get new ids: copies of its parent's records (same slot state, so routing
+        ramps stay in step, parents = the copied expert) or, for a fresh block, founders
+        born at the shift's step."""
         old = self.records
-        self.records = [old[src] for src in sources]
-        if sources[newborn] >= 0:
+        self.records = [old[src] for src in shift.sources]
+        if shift.parent >= 0:
             row = []
-            for r in old[sources[newborn]]:
+            for r in old[shift.parent]:
                 row.append(None if r is None else dataclasses.replace(r, id=self.next_id, parents=(r.id,)))
                 self.next_id += r is not None
         else:
-            row = [self._new_record(birth_step=step) if slot < self.moe.experts_init else None
-                   for slot in range(self.moe.experts_max)]
-        self.records[newborn] = row
+            row = self._founders(birth_step=shift.step)
+        self.records[shift.newborn] = row
 
     # -- checkpointing --------------------------------------------------------- #
     def state_dict(self) -> dict:
+        """Records and generator (the same on every rank) and this rank's usage counts since
+        the last decision (summed over ranks only when the next decision reads them)."""
         return {"next_id": self.next_id, "generator": self.generator.get_state(),
-                "records": [[None if r is None else dataclasses.asdict(r) for r in row]
-                            for row in self.records]}
+                "records": [[None if r is None else dataclasses.asdict(r) for r in row] for row in self.records],
+                "usage_counts": [layer.usage_counts.cpu() for layer in self.layers]}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_id = state["next_id"]
         self.generator.set_state(state["generator"])
         self.records = [[None if r is None else ExpertRecord(**{**r, "parents": tuple(r["parents"])})
                          for r in row] for row in state["records"]]
+        for layer, counts in zip(self.layers, state.get("usage_counts", [])):
+            layer.usage_counts.copy_(counts)

@@ -1,0 +1,78 @@
+"""The log window: what the steps since the last training_log.csv row add up to.
+
+Sums stay on the device (no host sync per step); `row()` turns them into one CSV
+row of means, summed over data-parallel ranks. The window is checkpointed per
+rank, so a resumed run's first row covers the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from nemoe import distributed as dist
+from nemoe.schema import layer_column
+from nemoe.train_module import StepResult
+
+
+@dataclass
+class MetricsWindow:
+    loss_ce: torch.Tensor       # () sum over micro-batches
+    loss_lb: torch.Tensor
+    loss_z: torch.Tensor
+    grad_norm: torch.Tensor     # () sum over steps
+    counts: torch.Tensor        # (L, E) token-choices per slot
+    wall_start: float           # the run's training time when the window opened
+    steps: int = 0
+    micro: int = 0
+    lr: float = 0.0
+
+    @classmethod
+    def empty(cls, n_layers: int, n_slots: int, device, wall_start: float) -> "MetricsWindow":
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        return cls(zero(), zero(), zero(), zero(), torch.zeros(n_layers, n_slots, dtype=torch.long, device=device),
+                   wall_start)
+
+    def add(self, result: StepResult) -> None:
+        for m in result.micro:
+            self.micro += 1
+            self.loss_ce += m.loss_ce
+            self.loss_lb += m.loss_lb
+            self.loss_z += m.loss_z
+            self.counts += m.counts.to(self.counts.device)
+        self.steps += 1
+        self.grad_norm += result.grad_norm.float()
+        self.lr = result.lr
+
+    def row(self, step: int, tokens: int, elapsed: float, tokens_per_step: int, world_size: int,
+            moe_cfg, experts: list[int], loss_scale: float) -> dict:
+        """One training_log.csv row of means over the window (a collective under DDP)."""
+        micro, steps = max(self.micro, 1), max(self.steps, 1)
+        # Means over every rank's micro-batches (equal sizes), and every rank's routing counts.
+        losses = dist.sum_over_ranks(torch.stack([self.loss_ce, self.loss_lb, self.loss_z]).double())
+        loss_ce, loss_lb, loss_z = (losses / (micro * world_size)).tolist()
+        tokens_per_s = steps * tokens_per_step / max(elapsed - self.wall_start, 1e-9)
+        counts = dist.sum_over_ranks(self.counts.double()).cpu()
+        share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        row = {"step": step, "tokens": tokens, "loss_ce": loss_ce, "loss_lb": loss_lb,
+               "loss_z": loss_z, "loss_lb_scaled": moe_cfg.lb_coef * loss_lb,
+               "loss_z_scaled": moe_cfg.z_coef * loss_z,
+               "loss": loss_ce + moe_cfg.lb_coef * loss_lb + moe_cfg.z_coef * loss_z,
+               "lr": self.lr, "grad_norm": (self.grad_norm / steps).item(), "grad_scale": loss_scale,
+               "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed, 3)}
+        for i, n in enumerate(experts):
+            p = share[i][share[i] > 0]
+            row[layer_column("experts", i)] = n
+            row[layer_column("usage_entropy", i)] = round(float(-(p * p.log()).sum()), 6)
+            row[layer_column("max_load", i)] = round(float(share[i].max() * n), 6)  # max / mean over live
+        return row
+
+    def state_dict(self) -> dict:
+        return {f.name: (v.cpu() if torch.is_tensor(v := getattr(self, f.name)) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict, device) -> "MetricsWindow":
+        return cls(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()})

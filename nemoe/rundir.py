@@ -1,0 +1,108 @@
+"""A run's folder: one writer, leftovers of cut-off writes, which checkpoint to resume.
+
+`RunDir.open()` is the start-up policy: refuse to overwrite a run without
+--resume, take the lock, remove temporaries left by a kill, choose the newest
+checkpoint that loads and fits this config (every data-parallel rank takes rank
+0's choice), and explain what it did in notes for the text log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nemoe import checkpoint as ckpt
+from nemoe import distributed as dist
+from nemoe.config import config_changes, is_unsafe
+from nemoe.errors import UserError
+from nemoe.files import remove_temporaries
+from nemoe.lock import RunLock
+from nemoe.schema import RunPaths, list_checkpoints
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def incompatibility(state: dict, cfg_dict: dict, world_size: int, allow_config_change: bool) -> str | None:
+    """Why a checkpoint cannot be resumed under this config and world size (None: it can)."""
+    saved_world = state["world_size"]
+    if saved_world != world_size:
+        # Each rank's data state is its own document stream: no resharding to another count.
+        return (f"written by {saved_world} data-parallel process(es), this run has {world_size}; resume "
+                f"with the same torchrun --nproc_per_node ({saved_world}), or start a new run")
+    unsafe = [c for c in config_changes(state["config"], cfg_dict) if is_unsafe(c[0])]
+    if not unsafe or allow_config_change:
+        return None
+    return "written by an incompatible config: " + "; ".join(
+        f"{key}: {_short(old)} -> {_short(new)}" for key, old, new in unsafe)
+
+
+def change_notes(state: dict, cfg_dict: dict) -> tuple[list[str], bool]:
+    """(log notes on every setting changed since the checkpoint, whether the data stream must restart)."""
+    changes = config_changes(state["config"], cfg_dict)
+    notes = [f"config change on resume: {key}: {_short(old)} -> {_short(new)}"
+             + (" (unsafe, allowed by --allow-config-change)" if is_unsafe(key) else "")
+             for key, old, new in changes]
+    data_changed = any(key.startswith("data.") and is_unsafe(key) for key, _, _ in changes)
+    if data_changed:
+        notes.append("data settings changed: the data stream starts from its beginning")
+    return notes, data_changed
+
+
+class RunDir:
+    def __init__(self, paths: RunPaths, info: dist.DistInfo):
+        self.paths, self.info = paths, info
+        self.lock = RunLock(paths.log_dir)
+
+    def open(self, resume: bool, reject) -> tuple[tuple[Path, dict] | None, list[str]]:
+        """(the checkpoint to continue from or None, notes). Collective: a failure on any rank
+        stops all of them together (no rank left waiting); rank 0 alone takes the lock.
+
+        reject(state) -> why this checkpoint cannot be resumed, or None.
+        """
+        error, found, notes = None, None, []
+        try:
+            existing = list_checkpoints(self.paths.ckpt_dir)
+            if existing and not resume:
+                raise UserError(f"run folder {self.paths.ckpt_dir} already has checkpoints (newest: step "
+                                f"{existing[0][0]}); add --resume to continue it, or pick a new --run-name")
+            if self.info.is_main:
+                self.lock.acquire()
+            try:
+                found, notes = self._choose(resume, existing, reject)
+            except BaseException:
+                self.lock.release()
+                raise
+        except (UserError, OSError) as err:
+            error = err
+        dist.agree_or_raise(error)
+        return found, notes
+
+    def _choose(self, resume: bool, existing: list, reject):
+        notes = []
+        if self.info.is_main:
+            for leftover in (remove_temporaries(self.paths.ckpt_dir) + remove_temporaries(self.paths.log_dir)):
+                notes.append(f"removed {leftover.name}, left by a write that was cut off")
+        if not resume:
+            return None, notes
+        found = ckpt.load_latest(self.paths.ckpt_dir, warn=lambda m: notes.append(f"skipping {m}"), reject=reject)
+        # Every rank must continue from the same checkpoint: rank 0's choice holds.
+        chosen = dist.broadcast_object(None if found is None else found[0].name)
+        if (None if found is None else found[0].name) != chosen:
+            found = None if chosen is None else (self.paths.ckpt_dir / chosen,
+                                                 ckpt.load_checkpoint(self.paths.ckpt_dir / chosen))
+        if found is None and existing:
+            hint = ("\nTo resume under the changed settings anyway, add --allow-config-change "
+                    "(parameter shapes must still match)." if any("config" in n for n in notes) else "")
+            raise UserError(f"--resume: none of the {len(existing)} checkpoints in {self.paths.ckpt_dir} "
+                            f"can be used; nothing was deleted:\n  - " + "\n  - ".join(notes) + hint)
+        if found is None:
+            notes.append(f"--resume: no checkpoint in {self.paths.ckpt_dir} yet, starting fresh")
+        return found, notes
+
+    def heartbeat(self) -> None:
+        self.lock.heartbeat()
+
+    def close(self) -> None:
+        self.lock.release()
