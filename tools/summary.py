@@ -15,11 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
-
-from tools._common import (CONFIG_YAML, EVAL_CSV, EVENTS_CSV, TRAIN_CSV, checkpoint_dir,  # noqa: E402
-                           find_log_dir, guard, latest_step, layer_columns, list_checkpoints, read_eval,
-                           read_events, read_run_config, read_training_log)
+from nemoe import schema
+from tools._common import (find_log_dir, guard, latest_step, layer_columns, read_eval, read_events,
+                           read_run_config, read_training_log)
 
 EVENT_ORDER = ["split", "crossover", "prune", "failed_probation", "graduate"]
 
@@ -51,9 +49,9 @@ def targets(config: dict | None) -> tuple[int | None, int | None]:
 
 def run_state(log_dir: Path) -> str:
     """What the text log's last line says: finished, stopped by a signal, or neither."""
-    path = log_dir / "training_log.txt"
+    path = log_dir / schema.TEXT_LOG
     if not path.is_file():
-        return "unknown (no training_log.txt)"
+        return f"unknown (no {schema.TEXT_LOG})"
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     last = next((ln for ln in reversed(lines) if ln.strip()), "")
     if "| Done |" in last:
@@ -79,9 +77,9 @@ def current_counts(train, events) -> list[int]:
 
 def rows(log_dir: Path) -> list[tuple[str, str]]:
     """(label, value) rows of the summary table."""
-    train = read_training_log(log_dir / TRAIN_CSV)
-    evals = read_eval(log_dir / EVAL_CSV)
-    events = read_events(log_dir / EVENTS_CSV)
+    train = read_training_log(log_dir / schema.TRAIN_CSV)
+    evals = read_eval(log_dir / schema.EVAL_CSV)
+    events = read_events(log_dir / schema.EVENTS_CSV)
     config = read_run_config(log_dir, required=False)
     last = train.iloc[-1]
     elapsed = float(last.get("elapsed_s", math.nan))
@@ -118,7 +116,7 @@ def rows(log_dir: Path) -> list[tuple[str, str]]:
         out.append(("held-out loss", "no evaluation yet"))
 
     if len(events):
-        counts = events["action"].value_counts()
+        counts = events["event"].value_counts()
         kinds = EVENT_ORDER + sorted(set(counts.index) - set(EVENT_ORDER))
         out.append(("events", " · ".join(f"{k.replace('_', ' ')} {int(counts[k])}" for k in kinds
                                          if k in counts)))
@@ -129,7 +127,8 @@ def rows(log_dir: Path) -> list[tuple[str, str]]:
         out.append(("experts per layer now", " / ".join(map(str, current_counts(train, events)))
                     + f"  (layers 0..{len(columns) - 1}, step {step:,})"))
 
-    saved = list_checkpoints(checkpoint_dir(log_dir))
+    ckpt_dir = schema.RunPaths.from_log_dir(log_dir).ckpt_dir
+    saved = schema.list_checkpoints(ckpt_dir)
     if saved:
         ckpt_step, path = saved[0]
         info = path.stat()
@@ -137,9 +136,9 @@ def rows(log_dir: Path) -> list[tuple[str, str]]:
         out.append(("last checkpoint", f"{path}  (step {ckpt_step:,}, {info.st_size / 2**20:.1f} MiB, "
                                        f"written {age} ago; {len(saved)} kept)"))
     else:
-        out.append(("last checkpoint", f"none in {checkpoint_dir(log_dir)}"))
+        out.append(("last checkpoint", f"none in {ckpt_dir}"))
     if config is None:
-        out.append(("config", f"no {CONFIG_YAML} in the log folder"))
+        out.append(("config", f"no {schema.CONFIG_YAML} in the log folder"))
     return out
 
 
