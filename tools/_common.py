@@ -1,9 +1,11 @@
 """Shared reading code for the tools: find a run, read its CSV logs, report errors.
 
 Every tool reads files a run wrote (DESIGN §8, README "What a run writes") and
-nothing else: no trainer internals. The CSV readers here tolerate a run that is
-still writing (a partial last line is skipped with a note) and a run that was
-resumed (rows of a replaced timeline are dropped, each step kept once, in order).
+nothing else: no trainer internals. File names, columns, checkpoint names and the
+run layout come from nemoe.schema, as the trainer's do. The CSV readers here
+tolerate a run that is still writing (a partial last line is skipped with a note)
+and a run that was resumed (rows of a replaced timeline are dropped, each step
+kept once, in order), and read logs in legacy column names as today's.
 A problem the user can fix raises `UserError`; `guard` turns it into one line on
 stderr and a non-zero exit code, never a traceback.
 """
