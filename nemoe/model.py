@@ -208,12 +208,14 @@ class NemoeLM(nn.Module):
                  "name": f"{owner}.{kind}"}
                 for (owner, kind), params in groups.items() if params]
 
-    def count_params(self) -> dict[str, int]:
-        """Total parameters, and those a token actually uses (active experts, top-k only)."""
+    def count_params(self, live_experts: int | None = None) -> dict[str, int]:
+        """Total parameters, those a token actually uses (active experts, top-k only) and those
+        of the live experts: `live_experts` of them over all layers, or (None) as many as the
+        model's active masks hold. A model built on the meta device has no mask values: pass a count."""
         total = sum(p.numel() for p in self.parameters())
         per_slot = sum(p[0].numel() for p in self.blocks[0].moe.experts.parameters())
         slots = sum(layer.n_slots for layer in self.moe_layers)
-        live = sum(layer.n_active() for layer in self.moe_layers)
+        live = sum(layer.n_active() for layer in self.moe_layers) if live_experts is None else live_experts
         dense = total - per_slot * slots
         top_k = self.blocks[0].moe.top_k
         return {"total": total, "live": dense + per_slot * live,

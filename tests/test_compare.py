@@ -1,4 +1,4 @@
-"""tools/compare.py: a tiny grid and a tiny domain shift end to end, checked against the runs' own logs."""
+"""tools/compare.py (tools/comparison/): a tiny grid and a tiny domain shift end to end, checked against the runs' own logs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import torch
 import yaml
 
 import nemoe.plasticity
-from nemoe.config import load_config
+from nemoe.config import config_from_dict, load_config
 from nemoe.data import TokenStream
 from nemoe.errors import UserError
 from nemoe.tokenizer import get_tokenizer
 from tools import compare as cmp
+from tools.comparison.plan import OFF_PHASE_WEIGHT, STRATEGIES, choose_strategies
+from tools.comparison.report import data_order_consistent
+from tools.comparison.results import param_counts
+from tools.comparison.stats import paired_difference, t_quantile
 
 pytestmark = pytest.mark.slow
 
@@ -75,23 +79,23 @@ def final_eval(out, run):
 
 def test_t_quantile_matches_the_table():
     for df, value in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]:
-        assert cmp.t_quantile(0.975, df) == pytest.approx(value, abs=1e-4)
-    assert cmp.t_quantile(0.95, 10) == pytest.approx(1.8125, abs=1e-4)
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=1e-4)
+    assert t_quantile(0.95, 10) == pytest.approx(1.8125, abs=1e-4)
 
 
 def test_paired_ci_on_hand_numbers():
     # diffs 0.5, 1.0, 0.5: mean 2/3, sd sqrt(1/12), half-width t(0.975, 2) * sd / sqrt(3)
-    p = cmp.paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 0.5, 1: 1.0, 2: 2.5})
+    p = paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 0.5, 1: 1.0, 2: 2.5})
     half = 4.302653 * math.sqrt(1 / 12) / math.sqrt(3)
     assert p.n == 3 and p.mean == pytest.approx(2 / 3)
     assert (p.low, p.high) == (pytest.approx(2 / 3 - half, abs=1e-5), pytest.approx(2 / 3 + half, abs=1e-5))
     assert p.verdict == "not significant"
-    p = cmp.paired_difference({0: 1.0, 1: 1.1, 2: 0.9}, {0: 0.0, 1: 0.0, 2: 0.0})
+    p = paired_difference({0: 1.0, 1: 1.1, 2: 0.9}, {0: 0.0, 1: 0.0, 2: 0.0})
     assert p.low == pytest.approx(1 - 4.302653 * 0.1 / math.sqrt(3), abs=1e-5)
     assert p.verdict == "significantly higher"
-    assert cmp.paired_difference({0: -1.0, 1: -1.01}, {0: 0.0, 1: 0.0}).verdict == "significantly lower"
-    assert cmp.paired_difference({0: 1.0}, {0: 0.0}).verdict == "no CI possible (n=1)"
-    assert cmp.paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).verdict == "identical in every seed"
+    assert paired_difference({0: -1.0, 1: -1.01}, {0: 0.0, 1: 0.0}).verdict == "significantly lower"
+    assert paired_difference({0: 1.0}, {0: 0.0}).verdict == "no CI possible (n=1)"
+    assert paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).verdict == "identical in every seed"
 
 
 def test_dense_has_the_active_parameters_of_the_moe():
@@ -100,8 +104,8 @@ def test_dense_has_the_active_parameters_of_the_moe():
         base = load_config("local.yaml", common)
         counts = {}
         for name in ("dense", "static_moe"):
-            cfg = load_config("local.yaml", common + cmp.STRATEGIES[name].overrides(base))
-            counts[name] = cmp.param_counts(cfg, 0)["params_active"]
+            cfg = load_config("local.yaml", common + STRATEGIES[name].overrides(base))
+            counts[name] = param_counts(cfg, 0)["params_active"]
         # Identical but for the router (d_model weights per slot and layer) and, at top-2,
         # the second expert's output bias.
         n_layers, d_model = base.model.n_layers, base.model.d_model
@@ -111,13 +115,13 @@ def test_dense_has_the_active_parameters_of_the_moe():
 
 def test_unavailable_mechanisms_are_skipped_or_refused(monkeypatch):
     monkeypatch.setattr(nemoe.plasticity, "REGISTRY", {})
-    names, notes = cmp.choose_strategies(None)
+    names, notes = choose_strategies(None)
     assert names == ["dense", "static_moe", "morph"]
     assert len(notes) == 3 and all("not available" in n for n in notes)
     with pytest.raises(UserError, match="not available"):
-        cmp.choose_strategies("static_moe,heads")
+        choose_strategies("static_moe,heads")
     with pytest.raises(UserError, match="unknown"):
-        cmp.choose_strategies("static_moe,nonsense")
+        choose_strategies("static_moe,nonsense")
 
 
 # --------------------------------------------------------------------------- #
@@ -165,7 +169,7 @@ def test_same_seed_same_data_order(grid):
     first = {}
     for run in ("static_moe-s0", "morph-s0", "static_moe-s1", "morph-s1"):
         saved = yaml.safe_load((grid / "logs" / run / "config.yaml").read_text())
-        cfg = cmp.config_from_dict(saved)
+        cfg = config_from_dict(saved)
         stream = TokenStream(cfg.data, tokenizer, cfg.model.seq_len)
         first[run] = torch.cat([stream.next_batch(cfg.train.batch_size) for _ in range(12)])
         stream.close()
@@ -173,10 +177,10 @@ def test_same_seed_same_data_order(grid):
     assert torch.equal(first["static_moe-s1"], first["morph-s1"])
     assert not torch.equal(first["static_moe-s0"], first["static_moe-s1"])
     results = pd.read_csv(grid / "results.csv")
-    assert cmp.data_order_consistent(results)
+    assert data_order_consistent(results)
     assert results.groupby("seed")["data_fingerprint"].first().nunique() == 2
     assert "identical across strategies" in (grid / "report.md").read_text()
-    assert not cmp.data_order_consistent(results.assign(data_fingerprint=results["run"]))
+    assert not data_order_consistent(results.assign(data_fingerprint=results["run"]))
 
 
 def test_changed_settings_are_refused(grid, config, capsys):
@@ -225,7 +229,7 @@ def test_shift_protocol_end_to_end(config, tmp_path):
     console = (out / "console" / "morph-s0.txt").read_text()
     assert console.count("data settings changed") == 2, "phases 2 and 3 switch the source weights"
     saved = yaml.safe_load((out / "logs" / "morph-s0" / "config.yaml").read_text())
-    assert [s["weight"] for s in saved["data"]["sources"]] == [1.0, cmp.OFF_PHASE_WEIGHT]
+    assert [s["weight"] for s in saved["data"]["sources"]] == [1.0, OFF_PHASE_WEIGHT]
     assert "forget_prose" in (out / "report.md").read_text()
 
 

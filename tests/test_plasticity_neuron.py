@@ -405,14 +405,14 @@ def test_resume_is_bit_exact_across_neuron_events(straight, tmp_path):
 # --------------------------------------------------------------------------- #
 
 def test_plot_training_marks_events_of_every_granularity(tmp_path):
-    from nemoe.logs import EVENT_COLUMNS
+    from nemoe.schema import EVENT_COLUMNS
     from tests.test_tools import csv_text, event, write_logs
     from tools import plot_training
 
     rows = [event(4, 0, "split", 4, "0"),
-            event(8, 1, "neuron_turnover", 1) | {"granularity": "neuron", "unit": "n3 n9", "action": "turnover"},
-            event(12, 0, "neuron_turnover", 0) | {"granularity": "neuron", "unit": "n5", "action": "turnover"},
-            event(12, 1, "prune", -1) | {"granularity": "head", "unit": "h2", "action": "prune_head"}]
+            event(8, 1, "turnover", 1) | {"granularity": "neuron", "unit": "n3 n9"},
+            event(12, 0, "turnover", 0) | {"granularity": "neuron", "unit": "n5"},
+            event(12, 1, "prune", -1) | {"granularity": "head", "unit": "h2"}]
     log_dir = write_logs(tmp_path / "logs" / "mixed", events=rows)
     train, evals, events, name = plot_training.load(str(log_dir))
     fig = plot_training.plot(train, evals, events, name)

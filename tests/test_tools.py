@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nemoe.logs import EVAL_COLUMNS, EVENT_COLUMNS, train_columns
+from nemoe.schema import EVAL_COLUMNS, EVENT_COLUMNS, LEGACY_EVENT_RENAMES, train_columns
 from tools import evaluate, generate, lineage, plot_experts, plot_training, summary
 from tools._common import read_events, read_training_log
 
@@ -71,11 +71,32 @@ def train_row(step: int, counts: list[int], loss: float | None = None) -> dict:
     return row
 
 
-def event(step, layer, action, expert, parents="", n_before=2, n_after=3, usage=0.5, threshold=0.3):
-    return {"step": step, "tokens": 64 * step, "event": f"evolve_{action}", "layer": layer, "action": action,
-            "expert": expert, "parents": parents, "usage": usage, "threshold": threshold,
+def event(step, layer, name, expert, parents="", n_before=2, n_after=3, value=0.5, threshold=0.3):
+    return {"step": step, "tokens": 64 * step, "granularity": "expert", "event": name, "layer": layer,
+            "unit": f"e{expert}", "expert": expert, "parents": parents, "value": value, "threshold": threshold,
             "n_before": n_before, "n_after": n_after, "probe_loss_before": 7.0, "probe_loss_after": 7.0,
-            "granularity": "expert", "unit": f"e{expert}", "cause": f"usage {usage} vs {threshold}"}
+            "cause": f"usage {value} vs {threshold}"}
+
+
+# events.csv as runs wrote it before the columns were renamed (schema.LEGACY_EVENT_RENAMES):
+# `event` held e.g. evolve_split, `action` today's event, `usage` today's value.
+LEGACY_EVENT_COLUMNS = ["step", "tokens", "event", "layer", "action", "expert", "parents", "usage",
+                        "threshold", "n_before", "n_after", "probe_loss_before", "probe_loss_after",
+                        "granularity", "unit", "cause"]
+
+
+def legacy_event(row: dict) -> dict:
+    """An event row in the legacy columns."""
+    old = {new: old for old, new in LEGACY_EVENT_RENAMES.items()}
+    return {**{old.get(k, k): v for k, v in row.items()}, "event": f"evolve_{row['event']}"}
+
+
+def trainer_events(path) -> pd.DataFrame:
+    """events.csv as the trainer wrote it, in today's columns whichever it wrote."""
+    events = pd.read_csv(path, dtype={"parents": str}, keep_default_na=False)
+    if "action" in events:
+        events = events.drop(columns="event").rename(columns=LEGACY_EVENT_RENAMES)
+    return events
 
 
 # Two layers, two founders each (ids 0 1 | 2 3); ids 4.. are born in events.
@@ -83,9 +104,9 @@ EVENTS = [
     event(4, 0, "split", 4, "0"),
     event(4, 1, "split", 5, "3"),
     event(8, 0, "graduate", 4, n_before=3, n_after=3),
-    event(8, 1, "failed_probation", 5, n_before=3, n_after=2, usage=0.01, threshold=0.2),
+    event(8, 1, "failed_probation", 5, n_before=3, n_after=2, value=0.01, threshold=0.2),
     event(8, 1, "crossover", 6, "2 3", n_before=2, n_after=3),
-    event(12, 0, "prune", 1, n_before=3, n_after=2, usage=0.0, threshold=0.2),
+    event(12, 0, "prune", 1, n_before=3, n_after=2, value=0.0, threshold=0.2),
 ]
 COUNTS = {4: [3, 3], 8: [3, 3], 12: [2, 3]}
 
@@ -143,16 +164,33 @@ def test_a_run_resumed_twice_reads_as_one_timeline(tmp_path):
 
 def test_events_of_other_granularities_stay_out_of_expert_tools(tmp_path):
     rows = [event(4, 0, "split", 4, "0"),
-            event(4, 0, "neuron_turnover", 0) | {"granularity": "neuron", "unit": "n3 n9"},
-            event(4, 0, "neuron_turnover", 0) | {"granularity": "neuron", "unit": "n5"}]
+            event(4, 0, "turnover", 0) | {"granularity": "neuron", "unit": "n3 n9"},
+            event(4, 0, "turnover", 0) | {"granularity": "neuron", "unit": "n5"}]
     path = tmp_path / "events.csv"
     path.write_text(csv_text(rows, EVENT_COLUMNS))
-    assert read_events(path)["action"].tolist() == ["split"]
+    assert read_events(path)["event"].tolist() == ["split"]
     every = read_events(path, granularity=None)
     assert sorted(every["unit"]) == ["e4", "n3 n9", "n5"]   # same step/layer/expert, both kept
-    old = [{k: v for k, v in r.items() if k not in ("granularity", "unit", "cause")} for r in rows[:1]]
-    path.write_text(csv_text(old, EVENT_COLUMNS[:-3]))   # a log from before the column existed
+    old = [{k: v for k, v in legacy_event(r).items() if k not in ("granularity", "unit", "cause")} for r in rows[:1]]
+    path.write_text(csv_text(old, LEGACY_EVENT_COLUMNS[:-3]))   # a log from before the column existed
     assert read_events(path)["granularity"].tolist() == ["expert"]
+
+
+def test_legacy_event_columns_read_as_todays(tmp_path, capsys):
+    """A log in the columns before the rename: `action` -> `event`, `usage` -> `value`, old `event` dropped."""
+    path = tmp_path / "events.csv"
+    path.write_text(csv_text([legacy_event(r) for r in EVENTS], LEGACY_EVENT_COLUMNS))
+    old = read_events(path, granularity=None)
+    path.write_text(csv_text(EVENTS, EVENT_COLUMNS))
+    new = read_events(path, granularity=None)
+    assert old["event"].tolist() == new["event"].tolist() == [e["event"] for e in EVENTS]
+    assert old["value"].tolist() == new["value"].tolist() == [e["value"] for e in EVENTS]
+    assert "action" not in old and "usage" not in old
+    assert sorted(old.columns) == sorted(new.columns) == sorted(EVENT_COLUMNS)
+    log_dir = write_logs(tmp_path / "logs" / "legacy", events=[])
+    (log_dir / "events.csv").write_text(csv_text([legacy_event(r) for r in EVENTS], LEGACY_EVENT_COLUMNS))
+    assert lineage.main([str(log_dir), "--no-picture"]) == 0
+    assert "5  split from 3 @ step 4 · failed probation @ 8 (usage 0.010 < 0.2)" in capsys.readouterr().out
 
 
 def test_plot_experts_from_csv_path_and_by_tokens(hand_run, tmp_path):
@@ -329,16 +367,16 @@ def test_real_run_plots(real_run, tmp_path):
 def test_real_run_lineage(real_run, tmp_path, capsys):
     assert lineage.main([str(real_run), "-o", str(tmp_path / "lineage.png")]) == 0
     text = capsys.readouterr().out
-    events = pd.read_csv(real_run / "events.csv", dtype={"parents": str}, keep_default_na=False)
-    births = events[events["action"].isin(["split", "crossover"])]
+    events = trainer_events(real_run / "events.csv")
+    births = events[events["event"].isin(["split", "crossover"])]
     assert len(births) > 0
     for e in births.itertuples():
         parents = " × ".join(str(e.parents).split())
-        expected = f"{e.expert}  split from {parents}" if e.action == "split" else \
+        expected = f"{e.expert}  split from {parents}" if e.event == "split" else \
             f"{e.expert}  crossover of {parents}"
         assert f"{expected} @ step {e.step}" in text, expected
-    for e in events[events["action"].isin(["prune", "failed_probation"])].itertuples():
-        assert f"{e.action.replace('_', ' ').replace('prune', 'pruned')} @ {e.step}" in text
+    for e in events[events["event"].isin(["prune", "failed_probation"])].itertuples():
+        assert f"{e.event.replace('_', ' ').replace('prune', 'pruned')} @ {e.step}" in text
     assert image_size(tmp_path / "lineage.png")[0] > 300
 
 

@@ -1,9 +1,11 @@
 """Shared reading code for the tools: find a run, read its CSV logs, report errors.
 
 Every tool reads files a run wrote (DESIGN §8, README "What a run writes") and
-nothing else: no trainer internals. The CSV readers here tolerate a run that is
-still writing (a partial last line is skipped with a note) and a run that was
-resumed (rows of a replaced timeline are dropped, each step kept once, in order).
+nothing else: no trainer internals. File names, columns, checkpoint names and the
+run layout come from nemoe.schema, as the trainer's do. The CSV readers here
+tolerate a run that is still writing (a partial last line is skipped with a note)
+and a run that was resumed (rows of a replaced timeline are dropped, each step
+kept once, in order), and read logs in legacy column names as today's.
 A problem the user can fix raises `UserError`; `guard` turns it into one line on
 stderr and a non-zero exit code, never a traceback.
 """
@@ -14,7 +16,6 @@ import argparse
 import csv
 import functools
 import io
-import re
 import sys
 import zipfile
 from pathlib import Path
@@ -23,12 +24,11 @@ from typing import Callable
 import pandas as pd
 import yaml
 
+from nemoe import schema
 from nemoe.errors import UserError
 
-TRAIN_CSV, EVENTS_CSV, EVAL_CSV, CONFIG_YAML = "training_log.csv", "events.csv", "eval.csv", "config.yaml"
-CHECKPOINT_NAME = re.compile(r"^nemo_ckpt_step(\d+)\.pt$")
-
-# Colours and markers of event types, shared by every plot so they read the same.
+# Colours and markers of expert events (events.csv `event` of granularity expert),
+# shared by every plot so they read the same.
 EVENT_STYLE = {
     "split": {"marker": "^", "color": "tab:green", "label": "split"},
     "crossover": {"marker": "*", "color": "tab:purple", "label": "crossover"},
@@ -68,7 +68,7 @@ def guard(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str]
 # --------------------------------------------------------------------------- #
 
 def _is_log_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in (TRAIN_CSV, EVENTS_CSV))
+    return path.is_dir() and any((path / name).is_file() for name in (schema.TRAIN_CSV, schema.EVENTS_CSV))
 
 
 def find_log_dir(arg: str | Path) -> Path:
@@ -85,17 +85,19 @@ def find_log_dir(arg: str | Path) -> Path:
         raise UserError(f"{path}: is a file; expected a run's log folder, e.g. logs/<run-name>")
     if _is_log_dir(path):
         return path
-    if (path / "logs").is_dir():
-        runs = sorted(p for p in (path / "logs").iterdir() if _is_log_dir(p))
+    logs = path / schema.LOGS_DIR
+    if logs.is_dir():
+        runs = sorted(p for p in logs.iterdir() if _is_log_dir(p))
         if len(runs) == 1:
             return runs[0]
         if runs:
-            raise UserError(f"{path / 'logs'} holds several runs; name one: "
-                            + ", ".join(str(r) for r in runs))
-    if path.parent.name == "checkpoints" and _is_log_dir(path.parent.parent / "logs" / path.name):
-        return path.parent.parent / "logs" / path.name
-    raise UserError(f"{path}: no {TRAIN_CSV} or {EVENTS_CSV} here; expected a run's log folder "
-                    f"<run-dir>/logs/<run-name>")
+            raise UserError(f"{logs} holds several runs; name one: " + ", ".join(str(r) for r in runs))
+    if path.parent.name == schema.CHECKPOINTS_DIR:
+        log_dir = schema.RunPaths(path.parent.parent, path.name).log_dir
+        if _is_log_dir(log_dir):
+            return log_dir
+    raise UserError(f"{path}: no {schema.TRAIN_CSV} or {schema.EVENTS_CSV} here; expected a run's log "
+                    f"folder <run-dir>/{schema.LOGS_DIR}/<run-name>")
 
 
 def run_csv(arg: str | Path, name: str) -> tuple[Path, Path]:
@@ -109,22 +111,9 @@ def run_csv(arg: str | Path, name: str) -> tuple[Path, Path]:
     return log_dir / name, log_dir
 
 
-def checkpoint_dir(log_dir: Path) -> Path:
-    """`<run-dir>/checkpoints/<run-name>` for the log folder `<run-dir>/logs/<run-name>`."""
-    return log_dir.parent.parent / "checkpoints" / log_dir.name
-
-
-def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the checkpoint files in `directory`, newest first (names only, no loading)."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
-    return sorted(found, reverse=True)
-
-
 def read_run_config(log_dir: Path, required: bool = True) -> dict | None:
     """The run's resolved config (config.yaml in the log folder) as nested dicts."""
-    path = log_dir / CONFIG_YAML
+    path = log_dir / schema.CONFIG_YAML
     if not path.is_file():
         if required:
             raise UserError(f"{path}: missing (every run writes its resolved config there)")
@@ -143,14 +132,16 @@ def read_run_config(log_dir: Path, required: bool = True) -> dict | None:
 # --------------------------------------------------------------------------- #
 
 def read_log_csv(path: Path, required: list[str], numeric: list[str], *,
-                 allow_empty: bool = False) -> pd.DataFrame:
+                 allow_empty: bool = False, renames: dict[str, str] | None = None) -> pd.DataFrame:
     """Read one of a run's CSV logs, tolerating a run that is still writing it.
 
     Only whole rows count: a last line without its newline (the writer is mid-row)
     or a row with the wrong number of fields is skipped with a note. Raises
     UserError for a missing or empty file, missing columns or non-numeric values.
     `allow_empty`: a header without rows is a valid, empty log (events.csv of a run
-    without events yet); otherwise it is an error.
+    without events yet); otherwise it is an error. `renames`: {old: new} column
+    names of logs written before a rename (schema.LEGACY_EVENT_RENAMES); in such a
+    log, a column already named like a new one held something else and is dropped.
     """
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -161,18 +152,40 @@ def read_log_csv(path: Path, required: list[str], numeric: list[str], *,
     lines = text.splitlines(keepends=True)
     if not lines or not lines[0].strip():
         raise UserError(f"{path}: empty file (no header row); is the run writing it yet?")
-    header = next(csv.reader([lines[0]]))
+    header = _current_names(next(csv.reader([lines[0]])), renames or {})
     missing = [c for c in required if c not in header]
     if missing:
         raise UserError(f"{path}: not a nemoe log, missing column(s) {', '.join(missing)}")
-    kept, partial, malformed = [lines[0]], 0, 0
-    for line in lines[1:]:
+    rows = _complete_rows(path, lines[1:], len(header))
+    if not rows and not allow_empty:
+        raise UserError(f"{path}: no complete rows yet (the run has not logged anything)")
+    frame = pd.read_csv(io.StringIO(lines[0] + "".join(rows)), header=0, names=header, dtype=str,
+                        keep_default_na=False)
+    frame = frame.drop(columns=[c for c in header if c.startswith(_SUPERSEDED)])
+    return _parse_numbers(frame, numeric, path)
+
+
+_SUPERSEDED = "(superseded) "
+
+
+def _current_names(header: list[str], renames: dict[str, str]) -> list[str]:
+    """The header in today's names: old names renamed; a legacy column that bears a
+    name the renames give to another one is marked _SUPERSEDED (and then dropped)."""
+    if not any(old in header for old in renames):
+        return header
+    return [_SUPERSEDED + c if c in renames.values() else renames.get(c, c) for c in header]
+
+
+def _complete_rows(path: Path, lines: list[str], n_fields: int) -> list[str]:
+    """The data lines that are whole rows: a note for a partial last line or malformed rows."""
+    kept, partial, malformed = [], 0, 0
+    for line in lines:
         if not line.strip():
             continue
         if not line.endswith("\n"):
             partial += 1           # only ever the last line: a row being written
             continue
-        if len(next(csv.reader([line]), [])) != len(header):
+        if len(next(csv.reader([line]), [])) != n_fields:
             malformed += 1
             continue
         kept.append(line)
@@ -180,9 +193,11 @@ def read_log_csv(path: Path, required: list[str], numeric: list[str], *,
         note(f"{path.name}: skipped a partial last line (a run still writing?)")
     if malformed:
         note(f"{path.name}: skipped {malformed} malformed row(s)")
-    if len(kept) == 1 and not allow_empty:
-        raise UserError(f"{path}: no complete rows yet (the run has not logged anything)")
-    frame = pd.read_csv(io.StringIO("".join(kept)), dtype=str, keep_default_na=False)
+    return kept
+
+
+def _parse_numbers(frame: pd.DataFrame, numeric: list[str], path: Path) -> pd.DataFrame:
+    """`numeric` columns as floats ('' and nan: NaN); UserError naming the first other value."""
     for column in numeric:
         if column not in frame.columns:
             continue
@@ -216,34 +231,28 @@ def one_timeline(frame: pd.DataFrame, key: list[str]) -> pd.DataFrame:
     return frame.sort_values("step", kind="stable").reset_index(drop=True)
 
 
-TRAIN_NUMERIC = ["step", "tokens", "loss", "loss_ce", "loss_lb", "loss_z", "loss_lb_scaled",
-                 "loss_z_scaled", "lr", "grad_norm", "grad_scale", "tokens_per_s", "elapsed_s"]
-EVENT_NUMERIC = ["step", "tokens", "layer", "expert", "usage", "threshold", "n_before", "n_after",
-                 "probe_loss_before", "probe_loss_after"]
-EVAL_NUMERIC = ["step", "tokens", "loss", "ppl"]
-
-
 def read_training_log(path: Path) -> pd.DataFrame:
     """training_log.csv: one row per step, in order; at least one row."""
-    frame = read_log_csv(path, ["step", "tokens", "loss_ce"], TRAIN_NUMERIC)
-    layer_cols = [c for c in frame.columns if re.fullmatch(r"(experts|usage_entropy|max_load)_L\d+", c)]
-    for column in layer_cols:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame = read_log_csv(path, ["step", "tokens", "loss_ce"], schema.TRAIN_NUMERIC)
+    for prefix in schema.LAYER_COLUMNS:
+        for column in layer_columns(frame, prefix):
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
     frame = frame.dropna(subset=["step"])
     frame["step"] = frame["step"].astype(int)
     return one_timeline(frame, ["step"])
 
 
 def read_events(path: Path, required: bool = False, granularity: str | None = "expert") -> pd.DataFrame:
-    """events.csv (possibly without rows); a missing file is an empty log unless `required`.
+    """events.csv (possibly without rows) in schema.EVENT_COLUMNS; a missing file is an empty log unless `required`.
 
     `granularity`: keep only events of that kind (expert, neuron, head, layer); None keeps all.
-    Logs written before the column existed hold expert events only.
+    Logs in the legacy columns (`action`, `usage`) read as today's (`event`, `value`);
+    logs written before the `granularity` column existed hold expert events only.
     """
     if not path.is_file() and not required:
-        return pd.DataFrame(columns=["step", "tokens", "event", "layer", "action", "expert", "parents",
-                                     "granularity", "unit", "cause"])
-    frame = read_log_csv(path, ["step", "layer", "action", "expert"], EVENT_NUMERIC, allow_empty=True)
+        return pd.DataFrame(columns=schema.EVENT_COLUMNS)
+    frame = read_log_csv(path, ["step", "layer", "event", "expert"], schema.EVENT_NUMERIC,
+                         allow_empty=True, renames=schema.LEGACY_EVENT_RENAMES)
     for column in ("step", "layer", "expert"):
         frame[column] = frame[column].astype(int)
     if "granularity" not in frame.columns:
@@ -252,7 +261,7 @@ def read_events(path: Path, required: bool = False, granularity: str | None = "e
     if "unit" not in frame.columns:
         frame["unit"] = ""
     frame["unit"] = frame["unit"].fillna("").astype(str)
-    frame = one_timeline(frame, ["step", "granularity", "layer", "action", "expert", "unit"])
+    frame = one_timeline(frame, ["step", "granularity", "layer", "event", "expert", "unit"])
     if granularity is not None:
         frame = frame[frame["granularity"] == granularity].reset_index(drop=True)
     return frame
@@ -261,10 +270,17 @@ def read_events(path: Path, required: bool = False, granularity: str | None = "e
 def read_eval(path: Path) -> pd.DataFrame:
     """eval.csv (possibly without rows, empty when missing): held-out loss per source."""
     if not path.is_file():
-        return pd.DataFrame(columns=["step", "tokens", "source", "loss", "ppl"])
-    frame = read_log_csv(path, ["step", "source", "loss"], EVAL_NUMERIC, allow_empty=True)
+        return pd.DataFrame(columns=schema.EVAL_COLUMNS)
+    frame = read_log_csv(path, ["step", "source", "loss"], schema.EVAL_NUMERIC, allow_empty=True)
     frame["step"] = frame["step"].astype(int)
     return one_timeline(frame, ["step", "source"])
+
+
+def read_state(path: Path) -> pd.DataFrame:
+    """plasticity.csv (schema.STATE_COLUMNS, long format), at least one row; step and layer as ints."""
+    frame = read_log_csv(path, schema.STATE_COLUMNS, schema.STATE_NUMERIC)
+    frame = frame.dropna(subset=["step", "layer"])
+    return frame.astype({"step": int, "layer": int})
 
 
 def latest_step(*frames: pd.DataFrame) -> tuple[int, int]:
@@ -283,9 +299,11 @@ def latest_step(*frames: pd.DataFrame) -> tuple[int, int]:
 
 
 def layer_columns(frame: pd.DataFrame, prefix: str = "experts") -> list[str]:
-    """`experts_L0, experts_L1, ...` in layer order."""
-    cols = [c for c in frame.columns if re.fullmatch(rf"{prefix}_L\d+", c)]
-    return sorted(cols, key=lambda c: int(c.rsplit("L", 1)[1]))
+    """`experts_L0, experts_L1, ...` (schema.layer_column) in layer order."""
+    columns = []
+    while (column := schema.layer_column(prefix, len(columns))) in frame.columns:
+        columns.append(column)
+    return columns
 
 
 def parent_ids(text) -> list[int]:
@@ -353,6 +371,8 @@ def human(n: float) -> str:
 # Checkpoints -> a model (generate, evaluate)
 # --------------------------------------------------------------------------- #
 
+CHECKPOINT_FILES = schema.checkpoint_name("<N>")  # type: ignore[arg-type]  # in messages
+
 def resolve_device(name: str):
     """`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`, `mps`."""
     import torch
@@ -371,7 +391,7 @@ def checkpoint_parser(doc: str) -> argparse.ArgumentParser:
     """A tool's argument parser that starts with the CHECKPOINT argument."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="nemo_ckpt_step<N>.pt, or a run's checkpoint/log folder (newest checkpoint)")
+                   help=f"{CHECKPOINT_FILES}, or a run's checkpoint/log folder (newest checkpoint)")
     return p
 
 
@@ -386,7 +406,7 @@ def load_checkpoint_state(arg: str | Path) -> tuple[Path, dict]:
     path = Path(arg).expanduser()
     if not path.exists():
         raise UserError(f"{path}: no such file or folder (expected a checkpoint "
-                        f"<run-dir>/checkpoints/<run-name>/nemo_ckpt_step<N>.pt)")
+                        f"<run-dir>/{schema.CHECKPOINTS_DIR}/<run-name>/{CHECKPOINT_FILES})")
     if path.is_file():
         # torch.save writes a zip archive; anything else (a YAML file, a truncated
         # download) gets a plain message instead of torch's unpickling advice.
@@ -395,10 +415,10 @@ def load_checkpoint_state(arg: str | Path) -> tuple[Path, dict]:
                             f"torch.save: truncated, or another kind of file)")
         return path, ckpt.load_checkpoint(path)
     folder = path
-    if not list_checkpoints(folder) and _is_log_dir(folder):
-        folder = checkpoint_dir(folder)
-    if not list_checkpoints(folder):
-        raise UserError(f"{path}: no nemo_ckpt_step<N>.pt checkpoints here")
+    if not schema.list_checkpoints(folder) and _is_log_dir(folder):
+        folder = schema.RunPaths.from_log_dir(folder).ckpt_dir
+    if not schema.list_checkpoints(folder):
+        raise UserError(f"{path}: no {CHECKPOINT_FILES} checkpoints here")
     found = ckpt.load_latest(folder, warn=note)
     if found is None:
         raise UserError(f"{folder}: none of its checkpoints could be loaded")

@@ -41,19 +41,18 @@ import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/bench.py`
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from tools._common import guard, note, resolve_device  # noqa: E402
-from nemoe import checkpoint as ckpt  # noqa: E402
-from nemoe.config import config_from_dict, find_config, read_yaml  # noqa: E402
-from nemoe.data import TokenStream  # noqa: E402
-from nemoe.errors import UserError  # noqa: E402
-from nemoe.model import NemoeLM, split_block  # noqa: E402
-from nemoe.moe import MoELayer, mlp  # noqa: E402
-from nemoe.tokenizer import get_tokenizer  # noqa: E402
+from nemoe import checkpoint as ckpt
+from nemoe import schema
+from nemoe.config import config_from_dict, find_config, read_yaml
+from nemoe.data import TokenStream
+from nemoe.errors import UserError
+from nemoe.model import NemoeLM, split_block
+from nemoe.moe import MoELayer, mlp
+from nemoe.tokenizer import get_tokenizer
+from tools._common import guard, note, resolve_device
 
 SECTIONS = ("throughput", "mfu", "moe_layer", "morph", "checkpoint", "data", "memory", "gpu")
 NEEDS = {"mfu": ("throughput",), "data": ("throughput",)}   # sections that read another's figures
@@ -436,7 +435,7 @@ def bench_checkpoint(ctx) -> dict:
     save_s = []
     for _ in range(1 if ctx.quick else 3):
         save_s.append(timed(trainer.save, ctx.device))
-    path = ckpt.list_checkpoints(trainer.paths.ckpt_dir)[0][1]
+    path = schema.list_checkpoints(trainer.paths.ckpt_dir)[0][1]
     load_s = statistics.median(timed(lambda: ckpt.load_checkpoint(path), ctx.device)
                                for _ in range(1 if ctx.quick else 3))
     step = trainer.step

@@ -15,12 +15,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
-
-from tools._common import checkpoint_parser, guard, load_model, note  # noqa: E402
-from nemoe.errors import UserError  # noqa: E402
+from nemoe.errors import UserError
+from tools._common import checkpoint_parser, guard, load_model, note
 
 
 def parse_args(argv):

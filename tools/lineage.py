@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
-
-from tools._common import (EVAL_CSV, EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard,  # noqa: E402
-                           latest_step, note, parent_ids, pyplot, read_eval, read_events,
-                           read_run_config, read_training_log, save_figure)
-from nemoe.errors import UserError  # noqa: E402
+from nemoe import schema
+from nemoe.errors import UserError
+from tools._common import (EVENT_STYLE, find_log_dir, guard, latest_step, note, parent_ids, pyplot, read_eval,
+                           read_events, read_run_config, read_training_log, save_figure)
 
 DEATHS = {"prune": "pruned", "failed_probation": "failed probation"}
 ORIGIN_COLOR = {"founder": "tab:blue", "split": "tab:green", "crossover": "tab:purple"}
@@ -42,7 +39,7 @@ class Expert:
     graduated: int | None = None     # step its probation review passed
     died: int | None = None          # step
     cause: str | None = None         # prune | failed_probation
-    death_usage: float | None = None
+    death_value: float | None = None   # the usage share the prune compared with its threshold
     death_threshold: float | None = None
     children: list[int] = field(default_factory=list)
 
@@ -92,18 +89,18 @@ def build_lineage(events, founders: dict[int, list[int]] | None) -> dict[int, di
         return experts[expert_id]
 
     for row in events.itertuples(index=False):
-        layer, expert_id, action = int(row.layer), int(row.expert), row.action
-        if action in ("split", "crossover"):
+        layer, expert_id, event = int(row.layer), int(row.expert), row.event
+        if event in ("split", "crossover"):
             parents = parent_ids(row.parents)
             for p in parents:
                 get(layer, p).children.append(expert_id)
             child = get(layer, expert_id)
-            child.origin, child.parents, child.born = action, parents, int(row.step)
-        elif action in DEATHS:
+            child.origin, child.parents, child.born = event, parents, int(row.step)
+        elif event in DEATHS:
             e = get(layer, expert_id)
-            e.died, e.cause = int(row.step), action
-            e.death_usage, e.death_threshold = float(row.usage), float(row.threshold)
-        elif action == "graduate":
+            e.died, e.cause = int(row.step), event
+            e.death_value, e.death_threshold = float(row.value), float(row.threshold)
+        elif event == "graduate":
             get(layer, expert_id).graduated = int(row.step)
     return layers
 
@@ -148,8 +145,8 @@ def describe(e: Expert) -> str:
         parts.append(f"graduated @ {e.graduated}")
     if e.died is not None:
         why = ""
-        if e.death_usage is not None:
-            why = f" (usage {e.death_usage:.3f} < {e.death_threshold:g})"
+        if e.death_value is not None:
+            why = f" (usage {e.death_value:.3f} < {e.death_threshold:g})"
         parts.append(f"[red]{DEATHS[e.cause]} @ {e.died}{why}[/]")
     elif e.origin != "founder" and e.graduated is None:
         parts.append("[green]alive[/] (on probation)")
@@ -225,7 +222,7 @@ def plot(layers: dict[int, dict[int, Expert]], end_step: int, run_name: str):
 
     handles = [plt.Line2D([], [], color=c, lw=5, label=f"{o} lifeline") for o, c in ORIGIN_COLOR.items()]
     handles.append(plt.Line2D([], [], color="gray", lw=5, alpha=0.35, label="on probation"))
-    for action, style in EVENT_STYLE.items():
+    for style in EVENT_STYLE.values():
         handles.append(plt.Line2D([], [], ls="", marker=style["marker"], markersize=9,
                                   markerfacecolor=style["color"], markeredgecolor="black", label=style["label"]))
     handles.append(plt.Line2D([], [], ls="", marker="o", markerfacecolor="white", markeredgecolor="black",
@@ -240,14 +237,14 @@ def plot(layers: dict[int, dict[int, Expert]], end_step: int, run_name: str):
 def load(arg: str, layer: int | None):
     """(lineage per layer, last step, run name)."""
     log_dir = find_log_dir(arg)
-    events = read_events(log_dir / EVENTS_CSV, required=True)
+    events = read_events(log_dir / schema.EVENTS_CSV, required=True)
     founders = founders_from_config(read_run_config(log_dir, required=False))
     if founders is None:
         note("no usable config.yaml: founders are inferred from the events "
              "(founders never named in an event are not shown)")
-    others = [read_eval(log_dir / EVAL_CSV)]
-    if (log_dir / TRAIN_CSV).is_file():
-        others.append(read_training_log(log_dir / TRAIN_CSV))
+    others = [read_eval(log_dir / schema.EVAL_CSV)]
+    if (log_dir / schema.TRAIN_CSV).is_file():
+        others.append(read_training_log(log_dir / schema.TRAIN_CSV))
     end_step = latest_step(events, *others)[0]
     layers = build_lineage(events, founders)
     if layer is not None:

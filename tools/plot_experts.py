@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
-
-from tools._common import (EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, run_csv, guard,  # noqa: E402
-                           human, latest_step, layer_columns, note, pyplot, read_events, read_training_log,
-                           save_figure, steps_to_tokens)
-from nemoe.errors import UserError  # noqa: E402
+from nemoe import schema
+from nemoe.errors import UserError
+from tools._common import (EVENT_STYLE, guard, human, latest_step, layer_columns, note, pyplot, read_events,
+                           read_training_log, run_csv, save_figure, steps_to_tokens)
 
 
 def parse_args(argv):
@@ -37,18 +34,18 @@ def parse_args(argv):
 
 def load(arg: str):
     """(training log, events, run name) for a log folder or a training_log.csv path."""
-    csv_path, log_dir = run_csv(arg, TRAIN_CSV)
+    csv_path, log_dir = run_csv(arg, schema.TRAIN_CSV)
     train = read_training_log(csv_path)
     if not layer_columns(train):
         raise UserError(f"{csv_path}: no experts_L<i> columns; is this a nemoe training log?")
-    if not (log_dir / EVENTS_CSV).is_file():
-        note(f"no {EVENTS_CSV} next to {csv_path.name}: plotting without event markers")
-    events = read_events(log_dir / EVENTS_CSV)
+    if not (log_dir / schema.EVENTS_CSV).is_file():
+        note(f"no {schema.EVENTS_CSV} next to {csv_path.name}: plotting without event markers")
+    events = read_events(log_dir / schema.EVENTS_CSV)
     return train, events, log_dir.name
 
 
 def event_markers(events, layer: int, xcol: str, span: float) -> list[tuple[float, float, str]]:
-    """(x, y, action) of one layer's event markers.
+    """(x, y, event) of one layer's event markers.
 
     Each sits on the layer's line: at the count after all of that step's events
     (what the training log shows). Several events at one step (a failed probation
@@ -56,13 +53,13 @@ def event_markers(events, layer: int, xcol: str, span: float) -> list[tuple[floa
     """
     if not len(events):
         return []
-    rows = events[(events["layer"] == layer) & events["action"].isin(list(EVENT_STYLE))]
+    rows = events[(events["layer"] == layer) & events["event"].isin(list(EVENT_STYLE))]
     markers = []
     for _, group in rows.groupby("step", sort=True):
         x_at, final = float(group[xcol].iloc[0]), float(group["n_after"].iloc[-1])
         gap = 0.012 * span
-        for k, action in enumerate(group["action"]):
-            markers.append((x_at + (k - (len(group) - 1) / 2) * gap, final, action))
+        for k, event in enumerate(group["event"]):
+            markers.append((x_at + (k - (len(group) - 1) / 2) * gap, final, event))
     return markers
 
 
@@ -114,17 +111,17 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
         color = colors(i % 10) if n_layers <= 10 else colors(i / max(n_layers - 1, 1))
         ax.plot(train[xcol], train[column] + offsets[i], drawstyle="steps-post", lw=1.8,
                 color=color, label=f"layer {i}")
-        for x_pos, y, action in event_markers(events, i, xcol, span):
-            style = EVENT_STYLE[action]
+        for x_pos, y, event in event_markers(events, i, xcol, span):
+            style = EVENT_STYLE[event]
             ax.scatter([x_pos], [y + offsets[i]], marker=style["marker"], s=90 if style["marker"] == "*" else 60,
                        facecolor=style["color"], edgecolor="black", linewidth=0.6, zorder=3)
 
     # Legend: the layers' line colours (overlay only) and each event type seen (marker).
     handles, labels = ([], []) if panels else axes[0].get_legend_handles_labels()
-    seen = set(events["action"]) if len(events) else set()
-    for action, style in EVENT_STYLE.items():
-        if action in seen:
-            handles.append(plt.Line2D([], [], ls="", marker=style["marker"], markersize=9 if action ==
+    seen = set(events["event"]) if len(events) else set()
+    for event, style in EVENT_STYLE.items():
+        if event in seen:
+            handles.append(plt.Line2D([], [], ls="", marker=style["marker"], markersize=9 if event ==
                                       "crossover" else 8, markerfacecolor=style["color"],
                                       markeredgecolor="black", markeredgewidth=0.6))
             labels.append(style["label"])
@@ -153,7 +150,7 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
         axes[-1].set_xlabel("tokens trained")
         axes[-1].xaxis.set_major_formatter(lambda v, _pos: human(v))
     step, tokens = latest_step(train, events)
-    n_events = int(events["action"].isin(list(EVENT_STYLE)).sum()) if len(events) else 0
+    n_events = int(events["event"].isin(list(EVENT_STYLE)).sum()) if len(events) else 0
     fig.suptitle(f"{run_name}: experts per layer (step {step:,}, {human(tokens)} tokens, {n_events} events)")
     return fig
 

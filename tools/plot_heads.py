@@ -5,24 +5,22 @@
     python tools/plot_heads.py logs/<run-name>/plasticity.csv --metric entropy
 
 Reads plasticity.csv (rows granularity=head, name=gate or entropy, written by
-plasticity.heads at every log step) and, next to it, events.csv: head_prune (red
-down-triangle) and head_grow (green up-triangle) are marked on their head's row.
+plasticity.heads at every log step) and, next to it, events.csv: head events
+prune (red down-triangle) and grow (green up-triangle) are marked on their head's row.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
+from nemoe import schema
+from nemoe.errors import UserError
+from tools._common import (guard, human, note, one_timeline, pyplot, read_events, read_state, run_csv,
+                           save_figure)
 
-from tools._common import (EVENTS_CSV, guard, human, note, one_timeline, run_csv,  # noqa: E402
-                           pyplot, read_events, read_log_csv, save_figure)
-from nemoe.errors import UserError  # noqa: E402
-
-PLASTICITY_CSV = "plasticity.csv"
-HEAD_EVENTS = {"head_prune": ("v", "tab:red", "prune"), "head_grow": ("^", "tab:green", "grow")}
+# events.csv `event` of granularity head: (marker, colour, label)
+HEAD_EVENTS = {"prune": ("v", "tab:red", "prune"), "grow": ("^", "tab:green", "grow")}
 
 
 def parse_args(argv):
@@ -37,21 +35,17 @@ def parse_args(argv):
 
 def load(arg: str, metric: str):
     """(head rows of plasticity.csv for `metric`, head events, run name)."""
-    csv_path, log_dir = run_csv(arg, PLASTICITY_CSV)
+    csv_path, log_dir = run_csv(arg, schema.STATE_CSV)
     if not csv_path.is_file():
-        raise UserError(f"{log_dir}: no {PLASTICITY_CSV}; was the run trained with "
+        raise UserError(f"{log_dir}: no {schema.STATE_CSV}; was the run trained with "
                         f"plasticity.heads.enabled=true?")
-    frame = read_log_csv(csv_path, ["step", "granularity", "layer", "unit", "name", "value"],
-                         ["step", "tokens", "layer", "value"])
-    frame = frame.dropna(subset=["step", "layer"])
-    frame = one_timeline(frame.astype({"step": int, "layer": int}),
-                         ["step", "granularity", "layer", "unit", "name"])
+    frame = one_timeline(read_state(csv_path), ["step", "granularity", "layer", "unit", "name"])
     heads = frame[(frame["granularity"] == "head") & (frame["name"] == metric)]
     if heads.empty:
         raise UserError(f"{csv_path}: no head rows named {metric!r} (is plasticity.heads enabled in this run?)")
-    if not (log_dir / EVENTS_CSV).is_file():
-        note(f"no {EVENTS_CSV} next to {csv_path.name}: plotting without event markers")
-    events = read_events(log_dir / EVENTS_CSV, granularity="head")
+    if not (log_dir / schema.EVENTS_CSV).is_file():
+        note(f"no {schema.EVENTS_CSV} next to {csv_path.name}: plotting without event markers")
+    events = read_events(log_dir / schema.EVENTS_CSV, granularity="head")
     return heads, events, log_dir.name
 
 
@@ -100,7 +94,7 @@ def plot(heads, events, run_name: str, metric: str = "gate"):
     ax.set_ylabel("layer.head")
     tokens = int(heads["tokens"].max()) if "tokens" in heads and heads["tokens"].notna().any() else 0
     fig.suptitle(f"{run_name}: attention-head {metric}s (step {int(steps[-1]):,}, {human(tokens)} tokens, "
-                 f"head_prune {counts.get('prune', 0)}, head_grow {counts.get('grow', 0)})")
+                 f"prune {counts.get('prune', 0)}, grow {counts.get('grow', 0)})")
     return fig
 
 

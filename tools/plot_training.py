@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
-
-from tools._common import (EVAL_CSV, EVENT_STYLE, EVENTS_CSV, TRAIN_CSV, find_log_dir, guard,  # noqa: E402
-                           human, latest_step, pyplot, read_eval, read_events, read_training_log, save_figure)
+from nemoe import schema
+from tools._common import (EVENT_STYLE, find_log_dir, guard, human, latest_step, pyplot, read_eval, read_events,
+                           read_training_log, save_figure)
 
 
 def parse_args(argv):
@@ -45,8 +43,8 @@ OTHER_GRANULARITY = {"marker": "x", "color": "tab:gray"}
 
 def load(arg: str):
     log_dir = find_log_dir(arg)
-    return (read_training_log(log_dir / TRAIN_CSV), read_eval(log_dir / EVAL_CSV),
-            read_events(log_dir / EVENTS_CSV, granularity=None), log_dir.name)
+    return (read_training_log(log_dir / schema.TRAIN_CSV), read_eval(log_dir / schema.EVAL_CSV),
+            read_events(log_dir / schema.EVENTS_CSV, granularity=None), log_dir.name)
 
 
 def granularities(events) -> list[str]:
@@ -65,8 +63,8 @@ def _mark_events(ax, events) -> None:
     if not len(events):
         return
     experts = events[events["granularity"] == "expert"]
-    for action, style in EVENT_STYLE.items():
-        for step in sorted(set(experts.loc[experts["action"] == action, "step"])):
+    for event, style in EVENT_STYLE.items():
+        for step in sorted(set(experts.loc[experts["event"] == event, "step"])):
             ax.axvline(step, color=style["color"], lw=0.8, alpha=0.45, ls="--", zorder=0)
     top = ax.get_xaxis_transform()   # x in data, y in axes fraction
     for row, name in enumerate(granularities(events)):
@@ -144,9 +142,9 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
         ax.xaxis.set_tick_params(labelbottom=True)
 
     experts = events[events["granularity"] == "expert"] if len(events) else events
-    seen = set(experts["action"]) if len(experts) else set()
+    seen = set(experts["event"]) if len(experts) else set()
     handles = [plt.Line2D([], [], color=s["color"], ls="--", lw=1.2, label=f"{s['label']} event")
-               for a, s in EVENT_STYLE.items() if a in seen]
+               for e, s in EVENT_STYLE.items() if e in seen]
     for name in granularities(events):
         style, count = granularity_style(name), int((events["granularity"] == name).sum())
         handles.append(plt.Line2D([], [], ls="none", marker=style["marker"], color=style["color"],

@@ -5,7 +5,7 @@
     python tools/plot_vitality.py logs/<run-name>/plasticity.csv --value lr_scale
 
 Reads plasticity.csv (the `layer` rows written by plasticity.layers at each log
-step) and, next to it, events.csv (layer_death X, layer_birth ^ markers) and
+step) and, next to it, events.csv (layer events: death X, birth ^ markers) and
 config.yaml (the birth and death zones, drawn as dashed lines).
 """
 
@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
+from nemoe import schema
+from nemoe.errors import UserError
+from tools._common import guard, one_timeline, pyplot, read_events, read_run_config, read_state, run_csv, save_figure
 
-from tools._common import (EVENTS_CSV, run_csv, guard, one_timeline, pyplot,  # noqa: E402
-                           read_events, read_log_csv, read_run_config, save_figure)
-from nemoe.errors import UserError  # noqa: E402
-
-PLASTICITY_CSV = "plasticity.csv"
 VALUES = ("vitality", "importance", "influence", "temperature", "dropout", "lr_scale", "age")
 
 
@@ -37,16 +33,15 @@ def parse_args(argv):
 
 def load(arg: str, value: str):
     """(layers x steps table of `value`, layer events, run config or None, run name)."""
-    csv_path, log_dir = run_csv(arg, PLASTICITY_CSV)
-    frame = read_log_csv(csv_path, ["step", "granularity", "layer", "name", "value"],
-                         ["step", "tokens", "layer", "value"])
+    csv_path, log_dir = run_csv(arg, schema.STATE_CSV)
+    frame = read_state(csv_path)
     frame = frame[(frame["granularity"] == "layer") & (frame["name"] == value)]
     if frame.empty:
         raise UserError(f"{csv_path}: no layer {value} rows; was the run trained with "
                         f"plasticity.layers.enabled=true?")
-    frame = one_timeline(frame.astype({"step": int, "layer": int}), ["step", "layer"])
+    frame = one_timeline(frame, ["step", "layer"])
     table = frame.pivot(index="layer", columns="step", values="value").sort_index()
-    events = read_events(log_dir / EVENTS_CSV, granularity="layer")
+    events = read_events(log_dir / schema.EVENTS_CSV, granularity="layer")
     return table, events, read_run_config(log_dir, required=False), log_dir.name
 
 
@@ -56,8 +51,8 @@ def plot(table, events, config, value: str, title: str):
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.6 * n_layers))
     mesh = ax.pcolormesh(table.columns, table.index, table.to_numpy(), shading="nearest", cmap="viridis")
     fig.colorbar(mesh, ax=ax, label=value)
-    for event, marker, colour, label in (("layer_death", "X", "tab:red", "death"),
-                                         ("layer_birth", "^", "white", "birth")):
+    for event, marker, colour, label in (("death", "X", "tab:red", "death"),
+                                         ("birth", "^", "white", "birth")):
         rows = events[events["event"] == event]
         if len(rows):
             ax.scatter(rows["step"], rows["layer"], marker=marker, s=70, c=colour, edgecolors="black",

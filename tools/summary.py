@@ -15,11 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/x.py`
-
-from tools._common import (CONFIG_YAML, EVAL_CSV, EVENTS_CSV, TRAIN_CSV, checkpoint_dir,  # noqa: E402
-                           find_log_dir, guard, latest_step, layer_columns, list_checkpoints, read_eval,
-                           read_events, read_run_config, read_training_log)
+from nemoe import schema
+from tools._common import (find_log_dir, guard, latest_step, layer_columns, read_eval, read_events,
+                           read_run_config, read_training_log)
 
 EVENT_ORDER = ["split", "crossover", "prune", "failed_probation", "graduate"]
 
@@ -51,9 +49,9 @@ def targets(config: dict | None) -> tuple[int | None, int | None]:
 
 def run_state(log_dir: Path) -> str:
     """What the text log's last line says: finished, stopped by a signal, or neither."""
-    path = log_dir / "training_log.txt"
+    path = log_dir / schema.TEXT_LOG
     if not path.is_file():
-        return "unknown (no training_log.txt)"
+        return f"unknown (no {schema.TEXT_LOG})"
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     last = next((ln for ln in reversed(lines) if ln.strip()), "")
     if "| Done |" in last:
@@ -79,19 +77,29 @@ def current_counts(train, events) -> list[int]:
 
 def rows(log_dir: Path) -> list[tuple[str, str]]:
     """(label, value) rows of the summary table."""
-    train = read_training_log(log_dir / TRAIN_CSV)
-    evals = read_eval(log_dir / EVAL_CSV)
-    events = read_events(log_dir / EVENTS_CSV)
+    train = read_training_log(log_dir / schema.TRAIN_CSV)
+    evals = read_eval(log_dir / schema.EVAL_CSV)
+    events = read_events(log_dir / schema.EVENTS_CSV)
     config = read_run_config(log_dir, required=False)
+    step, tokens = latest_step(train, evals, events)
+    out = [("run", f"{log_dir.name}  ({log_dir})"), ("state", run_state(log_dir))]
+    out += progress_rows(train, step, tokens, config)
+    out += heldout_rows(evals)
+    out += event_rows(train, events, step)
+    out += checkpoint_rows(log_dir)
+    if config is None:
+        out.append(("config", f"no {schema.CONFIG_YAML} in the log folder"))
+    return out
+
+
+def progress_rows(train, step: int, tokens: int, config: dict | None) -> list[tuple[str, str]]:
+    """Steps and tokens against the run's targets, training time, speed, train loss."""
     last = train.iloc[-1]
     elapsed = float(last.get("elapsed_s", math.nan))
-    step, tokens = latest_step(train, evals, events)
     total_steps, total_tokens = targets(config)
-
-    out = [("run", f"{log_dir.name}  ({log_dir})"), ("state", run_state(log_dir))]
-    out.append(("steps", f"{step:,}" + (f" / {total_steps:,} ({100 * step / total_steps:.0f}%)"
-                                       if total_steps else "")))
-    out.append(("tokens", f"{tokens:,}" + (f" / {total_tokens:,}" if total_tokens else "")))
+    out = [("steps", f"{step:,}" + (f" / {total_steps:,} ({100 * step / total_steps:.0f}%)"
+                                   if total_steps else "")),
+           ("tokens", f"{tokens:,}" + (f" / {total_tokens:,}" if total_tokens else ""))]
     if math.isfinite(elapsed):
         out.append(("training time", duration(elapsed) + "  (steps only; evaluation and checkpoints excluded)"))
         if elapsed > 0:
@@ -101,46 +109,53 @@ def rows(log_dir: Path) -> list[tuple[str, str]]:
     recent = train["loss_ce"].tail(min(len(train), max(5, len(train) // 10)))
     out.append(("train loss (CE)", f"{float(last['loss_ce']):.4f} last, {recent.mean():.4f} mean of the "
                                    f"last {len(recent)} rows"))
+    return out
 
-    if len(evals):
-        last_step = int(evals["step"].max())
-        now = evals[evals["step"] == last_step]
-        per_source = " · ".join(f"{'mixed' if r.source == 'all' else r.source} {r.loss:.4f}"
-                                for r in now.itertuples())
-        out.append(("held-out loss, last", f"{per_source}  (step {last_step:,})"))
-        mixed = evals[evals["source"] == "all"].dropna(subset=["loss"])
-        if len(mixed):
-            best = mixed.loc[mixed["loss"].idxmin()]
-            ppl = math.exp(min(best["loss"], 50))
-            out.append(("held-out loss, best", f"mixed {best['loss']:.4f} (ppl {ppl:.1f}) "
-                                               f"at step {int(best['step']):,}"))
-    else:
-        out.append(("held-out loss", "no evaluation yet"))
 
+def heldout_rows(evals) -> list[tuple[str, str]]:
+    """The last held-out loss per source and the best mixed one."""
+    if not len(evals):
+        return [("held-out loss", "no evaluation yet")]
+    last_step = int(evals["step"].max())
+    now = evals[evals["step"] == last_step]
+    per_source = " · ".join(f"{'mixed' if r.source == 'all' else r.source} {r.loss:.4f}"
+                            for r in now.itertuples())
+    out = [("held-out loss, last", f"{per_source}  (step {last_step:,})")]
+    mixed = evals[evals["source"] == "all"].dropna(subset=["loss"])
+    if len(mixed):
+        best = mixed.loc[mixed["loss"].idxmin()]
+        ppl = math.exp(min(best["loss"], 50))
+        out.append(("held-out loss, best", f"mixed {best['loss']:.4f} (ppl {ppl:.1f}) "
+                                           f"at step {int(best['step']):,}"))
+    return out
+
+
+def event_rows(train, events, step: int) -> list[tuple[str, str]]:
+    """Expert events by kind, and live experts per layer now."""
     if len(events):
-        counts = events["action"].value_counts()
+        counts = events["event"].value_counts()
         kinds = EVENT_ORDER + sorted(set(counts.index) - set(EVENT_ORDER))
-        out.append(("events", " · ".join(f"{k.replace('_', ' ')} {int(counts[k])}" for k in kinds
-                                         if k in counts)))
+        out = [("events", " · ".join(f"{k.replace('_', ' ')} {int(counts[k])}" for k in kinds if k in counts))]
     else:
-        out.append(("events", "none yet"))
+        out = [("events", "none yet")]
     columns = layer_columns(train)
     if columns:
         out.append(("experts per layer now", " / ".join(map(str, current_counts(train, events)))
                     + f"  (layers 0..{len(columns) - 1}, step {step:,})"))
-
-    saved = list_checkpoints(checkpoint_dir(log_dir))
-    if saved:
-        ckpt_step, path = saved[0]
-        info = path.stat()
-        age = duration(time.time() - info.st_mtime)
-        out.append(("last checkpoint", f"{path}  (step {ckpt_step:,}, {info.st_size / 2**20:.1f} MiB, "
-                                       f"written {age} ago; {len(saved)} kept)"))
-    else:
-        out.append(("last checkpoint", f"none in {checkpoint_dir(log_dir)}"))
-    if config is None:
-        out.append(("config", f"no {CONFIG_YAML} in the log folder"))
     return out
+
+
+def checkpoint_rows(log_dir: Path) -> list[tuple[str, str]]:
+    """The newest checkpoint in the run's checkpoint folder (by name; nothing is loaded)."""
+    ckpt_dir = schema.RunPaths.from_log_dir(log_dir).ckpt_dir
+    saved = schema.list_checkpoints(ckpt_dir)
+    if not saved:
+        return [("last checkpoint", f"none in {ckpt_dir}")]
+    ckpt_step, path = saved[0]
+    info = path.stat()
+    age = duration(time.time() - info.st_mtime)
+    return [("last checkpoint", f"{path}  (step {ckpt_step:,}, {info.st_size / 2**20:.1f} MiB, "
+                                f"written {age} ago; {len(saved)} kept)")]
 
 
 @guard

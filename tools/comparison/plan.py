@@ -1,0 +1,239 @@
+"""What a comparison runs: strategies x seeds on one config, and the phases of the shift protocol.
+
+A strategy is a named set of `--set` overrides (STRATEGIES is the one place they are
+defined). Seed s sets train.seed, morph.seed and data.seed for every strategy, so one
+seed gives the same data order, token budget and evaluation batches whatever the
+strategy. The shift protocol trains phase after phase on one source each; the
+others keep a weight of OFF_PHASE_WEIGHT so every source is still evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from nemoe.config import Config, load_config
+from nemoe.errors import UserError
+from nemoe.schema import RunPaths
+
+BASELINE = "static_moe"
+OFF_PHASE_WEIGHT = 1e-9  # a source outside its phase: kept (so it is evaluated), never drawn in practice
+MECHANISMS = ("neuron", "heads", "layers")
+
+
+# --------------------------------------------------------------------------- #
+# Strategies
+# --------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    about: str
+    overrides: Callable[[Config], list[str]]
+    mechanism: str | None = None  # the plasticity mechanism it needs (nemoe.plasticity.REGISTRY)
+
+
+def _only_mechanism(name: str | None) -> list[str]:
+    """Every plasticity mechanism off except `name`, so a strategy measures one thing at a time."""
+    return [f"plasticity.{m}.enabled={str(m == name).lower()}" for m in MECHANISMS]
+
+
+def _dense(cfg: Config) -> list[str]:
+    # One slot of width top_k * d_expert: the FLOPs and active parameters per token of
+    # the top-k MoE, as a plain FFN (a one-slot MoELayer is exactly a dense FFN).
+    return ["moe.experts_init=1", "moe.experts_min=1", "moe.experts_max=1", "moe.top_k=1",
+            "morph.enabled=false", f"model.d_expert={cfg.moe.top_k * cfg.d_expert}", *_only_mechanism(None)]
+
+
+STRATEGIES = {s.name: s for s in [
+    Strategy("dense", "one FFN, same active parameters per token as the MoE", _dense),
+    Strategy("static_moe", "the MoE with its initial experts, no morphogenesis",
+             lambda cfg: ["morph.enabled=false", *_only_mechanism(None)]),
+    Strategy("morph", "expert morphogenesis: split, prune, crossover, probation",
+             lambda cfg: ["morph.enabled=true", *_only_mechanism(None)]),
+    *[Strategy(m, f"plasticity.{m} alone (static experts)",
+               (lambda cfg, m=m: ["morph.enabled=false", *_only_mechanism(m)]), mechanism=m)
+      for m in MECHANISMS],
+]}
+
+
+def available(strategy: Strategy) -> bool:
+    from nemoe.plasticity import REGISTRY
+    return strategy.mechanism is None or strategy.mechanism in REGISTRY
+
+
+def choose_strategies(text: str | None) -> tuple[list[str], list[str]]:
+    """(strategies to run, notes). Default: every available one; an unavailable one named is an error."""
+    if text is None:
+        names = list(STRATEGIES)
+        skipped = [n for n in names if not available(STRATEGIES[n])]
+        notes = [f"strategy {n} skipped: plasticity.{STRATEGIES[n].mechanism} is not available in this "
+                 f"version" for n in skipped]
+        return [n for n in names if n not in skipped], notes
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise UserError(f"--strategies: unknown {', '.join(unknown) or '(none given)'}; "
+                        f"known: {', '.join(STRATEGIES)}")
+    if len(set(names)) != len(names):
+        raise UserError("--strategies: a strategy is named twice")
+    for n in names:
+        if not available(STRATEGIES[n]):
+            raise UserError(f"--strategies: {n} needs plasticity.{STRATEGIES[n].mechanism}, "
+                            f"which is not available in this version")
+    return names, []
+
+
+def seed_overrides(seed: int) -> list[str]:
+    return [f"train.seed={seed}", f"morph.seed={seed}", f"data.seed={seed}"]
+
+
+# --------------------------------------------------------------------------- #
+# Runs and the plan
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class Phase:
+    end: int                       # the run's step at the end of this phase
+    overrides: list[str] = field(default_factory=list)
+    source: str | None = None      # shift protocol: the source trained on
+
+
+@dataclass
+class Run:
+    strategy: str
+    seed: int
+    overrides: list[str]           # --set items common to every phase
+    phases: list[Phase]
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-s{self.seed}"
+
+    def paths(self, out: Path) -> RunPaths:
+        """Its log and checkpoint folders under the comparison's out folder."""
+        return RunPaths.of(out, self.name)
+
+
+@dataclass
+class Plan:
+    config: str                    # --config as given
+    out: Path
+    protocol: str
+    runs: list[Run]
+    base: Config                   # the config with the user's --set items (before strategies)
+    notes: list[str]
+    jobs: int
+    threads: int
+    command: str
+    within: float = 0.05           # shift: the 'within x of' threshold
+
+    @property
+    def sources(self) -> list[str]:
+        return [s.name for s in self.base.data.sources]
+
+
+def expected_config(plan: Plan, run: Run) -> Config:
+    """The resolved config of the run's last phase (raises UserError for a bad --set)."""
+    return load_config(plan.config, run.overrides + run.phases[-1].overrides)
+
+
+def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
+    """The runs of tools/compare.py's command line; a bad config or --set fails here, before any run."""
+    base = load_config(args.config, args.overrides)
+    strategies, notes = choose_strategies(args.strategies)
+    seeds = parse_seeds(args)
+    name = Path(args.config).stem
+    out = Path(args.out) if args.out else Path("compare") / (name + ("-shift" if args.protocol == "shift" else ""))
+    phase_plan = shift_phases(args, base) if args.protocol == "shift" else None
+    if phase_plan is not None:  # the settings every shift run shares, for the report
+        base = load_config(args.config, phase_plan[0] + list(args.overrides))
+    runs = []
+    for strategy in strategies:
+        for seed in seeds:
+            common = list(args.overrides) + STRATEGIES[strategy].overrides(base) + seed_overrides(seed)
+            if phase_plan is None:
+                runs.append(Run(strategy, seed, common, [Phase(base.total_steps)]))
+            else:
+                extra, phases = phase_plan
+                runs.append(Run(strategy, seed, extra + common, phases))
+    gpu = base.train.device != "cpu" and _cuda_visible()
+    jobs = args.jobs or (1 if gpu else max(1, min(len(runs), cpu_count() // 2)))
+    if jobs < 1 or (args.within is not None and not 0 < args.within < 1):
+        raise UserError("--jobs must be >= 1 and --within in (0, 1)")
+    command = "python tools/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    return Plan(args.config, out, args.protocol, runs, base, notes, jobs, max(1, cpu_count() // jobs), command,
+                args.within)
+
+
+def parse_seeds(args: argparse.Namespace) -> list[int]:
+    if args.seed_list:
+        try:
+            seeds = [int(s) for s in args.seed_list.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seed-list {args.seed_list!r}: expected integers, e.g. 0,1,2") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise UserError("--seed-list: give distinct seeds")
+        return seeds
+    if args.seeds < 1:
+        raise UserError("--seeds must be >= 1")
+    return list(range(args.seeds))
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cuda_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- #
+# Domain-shift phases
+# --------------------------------------------------------------------------- #
+
+def shift_phases(args: argparse.Namespace, base: Config) -> tuple[list[str], list[Phase]]:
+    """(--set items for every phase, the phases) of the shift protocol."""
+    sources = [s.name for s in base.data.sources]
+    if args.phases is None and len(sources) < 2:
+        raise UserError("--protocol shift needs two data sources (or --phases)")
+    text = args.phases or f"{sources[0]}:300,{sources[1]}:300,{sources[0]}:300"
+    phases, end = [], 0
+    for source, steps in parse_phases(text, base):
+        end += steps
+        phases.append(Phase(end, [phase_sources_override(base, source)], source))
+    # One LR schedule over all phases; frequent evaluations so speeds can be read off eval.csv.
+    every = max(1, min(p.end - q for p, q in zip(phases, [0] + [p.end for p in phases])) // 15)
+    # Before the user's --set items, which therefore win.
+    return [f"train.total_tokens={end * base.tokens_per_step}", f"eval.every_steps={every}"], phases
+
+
+def parse_phases(text: str, cfg: Config) -> list[tuple[str, int]]:
+    sources = [s.name for s in cfg.data.sources]
+    phases = []
+    for item in text.split(","):
+        name, sep, steps = item.strip().partition(":")
+        if not sep or not steps.strip().isdigit() or int(steps) < 1:
+            raise UserError(f"--phases {item!r}: expected SOURCE:STEPS, e.g. prose:300")
+        if name not in sources:
+            raise UserError(f"--phases: {name!r} is not a source of this config (its sources: {', '.join(sources)})")
+        phases.append((name, int(steps)))
+    if len(phases) < 2:
+        raise UserError("--phases: give at least two phases, e.g. prose:300,code:300,prose:300")
+    return phases
+
+
+def phase_sources_override(cfg: Config, source: str) -> str:
+    """data.sources with all weight on `source`; the others stay (for evaluation) at a negligible weight."""
+    items = [dict(dataclasses.asdict(s), weight=1.0 if s.name == source else OFF_PHASE_WEIGHT)
+             for s in cfg.data.sources]
+    return "data.sources=" + yaml.safe_dump(items, default_flow_style=True, width=10**9).strip()

@@ -1,0 +1,244 @@
+"""The comparison's report: per-strategy summaries, paired differences to the baseline,
+report.md, results.csv, summary.csv and curves.png in the out folder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from tools._common import pyplot, save_figure
+from tools.comparison.plan import BASELINE, STRATEGIES, Plan
+from tools.comparison.results import FINGERPRINT_STEPS, eval_curves
+from tools.comparison.stats import Paired, mean_sd, paired_difference
+
+
+def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> str:
+    """Write report.md, results.csv, summary.csv and curves.png into plan.out; the report's text."""
+    write = grid_report if plan.protocol == "grid" else shift_report
+    text, summary = write(plan, results, failures)
+    results.to_csv(plan.out / "results.csv", index=False)
+    summary.to_csv(plan.out / "summary.csv", index=False)
+    (plan.out / "report.md").write_text(text, encoding="utf-8")
+    curves = eval_curves(plan.out, [r for r in plan.runs if r.name not in failures])
+    phases = plan.runs[0].phases
+    title = f"held-out loss, {plan.config}"
+    if plan.protocol == "shift":
+        title += ": " + " → ".join(p.source for p in phases)
+    sources = ["all"] + plan.sources if plan.protocol == "grid" else plan.sources
+    curves_picture(plan.out / "curves.png", curves, sources, title, [p.end for p in phases[:-1]])
+    return text
+
+
+# --------------------------------------------------------------------------- #
+# Numbers
+# --------------------------------------------------------------------------- #
+
+def fmt(x: float, digits: int = 4) -> str:
+    return "—" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def fmt_ms(mean: float, sd: float, digits: int = 4) -> str:
+    return fmt(mean, digits) if math.isnan(sd) else f"{fmt(mean, digits)} ± {fmt(sd, digits)}"
+
+
+def fmt_ci(p: Paired, digits: int = 4) -> str:
+    if math.isnan(p.mean):
+        return "—"
+    ci = "" if p.n < 2 else f" [{p.low:+.{digits}f}, {p.high:+.{digits}f}]"
+    return f"{p.mean:+.{digits}f}{ci}"
+
+
+def summarize(results: pd.DataFrame, metrics: list[str], group: list[str]) -> pd.DataFrame:
+    """Per group (strategy, ...) and metric: n, mean, sd and the paired difference to the baseline."""
+    rows = []
+    for keys, frame in results.groupby(group, sort=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        where = dict(zip(group, keys))
+        base = results[results["strategy"] == BASELINE]
+        for other, value in where.items():
+            if other != "strategy":
+                base = base[base[other] == value]
+        for metric in metrics:
+            if metric not in frame or frame[metric].isna().all():
+                continue
+            mean, sd = mean_sd(frame[metric])
+            row = {**where, "metric": metric, "n": int(frame[metric].notna().sum()), "mean": mean, "sd": sd}
+            if where["strategy"] != BASELINE and len(base) and metric in base:
+                p = paired_difference(dict(zip(frame["seed"], frame[metric])), dict(zip(base["seed"], base[metric])))
+                row.update({"diff": p.mean, "ci_low": p.low, "ci_high": p.high, "n_pairs": p.n,
+                            "verdict": p.verdict})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_of(row: pd.Series) -> Paired | None:
+    """The paired difference of a summary row (None: the row has none, or its mean is undefined)."""
+    if "diff" not in row or pd.isna(row["diff"]):
+        return None
+    return Paired(int(row["n_pairs"]), row["diff"], row["ci_low"], row["ci_high"])
+
+
+def difference_lines(summary: pd.DataFrame, what: Callable[[pd.Series], str], digits: int = 4) -> list[str]:
+    """One sentence per paired comparison, saying plainly whether it is significant."""
+    if "verdict" not in summary:
+        return []
+    lines = []
+    for _, r in summary.dropna(subset=["verdict"]).iterrows():
+        p = Paired(int(r["n_pairs"]), r["diff"], r["ci_low"], r["ci_high"])
+        lines.append(f"- {r['strategy']} vs {BASELINE}, {what(r)}: {fmt_ci(p, digits)} — **{p.verdict}**")
+    return lines
+
+
+# --------------------------------------------------------------------------- #
+# Markdown
+# --------------------------------------------------------------------------- #
+
+def report_header(plan: Plan, title: str) -> list[str]:
+    b = plan.base
+    seeds = sorted({r.seed for r in plan.runs})
+    return [f"# {title}", "", f"Reproduce: `{plan.command}`", "",
+            f"Config `{plan.config}` · seeds {', '.join(map(str, seeds))} (seed s sets train.seed, morph.seed "
+            f"and data.seed) · {b.tokens_per_step:,} tokens/step · held-out: {b.eval.batches} fixed batches × "
+            f"{b.eval.batch_size} sequences per source, the same for every run.", "",
+            "Strategies:", *[f"- `{n}`: {STRATEGIES[n].about}" for n in dict.fromkeys(r.strategy for r in plan.runs)],
+            *[f"- {n}" for n in plan.notes], ""]
+
+
+def data_order_lines(results: pd.DataFrame) -> list[str]:
+    """Same seed -> same data order across strategies, checked on the runs' resolved configs."""
+    lines = ["## Data order", "",
+             f"SHA-256 of the first {FINGERPRINT_STEPS} steps of training batches, rebuilt from each run's "
+             "own config.yaml (shift protocol: its last phase's):", ""]
+    runs = results.drop_duplicates("run")
+    for seed, frame in runs.groupby("seed"):
+        prints = dict(zip(frame["strategy"], frame["data_fingerprint"]))
+        same = len(set(prints.values())) == 1
+        lines.append(f"- seed {seed}: {', '.join(f'{s} `{h}`' for s, h in prints.items())} — "
+                     + ("identical across strategies" if same else "**DIFFERENT: the comparison is not fair**"))
+    return lines + [""]
+
+
+def data_order_consistent(results: pd.DataFrame) -> bool:
+    runs = results.drop_duplicates("run")
+    return all(f["data_fingerprint"].nunique() == 1 for _, f in runs.groupby("seed"))
+
+
+def failure_lines(failures: dict[str, str]) -> list[str]:
+    if not failures:
+        return []
+    return ["## Runs that did not finish (left out above)", "",
+            *[f"- {name}: {why}" for name, why in failures.items()], ""]
+
+
+def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> tuple[str, pd.DataFrame]:
+    sources = [c[len("loss_"):] for c in results.columns if c.startswith("loss_") and c != "loss_all"]
+    metrics = ["loss_all", *[f"loss_{s}" for s in sources], "tokens_per_s", "params_total",
+               "params_active", "params_live", "events"]
+    summary = summarize(results, metrics, ["strategy"])
+    lines = report_header(plan, f"Comparison on `{plan.config}`: {plan.base.total_steps:,} steps, "
+                                f"{plan.base.total_steps * plan.base.tokens_per_step:,} tokens per run")
+    lines += grid_table(summary, sources)
+    if BASELINE not in set(results["strategy"]):
+        lines += ["", f"No `{BASELINE}` runs in this grid, so no paired differences."]
+    loss_rows = summary[summary["metric"].str.startswith("loss_")]
+    lines += ["", f"## Paired differences to {BASELINE} (per seed, then mean with a 95% Student-t CI)", "",
+              *difference_lines(loss_rows, lambda r: f"held-out {r['metric'][5:]} loss"), "",
+              "A difference whose interval contains 0 is not significant at 95%; several comparisons "
+              "are made without correction, so one 'significant' line among many is weak evidence. "
+              f"Tokens/s were measured with {plan.jobs} runs in parallel ({plan.threads} threads each) "
+              "and depend on what else the machine did.", ""]
+    lines += data_order_lines(results)
+    lines += failure_lines(failures)
+    return "\n".join(lines) + "\n", summary
+
+
+def grid_table(summary: pd.DataFrame, sources: list[str]) -> list[str]:
+    """The final held-out loss table: one row per strategy."""
+    head = ["strategy", "n", "held-out all", *sources, f"Δ all vs {BASELINE} [95% CI]", "verdict",
+            "tokens/s", "params total", "active/token", "live at end", "events"]
+    lines = ["## Final held-out loss (mean ± sd over seeds)", "", "| " + " | ".join(head) + " |",
+             "|" + " --- |" * len(head)]
+    for strategy, rows in summary.groupby("strategy", sort=False):
+        r = rows.set_index("metric")
+
+        def cell(metric: str, digits: int = 4) -> str:
+            return fmt_ms(r.loc[metric, "mean"], r.loc[metric, "sd"], digits) if metric in r.index else "—"
+
+        paired = paired_of(r.loc["loss_all"])
+        ci = fmt_ci(paired) if paired else "(baseline)" if strategy == BASELINE else "—"
+        lines.append("| " + " | ".join([
+            strategy, str(int(r.loc["loss_all", "n"])), cell("loss_all"), *[cell(f"loss_{s}") for s in sources],
+            ci, paired.verdict if paired else "", cell("tokens_per_s", 0),
+            f"{r.loc['params_total', 'mean']:,.0f}", f"{r.loc['params_active', 'mean']:,.0f}",
+            f"{r.loc['params_live', 'mean']:,.0f}", cell("events", 1)]) + " |")
+    return lines
+
+
+def shift_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> tuple[str, pd.DataFrame]:
+    metrics = ["adapt_steps", "recover_steps", *sorted(c for c in results if c.startswith("forget_")), "events"]
+    summary = summarize(results, metrics, ["strategy", "phase"])
+    phases = results.drop_duplicates("phase")[["phase", "source", "start", "end"]]
+    source_of = phases.set_index("phase")["source"]
+    pct = f"{plan.within:.0%}"
+    lines = report_header(plan, f"Domain shift on `{plan.config}`: " + " → ".join(
+        f"{r.source} ({r.end - r.start} steps)" for r in phases.itertuples()))
+    lines += [f"- adaptation: steps into a phase until its source's held-out loss is within {pct} of its "
+              "value at the phase end", f"- recovery: on returning to a source, steps until its held-out "
+              f"loss is within {pct} of its value at the end of its previous phase (— : not within the phase)",
+              "- forgetting: a source's held-out loss at the phase end relative to the end of its last "
+              "phase (+0.10 = 10% worse)", f"- resolution: evaluations every {plan.base.eval.every_steps} "
+              "steps. Each phase restarts the data stream (new source weights), so a source's second phase "
+              "reads its opening documents again; with one source per phase, data.seed changes little and "
+              "seeds differ mainly in initialisation and the controller's draws", ""]
+    head = ["strategy", "phase", "metric", "n", "mean ± sd", f"Δ vs {BASELINE} [95% CI]", "verdict"]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for _, r in summary.iterrows():
+        digits = 3 if r["metric"].startswith("forget_") else 1
+        paired = paired_of(r)
+        lines.append("| " + " | ".join([r["strategy"], f"{r['phase']} ({source_of[r['phase']]})", r["metric"],
+                                        str(r["n"]), fmt_ms(r["mean"], r["sd"], digits),
+                                        fmt_ci(paired, digits) if paired else "",
+                                        paired.verdict if paired else ""]) + " |")
+    lines += ["", "Recovery and adaptation counts average only the seeds that got there (n says how many).", ""]
+    lines += data_order_lines(results) + failure_lines(failures)
+    return "\n".join(lines) + "\n", summary
+
+
+# --------------------------------------------------------------------------- #
+# Curves
+# --------------------------------------------------------------------------- #
+
+def band_plot(ax, curves: pd.DataFrame, source: str) -> None:
+    """Mean line and min-max band over seeds, one colour per strategy."""
+    for strategy, frame in curves[curves["source"] == source].groupby("strategy", sort=False):
+        wide = frame.pivot_table(index="step", columns="seed", values="loss").dropna()
+        line, = ax.plot(wide.index, wide.mean(axis=1), label=f"{strategy} (n={wide.shape[1]})")
+        ax.fill_between(wide.index, wide.min(axis=1), wide.max(axis=1), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"held-out loss ({source})")
+    ax.grid(alpha=0.3)
+
+
+def curves_picture(path: Path, curves: pd.DataFrame, sources: list[str], title: str,
+                   boundaries: list[int] = ()) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4.2), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        band_plot(ax, curves, source)
+        for step in boundaries:
+            ax.axvline(step, color="gray", linestyle="--", linewidth=0.8)
+        # The step-0 evaluation (random init, ~ln V) would flatten the interesting part.
+        later = curves[(curves["source"] == source) & (curves["step"] > 0)]
+        if later["step"].nunique() >= 2:
+            later = later["loss"]
+            pad = 0.05 * (later.max() - later.min()) or 0.01
+            ax.set_ylim(later.min() - pad, later.max() + pad)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title + " — mean over seeds, band = min..max")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

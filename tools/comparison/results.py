@@ -1,0 +1,152 @@
+"""Each run's numbers, read from the files it wrote (eval.csv, training_log.csv, events.csv,
+config.yaml): final held-out losses, speed, parameters, events, the data-order fingerprint,
+and per phase of the shift protocol adaptation, recovery and forgetting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from nemoe import schema
+from nemoe.config import Config, config_from_dict
+from nemoe.errors import UserError
+from tools._common import layer_columns, read_eval, read_events, read_run_config, read_training_log
+from tools.comparison.plan import Plan, Run
+
+FINGERPRINT_STEPS = 20   # optimizer steps of training batches hashed for the data-order check
+
+
+def param_counts(cfg: Config, live_experts: float) -> dict[str, float]:
+    """Parameters: allocated (every slot), active per token (top-k experts), live at the end
+    (`live_experts` over all layers), as NemoeLM.count_params counts them."""
+    import torch
+    from nemoe.model import NemoeLM
+    with torch.device("meta"):  # shapes only, no memory, no init cost
+        model = NemoeLM(cfg)
+    counts = model.count_params(live_experts=round(live_experts))
+    return {"params_total": counts["total"], "params_active": counts["active_per_token"],
+            "params_live": counts["live"]}
+
+
+def run_results(out: Path, run: Run) -> dict:
+    """One run's final numbers, read from its own eval.csv, training_log.csv, events.csv, config.yaml."""
+    log_dir = run.paths(out).log_dir
+    evals = read_eval(log_dir / schema.EVAL_CSV)
+    final_step = int(evals["step"].max()) if len(evals) else -1
+    if final_step != run.phases[-1].end:
+        raise UserError(f"{log_dir / schema.EVAL_CSV}: last evaluation at step {final_step}, "
+                        f"expected {run.phases[-1].end}")
+    final = evals[evals["step"] == final_step]
+    train_log = read_training_log(log_dir / schema.TRAIN_CSV)
+    train = train_log.iloc[-1]
+    events = read_events(log_dir / schema.EVENTS_CSV, granularity=None)
+    cfg = config_from_dict(read_run_config(log_dir))
+    row = {"strategy": run.strategy, "seed": run.seed, "run": run.name, "step": final_step,
+           "tokens": int(final["tokens"].iloc[0])}
+    row.update({f"loss_{r.source}": float(r.loss) for r in final.itertuples()})
+    row["tokens_per_s"] = float(train["tokens"] / train["elapsed_s"])
+    row.update(param_counts(cfg, sum(train[c] for c in layer_columns(train_log))))
+    row["events"] = len(events)
+    for kind, count in events["granularity"].value_counts().items():
+        row[f"events_{kind}"] = int(count)
+    row["data_fingerprint"] = data_fingerprint(cfg)
+    return row
+
+
+_fingerprints: dict[str, str] = {}
+
+
+def data_fingerprint(cfg: Config, steps: int = FINGERPRINT_STEPS) -> str:
+    """SHA-256 (16 hex digits) of the first `steps` optimizer steps of training batches this config reads.
+
+    The stream is a function of the data section, seq_len, batch size and accumulation
+    only, so equal keys share one computation.
+    """
+    key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.seq_len, cfg.train.batch_size,
+                      cfg.train.grad_accum, steps], sort_keys=True)
+    if key not in _fingerprints:
+        from nemoe.data import TokenStream
+        from nemoe.tokenizer import get_tokenizer
+        stream = TokenStream(cfg.data, get_tokenizer("gpt2"), cfg.model.seq_len)
+        digest = hashlib.sha256()
+        for _ in range(steps * cfg.train.grad_accum):
+            digest.update(stream.next_batch(cfg.train.batch_size).numpy().tobytes())
+        stream.close()
+        _fingerprints[key] = digest.hexdigest()[:16]
+    return _fingerprints[key]
+
+
+def eval_curves(out: Path, runs: list[Run]) -> pd.DataFrame:
+    """Every run's held-out losses: strategy, seed, step, source, loss."""
+    frames = []
+    for run in runs:
+        evals = read_eval(run.paths(out).log_dir / schema.EVAL_CSV)
+        frames.append(evals.assign(strategy=run.strategy, seed=run.seed)[["strategy", "seed", "step",
+                                                                            "source", "loss"]])
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- #
+# Domain shift: per phase
+# --------------------------------------------------------------------------- #
+
+def first_within(curve: pd.Series, target: float, start: int) -> float:
+    """Steps after `start` until the curve first gets to or below `target` (NaN: not in this phase)."""
+    hits = curve[curve <= target]
+    return float(hits.index[0] - start) if len(hits) else math.nan
+
+
+def shift_metrics(evals: pd.DataFrame, events: pd.DataFrame, phases: list[tuple[str, int, int]],
+                  within: float) -> list[dict]:
+    """Per phase: adaptation, recovery, forgetting (relative), events. phases: (source, start, end)."""
+    loss = {s: f.set_index("step")["loss"] for s, f in evals.groupby("source")}
+    rows, trained_until = [], {}
+    for i, (source, start, end) in enumerate(phases, 1):
+        curve = loss[source][(loss[source].index > start) & (loss[source].index <= end)]
+        row = {"phase": i, "source": source, "start": start, "end": end,
+               "adapt_steps": first_within(curve, (1 + within) * loss[source][end], start),
+               "events": int(((events["step"] > start) & (events["step"] <= end)).sum())}
+        if source in trained_until and phases[i - 2][0] != source:
+            before = loss[source][trained_until[source]]
+            row["recover_steps"] = first_within(curve, (1 + within) * before, start)
+        for other, until in trained_until.items():
+            if other != source:
+                row[f"forget_{other}"] = loss[other][end] / loss[other][until] - 1
+        trained_until[source] = end
+        rows.append(row)
+    return rows
+
+
+def shift_results(plan: Plan, run: Run) -> list[dict]:
+    """One row per phase of a shift run, with the run's own columns (strategy, seed, speed, ...)."""
+    log_dir = run.paths(plan.out).log_dir
+    evals = read_eval(log_dir / schema.EVAL_CSV)
+    events = read_events(log_dir / schema.EVENTS_CSV, granularity=None)
+    bounds, start = [], 0
+    for phase in run.phases:
+        bounds.append((phase.source, start, phase.end))
+        start = phase.end
+    missing = [end for _, _, end in bounds if end not in set(evals["step"])]
+    if missing:
+        raise UserError(f"{log_dir / schema.EVAL_CSV}: no evaluation at phase end(s) {missing}")
+    base = run_results(plan.out, run)
+    keep = {k: base[k] for k in ("strategy", "seed", "run", "tokens_per_s", "data_fingerprint")}
+    return [{**keep, **row} for row in shift_metrics(evals, events, bounds, plan.within)]
+
+
+def collect(plan: Plan, failures: dict[str, str]) -> pd.DataFrame:
+    """Results of every finished run: one row per run (grid) or per run and phase (shift)."""
+    rows = []
+    for run in plan.runs:
+        if run.name in failures:
+            continue
+        rows += shift_results(plan, run) if plan.protocol == "shift" else [run_results(plan.out, run)]
+    if not rows:
+        raise UserError("no run finished; see " + ", ".join(f"{n}: {w}" for n, w in failures.items()))
+    return pd.DataFrame(rows)

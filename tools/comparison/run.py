@@ -1,0 +1,98 @@
+"""Running a plan: each run is `train_nemoe.py --resume` in a subprocess, phase by phase.
+
+Rerunning the same command skips finished runs and resumes interrupted ones; a run
+already in the out folder must have been made with the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from nemoe.config import config_changes
+from nemoe.errors import UserError
+from nemoe.schema import list_checkpoints
+from tools._common import read_run_config
+from tools.comparison.plan import Phase, Plan, Run, expected_config
+
+TRAINER = Path(__file__).resolve().parents[2] / "train_nemoe.py"
+
+
+def newest_step(out: Path, run: Run) -> int:
+    """The step of the run's newest checkpoint (0: none yet)."""
+    found = list_checkpoints(run.paths(out).ckpt_dir)
+    return found[0][0] if found else 0
+
+
+def check_settings(plan: Plan, run: Run) -> None:
+    """A run already in the out folder must have been made with this command's settings."""
+    log_dir = run.paths(plan.out).log_dir
+    saved = read_run_config(log_dir, required=False)
+    if saved is None:
+        return
+    ignore = {"data.sources"} if plan.protocol == "shift" else set()  # changes phase by phase
+    changes = [c for c in config_changes(saved, expected_config(plan, run).to_dict()) if c[0] not in ignore]
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:5])
+        raise UserError(f"{log_dir} was made with other settings ({listed}); "
+                        f"use another --out, or delete that run to redo it")
+
+
+def trainer_command(plan: Plan, run: Run, phase: Phase) -> list[str]:
+    cmd = [sys.executable, str(TRAINER), "--config", plan.config, "--run-dir", str(plan.out),
+           "--run-name", run.name, "--resume"]
+    if plan.protocol == "shift":
+        cmd += ["--allow-config-change", "--max-steps", str(phase.end)]
+    for item in run.overrides + phase.overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def execute(plan: Plan, run: Run) -> str | None:
+    """Bring one run to its end, phase by phase; None when done, else why not."""
+    console = plan.out / "console" / f"{run.name}.txt"
+    console.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
+    for phase in run.phases:
+        if newest_step(plan.out, run) >= phase.end:
+            continue  # finished earlier: not repeated
+        with open(console, "a", encoding="utf-8") as sink:
+            done = subprocess.run(trainer_command(plan, run, phase), stdout=sink, stderr=subprocess.STDOUT,
+                                  env=env, cwd=os.getcwd())
+        reached = newest_step(plan.out, run)
+        if done.returncode != 0 or reached < phase.end:
+            last = console.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
+            return f"exit code {done.returncode} at step {reached} of {phase.end}: {last[0]} (see {console})"
+    return None
+
+
+def execute_all(plan: Plan) -> dict[str, str]:
+    """Run what is not finished, `plan.jobs` at a time; {run name: failure} for those that did not finish."""
+    for run in plan.runs:
+        check_settings(plan, run)
+    todo = [r for r in plan.runs if newest_step(plan.out, r) < r.phases[-1].end]
+    print(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished earlier, {len(todo)} to run "
+          f"({plan.jobs} at a time, {plan.threads} threads each) under {plan.out}", flush=True)
+    started = time.monotonic()
+
+    def one(run: Run) -> tuple[str, str | None]:
+        print(f"  start {run.name}", flush=True)
+        failure = execute(plan, run)
+        status = f"FAILED: {failure}" if failure else "done"
+        print(f"  {status:>6} {run.name} ({time.monotonic() - started:.0f} s)", flush=True)
+        return run.name, failure
+
+    pool = ThreadPoolExecutor(max_workers=plan.jobs)
+    try:
+        results = list(pool.map(one, todo))
+    except KeyboardInterrupt:
+        # Ctrl-C reached the running trainers too (one process group): they save and stop.
+        # Queued runs must not start; the same command resumes everything later.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return {name: failure for name, failure in results if failure}
