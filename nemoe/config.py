@@ -452,11 +452,6 @@ def _layer_plasticity_checks(lp: LayerPlasticityConfig, n_layers: int, dropout: 
         (dropout <= lp.max_dropout < 1,
          f"plasticity.layers.max_dropout must be in [model.dropout ({dropout}), 1)"),
         (0 < lp.min_lr_scale <= 1, "plasticity.layers.min_lr_scale must be in (0, 1]"),
-        # A layer shift moves head gates with their blocks, but not the head mechanism's
-        # per-layer records (birth steps, gate gradients): refuse rather than misalign them.
-        (not (lp.enabled and heads_enabled),
-         "plasticity.layers and plasticity.heads cannot be enabled together yet (a layer shift "
-         "does not move the head mechanism's per-layer records)"),
     ]
 
 
@@ -568,9 +563,6 @@ def _neuron_checks(cfg: Config) -> list[tuple[bool, str]]:
          "plasticity.neuron.composite_* weights must be >= 0 with a positive sum"),
         (n.record_steps >= 0, "plasticity.neuron.record_steps must be >= 0 (0: the whole interval)"),
         (n.min_age >= 0, "plasticity.neuron.min_age must be >= 0"),
-        (not (n.enabled and cfg.plasticity.layers.enabled),
-         "plasticity.layers and plasticity.neuron cannot be enabled together yet (a layer shift "
-         "does not move the neuron mechanism's per-layer records)"),
     ]
 
 

@@ -94,11 +94,11 @@ class TrainModule:
         if self.cfg.train.compile and self.runtime.device.type == "cuda":
             self.forward = torch.compile(self.ddp)
 
-    def train_batch(self, batches: list[torch.Tensor], step: int, hooks) -> StepResult:
+    def train_batch(self, batches: list[torch.Tensor], step: int, hooks=None) -> StepResult:
         """One optimizer step over the micro-batches `batches` (each (B, T+1) on the CPU).
 
         hooks: `observe(step)` runs on final (unscaled, clipped) finite gradients before the
-        update, `after_step(step)` right after it (nemoe.plasticity.Plasticity).
+        update, `after_step(step)` right after it (nemoe.plasticity.Plasticity; None: no hooks).
         """
         cfg, model = self.cfg, self.model
         model.train()
@@ -123,11 +123,12 @@ class TrainModule:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         # One host sync per step: a non-finite gradient must not reach the weights.
         finite = bool(torch.isfinite(grad_norm))
-        if finite:
+        if finite and hooks is not None:
             hooks.observe(step)
         if finite or self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # the GradScaler skips non-finite steps itself
-        hooks.after_step(step)
+        if hooks is not None:
+            hooks.after_step(step)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps = 0 if finite else self.bad_steps + 1

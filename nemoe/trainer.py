@@ -35,7 +35,7 @@ from nemoe.rundir import RunDir, change_notes, incompatibility
 from nemoe.runtime import Runtime
 from nemoe.schema import CONFIG_YAML, RunPaths
 from nemoe.tokenizer import get_tokenizer
-from nemoe.train_module import TrainModule
+from nemoe.train_module import StepResult, TrainModule
 
 __all__ = ["RunPaths", "Trainer"]
 
@@ -132,12 +132,10 @@ class Trainer:
             while self.step < target and not (self.stop_requested or self.train.diverged):
                 started = time.perf_counter()
                 try:
-                    batches = self.next_batches()
+                    result = self.train_step()
                 except DataExhausted as err:
                     self.log.line(self.step, f"Note | {err}")
                     break
-                result = self.train.train_batch(batches, self.step, self.plasticity)
-                self._advance(result)
                 events = self.plasticity.act(self.train.optimizer, self.step, self.tokens,
                                              self.evaluator.probe_loss)
                 self.elapsed += time.perf_counter() - started
@@ -196,7 +194,9 @@ class Trainer:
             raise exhausted
         return batches
 
-    def _advance(self, result) -> None:
+    def train_step(self) -> StepResult:
+        """One optimizer step on the next batches; step, tokens and the log window advance."""
+        result = self.train.train_batch(self.next_batches(), self.step, self.plasticity)
         if not result.finite:
             what = ("gradient overflow (fp16 loss scale lowered)" if self.train.scaler.is_enabled()
                     else "non-finite loss or gradient")
@@ -204,6 +204,7 @@ class Trainer:
         self.step += 1
         self.tokens += self.tokens_per_step
         self.metrics.add(result)
+        return result
 
     # -- output --------------------------------------------------------------------- #
     def report(self, events, result) -> None:

@@ -23,7 +23,8 @@ import torch
 from nemoe.config import load_config
 from nemoe.data import TokenStream
 from nemoe.tokenizer import get_tokenizer
-from nemoe.trainer import RunPaths, Trainer
+from nemoe.schema import RunPaths
+from nemoe.trainer import Trainer
 from tests.conftest import REPO
 from tests.test_trainer import TINY, logs
 from train_nemoe import main
@@ -86,7 +87,7 @@ def test_replicas_stay_identical_through_events(ddp_run):
     train, events, evals = logs(ddp_run, "ddp")
     assert list(train["step"]) == list(range(1, STEPS + 1))
     assert train["tokens"].iloc[-1] == STEPS * 2 * 4 * 16          # tokens count both ranks
-    assert {"split", "prune"} <= set(events["action"])               # structure changed on the way
+    assert {"split", "prune"} <= set(events["event"])               # structure changed on the way
     text = (ddp_run / "logs" / "ddp" / "training_log.txt").read_text()
     checks = re.findall(r"Step (\d+) \| Ranks \| 2 replicas identical", text)
     assert [int(s) for s in checks] == [5, 10, 15]                  # at every checkpoint
@@ -117,14 +118,17 @@ def test_two_ranks_train_like_one_process_on_the_union_batch(ddp_run, tmp_path):
     cfg = load_config("local", DDP + ["train.batch_size=4"])
     trainer = Trainer(cfg, RunPaths.of(tmp_path, "one"), max_steps=STEPS)
     trainer.stream = UnionStream(cfg.data, trainer.tokenizer, cfg.model.seq_len)
-    trainer.train()
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
     ddp_train, ddp_events, ddp_evals = logs(ddp_run, "ddp")
     one_train, one_events, one_evals = logs(tmp_path, "one")
     assert list(one_train["tokens"]) == list(ddp_train["tokens"])
     assert (one_train["loss_ce"] - ddp_train["loss_ce"]).abs().max() < 1e-4
     assert (one_train["grad_norm"] - ddp_train["grad_norm"]).abs().max() < 1e-3
     # Same decisions: usage is summed over ranks before the controller decides.
-    key = ["step", "layer", "action", "expert", "parents", "n_before", "n_after"]
+    key = ["step", "layer", "event", "expert", "parents", "n_before", "n_after"]
     pd.testing.assert_frame_equal(one_events[key], ddp_events[key])
     # Held-out evaluation split over ranks and reduced = evaluated whole.
     assert list(one_evals["source"]) == list(ddp_evals["source"])

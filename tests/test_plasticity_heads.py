@@ -344,7 +344,7 @@ def test_cycle_run_logs_events_and_gates(straight):
     heads = events[events["granularity"] == "head"]
     measures = heads[heads["event"] == "measure"]
     assert measures["step"].tolist() == [4, 6, 10, 12, 16, 18]       # phase ends (learn end: 22)
-    assert measures["action"].tolist() == ["prune", "grow"] * 3
+    assert [u.split()[1] for u in measures["unit"]] == ["prune", "grow"] * 3
     prunes, grows = heads[heads["event"] == "prune"], heads[heads["event"] == "grow"]
     assert set(prunes["step"]) == {4, 10, 16} and set(grows["step"]) == {6, 12, 18}
     assert (prunes.groupby("step").size() == 2).all(), "0.3 of 8 live heads"

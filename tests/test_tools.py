@@ -417,7 +417,7 @@ def test_real_run_evaluate(real_run, capsys):
     train = pd.read_csv(real_run / "training_log.csv")
     assert len(result["usage"]) == 2
     for u in result["usage"]:
-        live = sorted(r["id"] for r in state["controller"]["records"][u["layer"]] if r is not None)
+        live = sorted(r["id"] for r in state["ranks"][0]["plasticity"]["experts"]["records"][u["layer"]] if r is not None)
         assert sorted(e["id"] for e in u["experts"]) == live
         assert len(live) == train[f"experts_L{u['layer']}"].iloc[-1]
         assert sum(e["share"] for e in u["experts"]) == pytest.approx(1.0)

@@ -60,7 +60,7 @@ def test_run_writes_every_output(uninterrupted):
     assert train["tokens"].iloc[-1] == 24 * 4 * 16
     assert set(evals["source"]) == {"prose", "code", "all"}
     assert sorted(set(evals["step"])) == [0, 8, 16, 24]
-    assert len(events) > 0 and {"split"} <= set(events["action"])
+    assert len(events) > 0 and {"split"} <= set(events["event"])
     text = (uninterrupted / "logs" / "tiny" / "training_log.txt").read_text()
     assert "Event evolve_split | Layer" in text and "→" in text
     assert (uninterrupted / "logs" / "tiny" / "config.yaml").exists()
@@ -84,7 +84,7 @@ def test_expert_counts_in_csv_follow_the_events(uninterrupted):
 
 def test_births_keep_probe_loss(uninterrupted):
     _, events, _ = logs(uninterrupted)
-    births = events[events["action"].isin(["split", "crossover"])]
+    births = events[events["event"].isin(["split", "crossover"])]
     assert len(births) > 0
     rel = (births["probe_loss_after"] - births["probe_loss_before"]).abs() / births["probe_loss_before"]
     assert rel.max() < 1e-3
@@ -189,25 +189,26 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, capsys, monkeypatch):
-    from nemoe import trainer as trainer_module
+    from nemoe.model import NemoeLM
 
-    real = trainer_module.Trainer._accumulate
+    real, training_passes = NemoeLM.forward, []
 
-    def poisoned(self, out):  # every gradient from step 3 on is NaN
-        if self.step >= 3:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-        real(self, out)
+    def poisoned(self, idx, targets=None):  # the loss of every training pass from step 4 on is NaN
+        out = real(self, idx, targets)
+        if self.training and torch.is_grad_enabled():
+            training_passes.append(1)
+            if len(training_passes) > 3:
+                out.loss_ce = out.loss_ce * float("nan")
+        return out
 
-    monkeypatch.setattr(trainer_module.Trainer, "_accumulate", poisoned)
+    monkeypatch.setattr(NemoeLM, "forward", poisoned)
     assert run(tmp_path, "--set", "train.max_bad_steps=3", "--max-steps", "20") == 2
     captured = capsys.readouterr()
     assert "non-finite loss or gradient" in captured.err
     (step, path), = ckpt.list_checkpoints(tmp_path / "checkpoints" / "tiny")[:1]
     assert step == 6
     state = ckpt.load_checkpoint(path)
-    weights = {k: v for k, v in state["model"].items() if not k.endswith("route_offset")}  # -inf = free slot
+    weights = {k: v for k, v in state["train_module"]["model"].items() if not k.endswith("route_offset")}  # -inf = free slot
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 

@@ -442,7 +442,7 @@ def load_model(arg: str | Path, device_name: str = "auto"):
         raise UserError(f"{path}: its saved config no longer validates: {err}") from None
     model = NemoeLM(cfg)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["train_module"]["model"])
     except RuntimeError as err:
         raise UserError(f"{path}: weights do not match the model its config describes: "
                         f"{str(err).splitlines()[0]}") from None

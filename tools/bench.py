@@ -28,6 +28,7 @@ Sections (`--only` takes a comma list):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -51,7 +52,9 @@ from nemoe.data import TokenStream
 from nemoe.errors import UserError
 from nemoe.model import NemoeLM, split_block
 from nemoe.moe import MoELayer, mlp
+from nemoe.runtime import Runtime
 from nemoe.tokenizer import get_tokenizer
+from nemoe.train_module import TrainModule
 from tools._common import guard, note, resolve_device
 
 SECTIONS = ("throughput", "mfu", "moe_layer", "morph", "checkpoint", "data", "memory", "gpu")
@@ -231,23 +234,20 @@ def builtin_batches(shapes: Shapes, n: int) -> list[torch.Tensor]:
 
 
 class TrainLoop:
-    """NemoeLM + AdamW(param_groups) + clipping: the trainer's step without its bookkeeping."""
+    """nemoe's TrainModule (AdamW over param_groups, clipping, the trainer's step) in fp32 on `device`,
+    its model switched to the given dispatch."""
 
     def __init__(self, cfg, dispatch: str, device: torch.device):
         torch.manual_seed(0)  # MoE and seed-style start from identical weights
-        self.cfg, self.device = cfg, device
-        self.model = use_dispatch(NemoeLM(cfg).to(device), dispatch).train()
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-4, fused=True)  # as the trainer
+        self.device = device
+        runtime = Runtime(dataclasses.replace(cfg.train, device=str(device), precision="fp32"))
+        self.module = TrainModule(cfg, runtime, total_steps=10**6)
+        use_dispatch(self.module.model, dispatch)
+        self.steps = 0
 
-    def step(self, batch: torch.Tensor) -> float:
-        inputs, targets = split_block(batch.to(self.device))                # (B, T) each
-        out = self.model(inputs, targets)
-        loss = out.loss_ce + self.cfg.moe.lb_coef * out.loss_lb + self.cfg.moe.z_coef * out.loss_z
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    def step(self, batch: torch.Tensor) -> None:
+        self.module.train_batch([batch], self.steps)
+        self.steps += 1
 
     def tokens_per_s(self, batches: list[torch.Tensor], warmup: int) -> float:
         for batch in batches[:warmup]:
@@ -363,14 +363,13 @@ def trainer_overrides(shapes: Shapes, quick: bool, device: torch.device) -> dict
 
 
 def open_trainer(raw: dict, run_dir: Path, resume: bool = False):
-    from nemoe.trainer import RunPaths, Trainer   # the trainer's own code path, as train_nemoe.py runs it
-    return Trainer(config_from_dict(raw), RunPaths.of(run_dir, "bench"), resume=resume)
+    from nemoe.trainer import Trainer   # the trainer's own code path, as train_nemoe.py runs it
+    return Trainer(config_from_dict(raw), schema.RunPaths.of(run_dir, "bench"), resume=resume)
 
 
 def close_trainer(trainer) -> None:
     trainer.stream.close()
-    trainer.log.close()
-    trainer.lock.release()
+    trainer.close()
 
 
 def get_trainer(ctx):
@@ -382,39 +381,35 @@ def get_trainer(ctx):
 
 
 def bench_morph(ctx) -> dict:
-    """Time train_step and evolve separately over a few short intervals; extrapolate to the t4 interval.
+    """Time the training step and the mechanisms' act() separately over a few short intervals;
+    extrapolate to the t4 interval.
 
     share(I) = (t_evolve + I * t_routing) / (I * t_step + t_evolve), with t_step the
-    mean training step (update_routing, the per-step controller work, included),
-    t_evolve the mean evolve() at a due step (decide + surgery + probe losses) and
+    mean training step (update_routing, the per-step expert work, included),
+    t_evolve the mean act() at a due step (decide + surgery + probe losses) and
     t_routing the per-step cost of update_routing.
     """
     s, trainer = ctx.shapes, get_trainer(ctx)
+    experts = trainer.plasticity.experts
     probe_seconds = []
-    real_probe = trainer.probe_loss
 
-    def timed_probe() -> float:   # instance attribute shadows the method: evolve() calls this one
+    def timed_probe() -> float:
         start = time.perf_counter()
-        loss = real_probe()
+        loss = trainer.evaluator.probe_loss()
         probe_seconds.append(time.perf_counter() - start)
         return loss
 
-    trainer.probe_loss = timed_probe
     step_seconds, evolve_seconds, n_events = [], [], 0
-    trainer.controller.update_routing(trainer.model.moe_layers, trainer.step)
     for _ in range(s.morph_interval * s.morph_intervals):
         step_seconds.append(timed(trainer.train_step, ctx.device))
-        due = trainer.controller.due(trainer.step)
+        due = experts.due(trainer.step)
         start = time.perf_counter()
-        events = trainer.evolve()
+        events = trainer.plasticity.act(trainer.train.optimizer, trainer.step, trainer.tokens, timed_probe)
         sync(ctx.device)
         if due:
             evolve_seconds.append(time.perf_counter() - start)
             n_events += len(events)
-    del trainer.probe_loss
-    layers = trainer.model.moe_layers
-    routing = statistics.median(
-        timed(lambda: trainer.controller.update_routing(layers, trainer.step), ctx.device) for _ in range(50))
+    routing = statistics.median(timed(lambda: experts.update_routing(trainer.step), ctx.device) for _ in range(50))
     t_step, t_evolve = statistics.mean(step_seconds), statistics.mean(evolve_seconds)
 
     def share(interval: int) -> float:
@@ -425,7 +420,7 @@ def bench_morph(ctx) -> dict:
             "probe_s_per_evolve": sum(probe_seconds) / max(len(evolve_seconds), 1),
             "update_routing_s": routing, "share_at_timed_interval": share(s.morph_interval),
             "t4_interval": T4_MORPH_INTERVAL, "share_at_t4_interval": share(T4_MORPH_INTERVAL),
-            "expert_counts": trainer.controller.expert_counts()}
+            "expert_counts": experts.expert_counts()}
 
 
 def bench_checkpoint(ctx) -> dict:
@@ -557,13 +552,14 @@ def gpu_trainer_run(ctx, batch_size: int, steps: int, compile_model: bool = Fals
     raw["morph"]["interval"] = T4_MORPH_INTERVAL
     trainer = open_trainer(raw, ctx.run_dir / f"gpu-b{batch_size}-compile{int(compile_model)}")
     try:
-        losses = [trainer.train_step().item() for _ in range(3)]   # warm-up (and compilation)
+        losses = [trainer.train_step().loss_ce.item() for _ in range(3)]   # warm-up (and compilation)
         torch.cuda.reset_peak_memory_stats(ctx.device)
-        seconds = timed(lambda: losses.extend(trainer.train_step().item() for _ in range(steps)), ctx.device)
-        return {"batch_size": batch_size, "tokens_per_s": steps * trainer.cfg.tokens_per_step / seconds,
+        seconds = timed(lambda: losses.extend(trainer.train_step().loss_ce.item() for _ in range(steps)),
+                        ctx.device)
+        return {"batch_size": batch_size, "tokens_per_s": steps * trainer.tokens_per_step / seconds,
                 "peak_bytes": torch.cuda.max_memory_allocated(ctx.device),
-                "precision": trainer.precision, "grad_scaler": trainer.scaler.is_enabled(),
-                "scale": trainer.scaler.get_scale(), "losses_finite": all(math.isfinite(x) for x in losses)}
+                "precision": trainer.runtime.precision, "grad_scaler": trainer.train.scaler.is_enabled(),
+                "scale": trainer.train.loss_scale, "losses_finite": all(math.isfinite(x) for x in losses)}
     finally:
         close_trainer(trainer)
 

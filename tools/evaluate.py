@@ -126,9 +126,9 @@ def main(argv=None):
     tokenizer = get_tokenizer("gpt2")
     batches = heldout_batches(data_cfg.data, tokenizer, cfg.model.seq_len, n_batches, batch_size)
     result = {"checkpoint": str(path), "step": int(state["step"]),
-              "tokens_trained": int(state["trainer"].get("tokens", 0)),
+              "tokens_trained": int(state["tokens"]),
               "batches": n_batches, "batch_size": batch_size, "seq_len": cfg.model.seq_len,
-              **evaluate(model, batches, state["controller"]["records"])}
+              **evaluate(model, batches, state["ranks"][0]["plasticity"]["experts"]["records"])}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
