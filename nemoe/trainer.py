@@ -69,12 +69,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def lr_at(step: int, cfg: Config) -> float:
+def lr_at(step: int, cfg: Config, world_size: int = 1) -> float:
     """Linear warm-up to train.lr, then cosine decay to train.min_lr at the token target."""
     t = cfg.train
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, cfg.total_steps - t.warmup_steps)
+    span = max(1, cfg.total_steps(world_size) - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
@@ -135,7 +135,6 @@ class Trainer:
         self.cfg, self.paths, self.max_steps = cfg, paths, max_steps
         self.allow_config_change = allow_config_change
         self.dist = dist.init_distributed(cfg.train.device)
-        cfg.world_size = self.dist.world_size   # tokens_per_step counts every rank's batch
         self.lock = RunLock(paths.log_dir)
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -249,14 +248,14 @@ class Trainer:
                  f"{t.batch_size} sequences" if self.dist.enabled else "")
         self.log.line(self.step, f"Start | device {self.device} | precision {self.precision} | params "
                       f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
-                      f"{self.cfg.tokens_per_step:,} tokens/step{ranks} | target "
-                      f"{self.cfg.train.total_tokens:,} tokens ({self.cfg.total_steps:,} steps)")
+                      f"{self.cfg.tokens_per_step(self.dist.world_size):,} tokens/step{ranks} | target "
+                      f"{self.cfg.train.total_tokens:,} tokens ({self.cfg.total_steps(self.dist.world_size):,} steps)")
         for note in notes:
             self.log.line(self.step, f"Note | {note}")
 
     def _incompatibility(self, state: dict) -> str | None:
         """Why this checkpoint cannot be resumed under the current config (None: it can)."""
-        saved_world = state["config"].get("world_size", 1)
+        saved_world = state["trainer"].get("world_size", state["config"].get("world_size", 1))
         if saved_world != self.dist.world_size:
             # Each rank's data state is its own document stream: no resharding to another count.
             return (f"written by {saved_world} data-parallel process(es), this run has "
@@ -293,7 +292,8 @@ class Trainer:
 
     def _train(self) -> None:
         cfg = self.cfg
-        target_steps = cfg.total_steps if self.max_steps is None else min(self.max_steps, cfg.total_steps)
+        total_steps = cfg.total_steps(self.dist.world_size)
+        target_steps = total_steps if self.max_steps is None else min(self.max_steps, total_steps)
         if self.step >= target_steps:
             self.log.line(self.step, f"Note | nothing to do: step {self.step} already reached the target "
                                      f"({target_steps} steps)")
@@ -355,7 +355,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the mean CE (on device)."""
         cfg, model = self.cfg, self.model
         model.train()
-        lr = lr_at(self.step, cfg)
+        lr = lr_at(self.step, cfg, self.dist.world_size)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: set by plasticity mechanisms
         total_ce = torch.zeros((), device=self.device)
@@ -384,7 +384,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._note_bad_step(finite)
         self.step += 1
-        self.tokens += cfg.tokens_per_step
+        self.tokens += cfg.tokens_per_step(self.dist.world_size)
         w = self.window
         w["steps"] += 1
         w["grad_norm"] += grad_norm.detach().float()
@@ -512,7 +512,7 @@ class Trainer:
         # Means over every rank's micro-batches (equal sizes), and every rank's routing counts.
         losses = dist.sum_over_ranks(torch.stack([w["loss_ce"], w["loss_lb"], w["loss_z"]]).double())
         loss_ce, loss_lb, loss_z = (losses / (micro * self.dist.world_size)).tolist()
-        tokens_per_s = steps * cfg.tokens_per_step / max(self.elapsed - w["wall_start"], 1e-9)
+        tokens_per_s = steps * cfg.tokens_per_step(self.dist.world_size) / max(self.elapsed - w["wall_start"], 1e-9)
         counts = dist.sum_over_ranks(w["counts"].double()).cpu()
         share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         experts = self.controller.expert_counts()
@@ -632,7 +632,7 @@ class Trainer:
                 "controller": self.controller.state_dict(), "data": per_rank["data"],
                 "plasticity": per_rank["plasticity"],
                 "trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                            "bad_steps": self.bad_steps, "window": window},
+                            "bad_steps": self.bad_steps, "window": window, "world_size": self.dist.world_size},
                 "rng": per_rank["rng"], "config": self.cfg.to_dict(),
                 **({"ranks": ranks} if ranks is not None else {})}
 

@@ -561,7 +561,7 @@ def gpu_trainer_run(ctx, batch_size: int, steps: int, compile_model: bool = Fals
         losses = [trainer.train_step().item() for _ in range(3)]   # warm-up (and compilation)
         torch.cuda.reset_peak_memory_stats(ctx.device)
         seconds = timed(lambda: losses.extend(trainer.train_step().item() for _ in range(steps)), ctx.device)
-        return {"batch_size": batch_size, "tokens_per_s": steps * trainer.cfg.tokens_per_step / seconds,
+        return {"batch_size": batch_size, "tokens_per_s": steps * trainer.cfg.tokens_per_step() / seconds,
                 "peak_bytes": torch.cuda.max_memory_allocated(ctx.device),
                 "precision": trainer.precision, "grad_scaler": trainer.scaler.is_enabled(),
                 "scale": trainer.scaler.get_scale(), "losses_finite": all(math.isfinite(x) for x in losses)}
