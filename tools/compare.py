@@ -7,9 +7,10 @@
 
 Every run is `train_nemoe.py --resume` in a subprocess under `--out` (default
 compare/<config>[-shift]), so rerunning the same command skips finished runs and
-resumes interrupted ones. Seed s sets train.seed, morph.seed and data.seed for
-every strategy: the same seed gives the same data order, token budget and
-evaluation batches whatever the strategy (the report checks the data order).
+resumes interrupted ones. Seed s sets train.seed, the run seed, for every strategy;
+the seeds of the data mixture, the controller and each plasticity mechanism derive
+from it. The same seed gives the same data order, token budget and evaluation
+batches whatever the strategy (the report checks the data order).
 
 grid:  per strategy, the final held-out loss per source and mixed (mean +- sd over
        seeds), the paired difference to static_moe with a 95% confidence interval
@@ -122,7 +123,8 @@ def choose_strategies(text: str | None) -> tuple[list[str], list[str]]:
 
 
 def seed_overrides(seed: int) -> list[str]:
-    return [f"train.seed={seed}", f"morph.seed={seed}", f"data.seed={seed}"]
+    """The run seed; morph, data and plasticity.* seeds derive from it (unless the config sets them)."""
+    return [f"train.seed={seed}"]
 
 
 # --------------------------------------------------------------------------- #
@@ -438,9 +440,9 @@ def report_header(plan: Plan, title: str) -> list[str]:
     b = plan.base
     seeds = sorted({r.seed for r in plan.runs})
     return [f"# {title}", "", f"Reproduce: `{plan.command}`", "",
-            f"Config `{plan.config}` · seeds {', '.join(map(str, seeds))} (seed s sets train.seed, morph.seed "
-            f"and data.seed) · {b.tokens_per_step:,} tokens/step · held-out: {b.eval.batches} fixed batches × "
-            f"{b.eval.batch_size} sequences per source, the same for every run.", "",
+            f"Config `{plan.config}` · seeds {', '.join(map(str, seeds))} (seed s sets train.seed; the data, "
+            f"morph and plasticity seeds derive from it) · {b.tokens_per_step():,} tokens/step · held-out: "
+            f"{b.eval.batches} fixed batches × {b.eval.batch_size} sequences per source, the same for every run.", "",
             "Strategies:", *[f"- `{n}`: {STRATEGIES[n].about}" for n in dict.fromkeys(r.strategy for r in plan.runs)],
             *[f"- {n}" for n in plan.notes], ""]
 
@@ -469,8 +471,8 @@ def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> 
     metrics = ["loss_all", *[f"loss_{s}" for s in sources], "tokens_per_s", "params_total",
                "params_active", "params_live", "events"]
     summary = summarize(results, metrics, ["strategy"])
-    lines = report_header(plan, f"Comparison on `{plan.config}`: {plan.base.total_steps:,} steps, "
-                                f"{plan.base.total_steps * plan.base.tokens_per_step:,} tokens per run")
+    lines = report_header(plan, f"Comparison on `{plan.config}`: {plan.base.total_steps():,} steps, "
+                                f"{plan.base.total_steps() * plan.base.tokens_per_step():,} tokens per run")
     head = ["strategy", "n", "held-out all", *sources, f"Δ all vs {BASELINE} [95% CI]", "verdict",
             "tokens/s", "params total", "active/token", "live at end", "events"]
     lines += ["## Final held-out loss (mean ± sd over seeds)", "", "| " + " | ".join(head) + " |",
@@ -676,7 +678,7 @@ def build_plan(args, argv) -> Plan:
         for seed in seeds:
             common = list(args.overrides) + STRATEGIES[strategy].overrides(base) + seed_overrides(seed)
             if phase_plan is None:
-                runs.append(Run(strategy, seed, common, [Phase(base.total_steps)]))
+                runs.append(Run(strategy, seed, common, [Phase(base.total_steps())]))
             else:
                 extra, phases = phase_plan
                 runs.append(Run(strategy, seed, extra + common, phases))
@@ -702,7 +704,7 @@ def shift_phases(args, base: Config) -> tuple[list[str], list[Phase]]:
     # One LR schedule over all phases; frequent evaluations so speeds can be read off eval.csv.
     every = max(1, min(p.end - q for p, q in zip(phases, [0] + [p.end for p in phases])) // 15)
     # Before the user's --set items, which therefore win.
-    return [f"train.total_tokens={end * base.tokens_per_step}", f"eval.every_steps={every}"], phases
+    return [f"train.total_tokens={end * base.tokens_per_step()}", f"eval.every_steps={every}"], phases
 
 
 def parse_seeds(args) -> list[int]:
