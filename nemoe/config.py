@@ -1,266 +1,340 @@
-"""Run configuration: nested dataclasses, YAML files, `--set` overrides, validation.
+"""Run configuration: the sections (nested dataclasses), YAML files, `--set` overrides.
 
 A config is built in three layers: the dataclass defaults below, a YAML file that
 overrides some of them, and `--set section.key=value` overrides from the command
 line. Every problem found on the way (unknown keys, wrong types, impossible
 values) is collected and raised once as a `UserError`, so a user fixes them all in
 one go (litgpt style).
+
+Each field says what it may hold where it is declared (nemoe/configlib.py does the
+checking): its type (`Literal[...]` for choices), its bounds and whether it is unsafe
+to change on resume (`setting(...)`), and a docstring: the fields and their
+docstrings are the config reference. Rules across fields live in the section's
+`check(cfg)`. Seeds: `train.seed` is the run seed; every other section's seed left
+at None is derived from it when the Config is built (`configlib.derive_seed`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from nemoe.data import DataConfig, SourceConfig
+from nemoe import configlib
+from nemoe.configlib import setting
+from nemoe.data import DataConfig
 from nemoe.errors import UserError
-
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50257
+    vocab_size: int = setting(50257, gt=0, unsafe=True)
     """Token vocabulary size; 50257 is GPT-2 BPE (the only tokenizer shipped)."""
-    d_model: int = 384
+    d_model: int = setting(384, gt=0, unsafe=True)
     """Width of the residual stream."""
-    n_layers: int = 6
+    n_layers: int = setting(6, gt=0, unsafe=True)
     """Number of transformer blocks; every block has one MoE layer."""
-    n_heads: int = 6
+    n_heads: int = setting(6, gt=0, unsafe=True)
     """Attention heads per block; must divide d_model."""
-    seq_len: int = 64
+    seq_len: int = setting(64, gt=0, unsafe=True)
     """Context length in tokens (also the packed block length minus one)."""
-    d_expert: int = 0
+    d_expert: int = setting(0, ge=0, unsafe=True)
     """Hidden width of one expert's feed-forward network; 0 means 4 * d_model."""
-    dropout: float = 0.0
+    dropout: float = setting(0.0, ge=0, lt=1)
     """Dropout on attention weights and residual branches."""
+
+    def check(self, cfg: Config) -> list[str]:
+        if self.n_heads > 0 and self.d_model % self.n_heads:
+            return [f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})"]
+        return []
 
 
 @dataclass
 class MoEConfig:
     experts_init: int = 2
     """Active experts per layer at the start of a run."""
-    experts_min: int = 2
+    experts_min: int = setting(2, ge=1)
     """Floor: pruning never takes a layer below this many active experts."""
-    experts_max: int = 4
+    experts_max: int = setting(4, unsafe=True)
     """Cap and number of parameter slots per layer (inactive slots cost memory, not compute)."""
-    top_k: int = 1
+    top_k: Literal[1, 2] = setting(1, unsafe=True)
     """Experts each token is routed to (1 or 2)."""
-    lb_coef: float = 0.01
+    lb_coef: float = setting(0.01, ge=0)
     """Weight of the Switch load-balance loss (equals 1.0 under perfectly even routing)."""
-    z_coef: float = 0.001
+    z_coef: float = setting(0.001, ge=0)
     """Weight of the router z-loss (mean squared log-sum-exp of router logits)."""
+
+    def check(self, cfg: Config) -> list[str]:
+        rules = [
+            (self.experts_min <= self.experts_max,
+             f"moe.experts_min ({self.experts_min}) must be <= moe.experts_max ({self.experts_max})"),
+            (self.experts_min <= self.experts_init <= self.experts_max,
+             f"moe.experts_init ({self.experts_init}) must lie in experts_min..experts_max "
+             f"({self.experts_min}..{self.experts_max})"),
+            (self.top_k <= self.experts_min,
+             f"moe.top_k ({self.top_k}) must be <= moe.experts_min ({self.experts_min})"),
+        ]
+        return [message for ok, message in rules if not ok]
 
 
 @dataclass
 class MorphConfig:
     enabled: bool = True
     """Run the morphogenesis controller; false gives the static-MoE baseline."""
-    interval: int = 1000
+    interval: int = setting(1000, gt=0)
     """Optimizer steps between controller decisions."""
-    split_usage: float = 0.35
+    split_usage: float = setting(0.35, le=1)
     """An expert whose usage share over the interval exceeds this may split."""
-    prune_usage: float = 0.02
+    prune_usage: float = setting(0.02, ge=0)
     """An expert whose usage share over the interval is below this may be pruned."""
-    crossover_prob: float = 0.1
+    crossover_prob: float = setting(0.1, ge=0, le=1)
     """Chance per layer and interval of a crossover when nothing split and a slot is free."""
-    crossover_alpha: float = 0.5
+    crossover_alpha: float = setting(0.5, ge=0, le=1)
     """Child = alpha * parent A + (1 - alpha) * parent B (parameters and router row)."""
-    mutation_std: float = 0.01
+    mutation_std: float = setting(0.01, ge=0)
     """Std of a split child's mutation noise, relative to each parameter's RMS."""
-    probation_steps: int = 2000
+    probation_steps: int = setting(2000, ge=0)
     """Steps a newborn is immune to pruning before its review."""
-    probation_min_usage: float = 0.05
+    probation_min_usage: float = setting(0.05, ge=0, le=1)
     """Usage share a newborn must reach by its review, else it is removed (failed_probation)."""
-    ramp_steps: int = 0
+    ramp_steps: int = setting(0, ge=0)
     """Steps over which a newborn's routing weight opens from 0 to 1; 0 means probation_steps // 2."""
-    usage_ema: float = 0.5
+    usage_ema: float = setting(0.5, ge=0, lt=1)
     """Smoothing of the usage average across intervals (fitness): ema = a * ema + (1 - a) * usage."""
-    seed: int = 0
-    """Seed of the controller's own generator (decisions and mutation noise)."""
+    seed: int | None = None
+    """Seed of the controller's own generator (decisions and mutation noise). None (default):
+    derived from train.seed when the config is built; an explicit value always wins."""
+
+    def check(self, cfg: Config) -> list[str]:
+        if self.prune_usage < self.split_usage:
+            return []
+        return [f"morph.prune_usage ({self.prune_usage}) must be < morph.split_usage ({self.split_usage})"]
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16
+    batch_size: int = setting(16, gt=0)
     """Sequences per micro-batch."""
-    grad_accum: int = 1
+    grad_accum: int = setting(1, gt=0)
     """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
-    lr: float = 2e-4
+    lr: float = setting(2e-4, gt=0)
     """Peak learning rate (AdamW)."""
-    min_lr: float = 2e-5
-    """Learning rate at the end of the cosine decay."""
-    warmup_steps: int = 200
+    min_lr: float = setting(2e-5, ge=0)
+    """Learning rate at the end of the cosine decay (at most lr)."""
+    warmup_steps: int = setting(200, ge=0)
     """Linear warm-up steps."""
-    weight_decay: float = 0.1
+    weight_decay: float = setting(0.1, ge=0)
     """AdamW decoupled weight decay on matrices (not on biases, norms or position tables)."""
-    beta1: float = 0.9
+    beta1: float = setting(0.9, ge=0, lt=1)
     """AdamW beta1."""
-    beta2: float = 0.95
+    beta2: float = setting(0.95, ge=0, lt=1)
     """AdamW beta2."""
-    grad_clip: float = 1.0
+    grad_clip: float = setting(1.0, ge=0)
     """Clip the global gradient norm to this; 0 disables clipping."""
-    total_tokens: int = 10_000_000
+    total_tokens: int = setting(10_000_000, gt=0)
     """Token target (target tokens trained on); sets the number of steps and the LR schedule."""
-    precision: str = "auto"
-    """auto | fp32 | fp16 | bf16. auto: fp32 on CPU; bf16 on GPUs with native bf16 (sm >= 8.0); else fp16 + GradScaler."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """auto: fp32 on CPU; bf16 on GPUs with native bf16 (sm >= 8.0); else fp16 + GradScaler."""
     seed: int = 1337
-    """Seed for model init, dropout and sampling."""
+    """The run seed: model init, dropout and sampling, and every other section's seed left at
+    None (morph, data, plasticity.neuron / heads / layers) is derived from it."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N. auto picks CUDA when present."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
     compile: bool = False
     """Wrap the model in torch.compile (CUDA only)."""
-    max_bad_steps: int = 20
+    max_bad_steps: int = setting(20, ge=1)
     """Consecutive steps with a non-finite loss or gradient (update skipped) before the run saves and stops."""
+
+    def check(self, cfg: Config) -> list[str]:
+        rules = [
+            (self.min_lr <= self.lr, f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})"),
+            (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+             f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
+        ]
+        return [message for ok, message in rules if not ok]
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = 100
+    every_steps: int = setting(100, gt=0)
     """Steps between rows of training_log.csv / lines of training_log.txt."""
-    console: str = "auto"
-    """auto | rich | plain. auto: a rich progress display on a terminal, plain lines otherwise."""
-    sample_every_steps: int = 2000
+    console: Literal["auto", "rich", "plain"] = "auto"
+    """auto: a rich progress display on a terminal, plain lines otherwise."""
+    sample_every_steps: int = setting(2000, ge=0)
     """Steps between generated samples in the text log (0 disables)."""
     sample_prompt: str = "The quick brown fox"
     """Prompt of the generated sample."""
-    sample_tokens: int = 32
+    sample_tokens: int = setting(32, ge=0)
     """New tokens in a generated sample."""
 
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 1000
+    every_steps: int = setting(1000, ge=0)
     """Steps between held-out evaluations (0 disables all but the first and last)."""
-    batches: int = 4
+    batches: int = setting(4, gt=0)
     """Fixed held-out batches per source."""
-    batch_size: int = 16
+    batch_size: int = setting(16, gt=0)
     """Sequences per evaluation batch."""
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 2000
+    every_steps: int = setting(2000, ge=0)
     """Steps between checkpoints (0 disables step-based saving)."""
-    every_minutes: float = 30.0
+    every_minutes: float = setting(30.0, ge=0)
     """Also save when this many minutes passed since the last save (0 disables)."""
-    keep_last: int = 3
+    keep_last: int = setting(3, ge=1)
     """Checkpoints of this run to keep; older ones are deleted after a successful save."""
-    max_failures: int = 3
+    max_failures: int = setting(3, ge=1)
     """Failed saves in a row (full disk, read-only folder) after which the run stops."""
-
-
-NEURON_METRICS = ("grad_activation", "gradient", "weight", "composite")
-NEURON_REGROWTH = ("random", "clone", "mutation", "functional")
 
 
 @dataclass
 class NeuronPlasticityConfig:
     enabled: bool = False
     """Neuron apoptosis inside experts: the least fit hidden neurons die and are reborn."""
-    interval: int = 500
+    interval: int = setting(500, gt=0)
     """Optimizer steps between neuron turnover events."""
-    prune_rate: float = 0.05
+    prune_rate: float = setting(0.05, gt=0, lt=1)
     """Share of each live expert's hidden neurons that die per event: int(prune_rate * d_expert)."""
-    metric: str = "grad_activation"
+    metric: Literal["grad_activation", "gradient", "weight", "composite"] = "grad_activation"
     """Fitness: grad_activation (sum of |h * dL/dh| over the interval's tokens), gradient (sum of
     the neuron's parameter-gradient norms over the interval's steps), weight (norm of its weights
     at the event), composite (weighted sum of the three, each divided by its mean in the expert)."""
-    regrowth: str = "functional"
+    regrowth: Literal["random", "clone", "mutation", "functional"] = "functional"
     """How the dead are reborn: random (fresh incoming weights), clone (copy of a fittest survivor),
     mutation (fitness-proportional parent + noise), functional (survivors' output weights refit by
     least squares to re-express the dead neurons' contribution, fresh incoming weights)."""
-    mutation_std: float = 0.1
+    mutation_std: float = setting(0.1, ge=0)
     """Std of a mutated newborn's noise, relative to the RMS of its parent's incoming weights."""
-    composite_taylor: float = 0.5
+    composite_taylor: float = setting(0.5, ge=0)
     """Weight of grad_activation in the composite fitness."""
-    composite_gradient: float = 0.25
+    composite_gradient: float = setting(0.25, ge=0)
     """Weight of gradient in the composite fitness."""
-    composite_weight: float = 0.25
+    composite_weight: float = setting(0.25, ge=0)
     """Weight of weight in the composite fitness."""
-    record_steps: int = 20
+    record_steps: int = setting(20, ge=0)
     """functional: the last steps of each interval whose hidden activations the refit uses (0: all)."""
-    min_age: int = 0
+    min_age: int = setting(0, ge=0)
     """A neuron younger than this many steps cannot die (a newborn gets time to learn)."""
-    seed: int = 0
-    """Seed of the mechanism's own generator (random / mutation newborns, mutation parents)."""
+    seed: int | None = None
+    """Seed of the mechanism's own generator (random / mutation newborns, mutation parents). None
+    (default): derived from train.seed when the config is built; an explicit value always wins."""
+
+    def check(self, cfg: Config) -> list[str]:
+        """A positive composite weight sum; when enabled, 1..d_expert-1 deaths per expert and event."""
+        problems = []
+        if self.composite_taylor + self.composite_gradient + self.composite_weight <= 0:
+            problems.append("plasticity.neuron.composite_* weights must have a positive sum")
+        width = cfg.d_expert
+        deaths = int(self.prune_rate * width)
+        if self.enabled and 0 < self.prune_rate < 1 and not 1 <= deaths <= width - 1:
+            problems.append(f"plasticity.neuron.prune_rate ({self.prune_rate}) x d_expert ({width}) = {deaths} "
+                            f"deaths per expert; need at least 1 death and 1 survivor")
+        return problems
 
 
 @dataclass
 class HeadPlasticityConfig:
     enabled: bool = False
     """Attention-head pruning and regrowth through per-head gates."""
-    interval: int = 500
+    interval: int = setting(500, gt=0)
     """Optimizer steps between head prune/grow decisions (cycle mode: the train phase before each prune)."""
-    mode: str = "continuous"
+    mode: Literal["continuous", "cycle"] = "continuous"
     """continuous: every `interval` steps regrow, then prune; cycle: train -> prune -> measure ->
     grow -> learn, `cycles` times in one run, then training goes on with no more head events."""
-    prune: str = "entropy"
+    prune: Literal["entropy", "magnitude", "importance", "random"] = "entropy"
     """Which live heads die: entropy (most diffuse attention on the probe batch), magnitude
     (smallest q/k/v/proj weight norm), importance (smallest |dL/dgate| over the interval,
     Michel et al. 2019) or random."""
-    grow: str = "gradient_sensitivity"
+    grow: Literal["gradient_sensitivity", "entropy_gap", "balanced", "random"] = "gradient_sensitivity"
     """Which dead heads are reborn: gradient_sensitivity (largest |dL/dgate| of the reinitialised
     head at gate 0 on the probe batch), entropy_gap (the layer whose live heads attend most
     diffusely), balanced (the layer with the fewest live heads) or random."""
-    prune_fraction: float = 0.25
+    prune_fraction: float = setting(0.25, gt=0, lt=1)
     """Share of the live heads (all layers together) pruned at each prune event, rounded, >= 1."""
-    grow_fraction: float = 0.5
+    grow_fraction: float = setting(0.5, gt=0, le=1)
     """Share of the dead heads reborn at each grow event, rounded, >= 1 while any is dead."""
-    min_heads: int = 1
-    """Live heads a layer always keeps."""
-    warmup_steps: int = 100
+    min_heads: int = setting(1, ge=1)
+    """Live heads a layer always keeps (at most model.n_heads; below it when enabled)."""
+    warmup_steps: int = setting(100, ge=0)
     """A newborn head's gate rises linearly from 0 (at birth) to 1 over this many steps."""
-    new_head_lr_mult: float = 1.0
+    new_head_lr_mult: float = setting(1.0, gt=0)
     """Learning-rate multiplier for a newborn head's q/k/v/proj slices while its gate warms up."""
-    cycles: int = 3
+    cycles: int = setting(3, ge=1)
     """Cycle mode: how many train -> prune -> measure -> grow -> learn cycles."""
-    recover_steps: int = 100
+    recover_steps: int = setting(100, ge=1)
     """Cycle mode: steps trained with the heads pruned, between a prune and its grow."""
-    seed: int = 0
-    """Seed of the mechanism's own generator (random criteria, newborn weights)."""
+    seed: int | None = None
+    """Seed of the mechanism's own generator (random criteria, newborn weights). None (default):
+    derived from train.seed when the config is built; an explicit value always wins."""
+
+    def check(self, cfg: Config) -> list[str]:
+        n_heads = cfg.model.n_heads
+        if self.min_heads > n_heads:
+            return [f"plasticity.heads.min_heads ({self.min_heads}) must be <= model.n_heads ({n_heads})"]
+        if self.enabled and self.min_heads == n_heads:
+            return [f"plasticity.heads.min_heads ({self.min_heads}) must be < model.n_heads ({n_heads}), "
+                    f"else no head can ever be pruned"]
+        return []
 
 
 @dataclass
 class LayerPlasticityConfig:
-    enabled: bool = False
+    enabled: bool = setting(False, unsafe=True)  # per-block optimizer groups (model.param_groups)
     """Layer senescence: per-layer vitality and influence; dying layers are replaced."""
-    interval: int = 500
+    interval: int = setting(500, gt=0)
     """Optimizer steps between layer vitality reviews."""
     death_zone: int = 1
     """The last `death_zone` blocks (nearest the output) are the only ones that can die."""
     birth_zone: int = 1
     """The first `birth_zone` blocks (nearest the input); a newborn enters at the zone's
     innermost position, birth_zone - 1. The blocks between the zones are the stable core."""
-    trigger: float = 0.25
+    trigger: float = setting(0.25, ge=0)
     """A death-zone block dies when its vitality falls below this (1.0 = an average block)."""
-    min_age: int = 1000
+    min_age: int = setting(1000, ge=0)
     """Steps a block must have lived before it may die (founders are born at step 0)."""
-    lifespan: int = 5000
+    lifespan: int = setting(5000, ge=0)
     """Senescence time constant: vitality = importance_ema * exp(-age / lifespan); 0 = no ageing."""
-    importance_ema: float = 0.5
+    importance_ema: float = setting(0.5, ge=0, lt=1)
     """Weight of the old value in the importance moving average (0 = last review only)."""
-    newborn: str = "copy"
+    newborn: Literal["copy", "fresh"] = "copy"
     """copy (mutated copy of the most vital block, its optimizer moments too) or fresh
     (new random init, zero moments)."""
-    mutation_std: float = 0.01
+    mutation_std: float = setting(0.01, ge=0)
     """Relative noise of a copied newborn: N(0, (mutation_std * RMS(tensor))^2) per parameter."""
-    newborn_influence: float = 0.0
+    newborn_influence: float = setting(0.0, ge=0, le=1)
     """A newborn's influence at birth (0 = the block starts as the identity)."""
-    warmup_steps: int = 200
+    warmup_steps: int = setting(200, ge=0)
     """Steps over which a newborn's influence rises linearly to 1."""
-    max_temperature: float = 1.5
+    max_temperature: float = setting(1.5, ge=1)
     """Attention temperature of a block at vitality 0 (1 at vitality >= 1, linear between)."""
-    max_dropout: float = 0.1
+    max_dropout: float = setting(0.1, lt=1)
     """Residual-branch dropout of a block at vitality 0 (model.dropout at vitality >= 1)."""
-    min_lr_scale: float = 0.5
+    min_lr_scale: float = setting(0.5, gt=0, le=1)
     """Learning-rate multiplier of a block at vitality 0 (1 at vitality >= 1)."""
+    seed: int | None = None
+    """Seed of the mechanism's own generator (a copied newborn's mutation noise). None (default):
+    derived from train.seed when the config is built; an explicit value always wins."""
+
+    def check(self, cfg: Config) -> list[str]:
+        """Zone sizes (only when enabled) and max_dropout against model.dropout."""
+        problems = []
+        n_layers, dropout = cfg.model.n_layers, cfg.model.dropout
+        if self.enabled and not (self.birth_zone >= 1 and self.death_zone >= 1
+                                 and self.birth_zone + self.death_zone < n_layers):
+            problems.append(f"plasticity.layers: birth_zone ({self.birth_zone}) and death_zone "
+                            f"({self.death_zone}) must be >= 1 and leave a stable core of >= 1 block between "
+                            f"them: need birth_zone + death_zone < model.n_layers ({n_layers})")
+        if self.max_dropout < dropout:
+            problems.append(f"plasticity.layers.max_dropout ({self.max_dropout}) must be >= model.dropout "
+                            f"({dropout})")
+        return problems
 
 
 @dataclass
@@ -276,8 +350,6 @@ class PlasticityConfig:
 class Config:
     name: str = "nemoe"
     """Run name used when --run-name is not given (set from the config file's name)."""
-    world_size: int = 1
-    """Data-parallel processes; set by the trainer from torchrun's WORLD_SIZE (not a setting to edit)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     morph: MorphConfig = field(default_factory=MorphConfig)
@@ -288,14 +360,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens per optimizer step over all data-parallel ranks (the effective batch)."""
-        return self.train.batch_size * self.train.grad_accum * self.model.seq_len * self.world_size
+    def __post_init__(self):
+        """Seeds left at None become concrete: derived from train.seed (see configlib.derive_seed)."""
+        self.name = self.name or "nemoe"
+        configlib.resolve_seeds(self, self.train.seed)
 
-    @property
-    def total_steps(self) -> int:
-        return max(1, math.ceil(self.train.total_tokens / self.tokens_per_step))
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens per optimizer step over `world_size` data-parallel ranks (the effective batch)."""
+        return self.train.batch_size * self.train.grad_accum * self.model.seq_len * world_size
+
+    def total_steps(self, world_size: int = 1) -> int:
+        """Optimizer steps to the token target with `world_size` data-parallel ranks."""
+        return max(1, math.ceil(self.train.total_tokens / self.tokens_per_step(world_size)))
 
     @property
     def d_expert(self) -> int:
@@ -306,264 +382,25 @@ class Config:
         return self.morph.ramp_steps or max(1, self.morph.probation_steps // 2)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
-# --------------------------------------------------------------------------- #
-# Building a Config from nested dicts, with type checks
-# --------------------------------------------------------------------------- #
-
-_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _coerce(value, tp, where: str, problems: list[str]):
-    """Return `value` as type `tp`, or record a problem and return None."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            sub: list[str] = []
-            out = _coerce(value, arg, where, sub)
-            if not sub:
-                return out
-        problems.append(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-        return None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML is a float
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    return None
-
-
-def _build_section(cls, raw, where: str, problems: list[str]):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        problems.append(f"{where}: expected a mapping of keys, got {raw!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in hints:
-            problems.append(f"{where}.{key}: unknown key (valid keys: {', '.join(valid)})")
-            continue
-        if dataclasses.is_dataclass(hints[key]):  # a nested section (plasticity.neuron)
-            kwargs[key] = _build_section(hints[key], value, f"{where}.{key}", problems)
-            continue
-        out = _coerce(value, hints[key], f"{where}.{key}", problems)
-        if out is not None or value is None:
-            kwargs[key] = out
-    return cls(**kwargs)
-
-
-def _build_data(raw, problems: list[str]) -> DataConfig:
-    if raw is None:
-        return DataConfig()
-    if not isinstance(raw, dict):
-        problems.append(f"data: expected a mapping of keys, got {raw!r}")
-        return DataConfig()
-    raw = dict(raw)
-    sources_raw = raw.pop("sources", None)
-    cfg = _build_section(DataConfig, raw, "data", problems)
-    if sources_raw is None:
-        return cfg
-    if not isinstance(sources_raw, list):
-        problems.append("data.sources: expected a list of sources")
-        return cfg
-    sources = []
-    for i, item in enumerate(sources_raw):
-        if isinstance(item, SourceConfig):
-            sources.append(item)
-        else:
-            sources.append(_build_section(SourceConfig, item, f"data.sources[{i}]", problems))
-    cfg.sources = sources
-    return cfg
+# Keys older configs and checkpoints may hold that are no longer settings: read and ignored.
+# world_size: the trainer takes it from torchrun and keeps it in the checkpoint's "trainer" state.
+RETIRED_KEYS = ("world_size",)
 
 
 def config_from_dict(raw: dict) -> Config:
-    """Build and validate a Config from nested dicts (YAML shape)."""
-    problems: list[str] = []
+    """Build and validate a Config from nested dicts (YAML shape); every problem in one UserError."""
     if not isinstance(raw, dict):
         raise UserError(f"config: expected a mapping of sections, got {raw!r}")
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in _SECTIONS:
-            problems.append(f"{key}: unknown section (valid: {', '.join(_SECTIONS)})")
-        elif key == "name":
-            kwargs["name"] = _coerce(value, str, "name", problems) or "nemoe"
-        elif key == "world_size":
-            kwargs["world_size"] = _coerce(value, int, "world_size", problems) or 1
-        elif key == "data":
-            kwargs["data"] = _build_data(value, problems)
-        else:
-            kwargs[key] = _build_section(_SECTIONS[key].default_factory, value, key, problems)
-    cfg = Config(**kwargs)
-    if not problems:
-        problems += validate(cfg)
+    problems: list[str] = []
+    cfg = configlib.build(Config, {k: v for k, v in raw.items() if k not in RETIRED_KEYS}, "", problems)
+    if not problems:  # wrong types first: values replaced by defaults would mislead the checks
+        problems = configlib.validate(cfg)
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
     return cfg
-
-
-def _layer_plasticity_checks(lp: LayerPlasticityConfig, n_layers: int, dropout: float,
-                             heads_enabled: bool = False) -> list:
-    """plasticity.layers: zone sizes (only checked when it is on) and value ranges."""
-    zones_fit = not lp.enabled or (lp.birth_zone >= 1 and lp.death_zone >= 1
-                                   and lp.birth_zone + lp.death_zone < n_layers)
-    return [
-        (zones_fit, f"plasticity.layers: birth_zone ({lp.birth_zone}) and death_zone ({lp.death_zone}) "
-                    f"must be >= 1 and leave a stable core of >= 1 block between them: need "
-                    f"birth_zone + death_zone < model.n_layers ({n_layers})"),
-        (lp.trigger >= 0, "plasticity.layers.trigger must be >= 0"),
-        (lp.min_age >= 0 and lp.lifespan >= 0 and lp.warmup_steps >= 0,
-         "plasticity.layers.min_age, lifespan and warmup_steps must be >= 0"),
-        (0 <= lp.importance_ema < 1, "plasticity.layers.importance_ema must be in [0, 1)"),
-        (lp.newborn in ("copy", "fresh"), f"plasticity.layers.newborn must be copy or fresh, got {lp.newborn!r}"),
-        (lp.mutation_std >= 0, "plasticity.layers.mutation_std must be >= 0"),
-        (0 <= lp.newborn_influence <= 1, "plasticity.layers.newborn_influence must be in [0, 1]"),
-        (lp.max_temperature >= 1, "plasticity.layers.max_temperature must be >= 1"),
-        (dropout <= lp.max_dropout < 1,
-         f"plasticity.layers.max_dropout must be in [model.dropout ({dropout}), 1)"),
-        (0 < lp.min_lr_scale <= 1, "plasticity.layers.min_lr_scale must be in (0, 1]"),
-    ]
-
-
-def _head_plasticity_checks(cfg: Config) -> list[tuple[bool, str]]:
-    h, n_heads = cfg.plasticity.heads, cfg.model.n_heads
-    return [
-        (h.mode in ("continuous", "cycle"), f"plasticity.heads.mode must be continuous or cycle, got {h.mode!r}"),
-        (h.prune in ("entropy", "magnitude", "importance", "random"),
-         f"plasticity.heads.prune must be entropy, magnitude, importance or random, got {h.prune!r}"),
-        (h.grow in ("gradient_sensitivity", "entropy_gap", "balanced", "random"),
-         f"plasticity.heads.grow must be gradient_sensitivity, entropy_gap, balanced or random, got {h.grow!r}"),
-        (0 < h.prune_fraction < 1, f"plasticity.heads.prune_fraction must be in (0, 1), got {h.prune_fraction}"),
-        (0 < h.grow_fraction <= 1, f"plasticity.heads.grow_fraction must be in (0, 1], got {h.grow_fraction}"),
-        (1 <= h.min_heads <= n_heads,
-         f"plasticity.heads.min_heads ({h.min_heads}) must be in 1..model.n_heads ({n_heads})"),
-        (not h.enabled or h.min_heads < n_heads,
-         f"plasticity.heads.min_heads ({h.min_heads}) must be < model.n_heads ({n_heads}), "
-         f"else no head can ever be pruned"),
-        (h.warmup_steps >= 0, "plasticity.heads.warmup_steps must be >= 0"),
-        (h.new_head_lr_mult > 0, "plasticity.heads.new_head_lr_mult must be > 0"),
-        (h.cycles >= 1, "plasticity.heads.cycles must be >= 1"),
-        (h.recover_steps >= 1, "plasticity.heads.recover_steps must be >= 1"),
-    ]
-
-
-def validate(cfg: Config) -> list[str]:
-    """Every impossible value in one list (empty when the config is usable)."""
-    m, e, mo, t = cfg.model, cfg.moe, cfg.morph, cfg.train
-    checks = [
-        (cfg.world_size >= 1, "world_size must be >= 1"),
-        (m.vocab_size > 0, "model.vocab_size must be > 0"),
-        (m.d_model > 0, "model.d_model must be > 0"),
-        (m.n_layers > 0, "model.n_layers must be > 0"),
-        (m.n_heads > 0 and m.d_model % max(m.n_heads, 1) == 0,
-         f"model.n_heads ({m.n_heads}) must be > 0 and divide model.d_model ({m.d_model})"),
-        (m.seq_len > 0, "model.seq_len must be > 0"),
-        (m.d_expert >= 0, "model.d_expert must be >= 0 (0 = 4 * d_model)"),
-        (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (e.top_k in (1, 2), f"moe.top_k must be 1 or 2, got {e.top_k}"),
-        (e.experts_min >= 1, "moe.experts_min must be >= 1"),
-        (e.experts_min <= e.experts_max,
-         f"moe.experts_min ({e.experts_min}) must be <= moe.experts_max ({e.experts_max})"),
-        (e.experts_min <= e.experts_init <= e.experts_max,
-         f"moe.experts_init ({e.experts_init}) must lie in experts_min..experts_max "
-         f"({e.experts_min}..{e.experts_max})"),
-        (e.top_k <= e.experts_min,
-         f"moe.top_k ({e.top_k}) must be <= moe.experts_min ({e.experts_min})"),
-        (e.lb_coef >= 0 and e.z_coef >= 0, "moe.lb_coef and moe.z_coef must be >= 0"),
-        (mo.interval > 0, "morph.interval must be > 0"),
-        (0 <= mo.prune_usage < mo.split_usage <= 1,
-         f"need 0 <= morph.prune_usage ({mo.prune_usage}) < morph.split_usage ({mo.split_usage}) <= 1"),
-        (0 <= mo.crossover_prob <= 1, "morph.crossover_prob must be in [0, 1]"),
-        (0 <= mo.crossover_alpha <= 1, "morph.crossover_alpha must be in [0, 1]"),
-        (mo.mutation_std >= 0, "morph.mutation_std must be >= 0"),
-        (mo.probation_steps >= 0, "morph.probation_steps must be >= 0"),
-        (0 <= mo.probation_min_usage <= 1, "morph.probation_min_usage must be in [0, 1]"),
-        (mo.ramp_steps >= 0, "morph.ramp_steps must be >= 0"),
-        (0 <= mo.usage_ema < 1, "morph.usage_ema must be in [0, 1)"),
-        *((section.interval > 0, f"plasticity.{name}.interval must be > 0")
-          for name, section in vars(cfg.plasticity).items()),
-        *_neuron_checks(cfg),
-        *_layer_plasticity_checks(cfg.plasticity.layers, m.n_layers, m.dropout, cfg.plasticity.heads.enabled),
-        *_head_plasticity_checks(cfg),
-        (t.batch_size > 0, "train.batch_size must be > 0"),
-        (t.grad_accum > 0, "train.grad_accum must be > 0"),
-        (t.lr > 0, "train.lr must be > 0"),
-        (0 <= t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be in [0, train.lr]"),
-        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
-        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
-        (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables)"),
-        (t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
-        (t.total_tokens > 0, "train.total_tokens must be > 0"),
-        (t.precision in ("auto", "fp32", "fp16", "bf16"),
-         f"train.precision must be auto, fp32, fp16 or bf16, got {t.precision!r}"),
-        (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}"),
-        (cfg.log.every_steps > 0, "log.every_steps must be > 0"),
-        (cfg.log.console in ("auto", "rich", "plain"), "log.console must be auto, rich or plain"),
-        (cfg.log.sample_every_steps >= 0 and cfg.log.sample_tokens >= 0,
-         "log.sample_every_steps and log.sample_tokens must be >= 0"),
-        (cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0"),
-        (cfg.eval.batches > 0 and cfg.eval.batch_size > 0, "eval.batches and eval.batch_size must be > 0"),
-        (cfg.checkpoint.every_steps >= 0 and cfg.checkpoint.every_minutes >= 0,
-         "checkpoint.every_steps and checkpoint.every_minutes must be >= 0"),
-        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
-        (cfg.checkpoint.max_failures >= 1, "checkpoint.max_failures must be >= 1"),
-    ]
-    problems = [msg for ok, msg in checks if not ok]
-    return problems + cfg.data.validate()
-
-
-def _neuron_checks(cfg: Config) -> list[tuple[bool, str]]:
-    """plasticity.neuron: names, weights, and a per-expert death count in 1..d_expert-1."""
-    n, width = cfg.plasticity.neuron, cfg.d_expert
-    deaths = int(n.prune_rate * width)
-    return [
-        (0 < n.prune_rate < 1, f"plasticity.neuron.prune_rate must be in (0, 1), got {n.prune_rate}"),
-        (not n.enabled or not 0 < n.prune_rate < 1 or 1 <= deaths <= width - 1,
-         f"plasticity.neuron.prune_rate ({n.prune_rate}) x d_expert ({width}) = {deaths} deaths per "
-         f"expert; need at least 1 death and 1 survivor"),
-        (n.metric in NEURON_METRICS,
-         f"plasticity.neuron.metric must be one of {', '.join(NEURON_METRICS)}, got {n.metric!r}"),
-        (n.regrowth in NEURON_REGROWTH,
-         f"plasticity.neuron.regrowth must be one of {', '.join(NEURON_REGROWTH)}, got {n.regrowth!r}"),
-        (n.mutation_std >= 0, "plasticity.neuron.mutation_std must be >= 0"),
-        (min(n.composite_taylor, n.composite_gradient, n.composite_weight) >= 0
-         and n.composite_taylor + n.composite_gradient + n.composite_weight > 0,
-         "plasticity.neuron.composite_* weights must be >= 0 with a positive sum"),
-        (n.record_steps >= 0, "plasticity.neuron.record_steps must be >= 0 (0: the whole interval)"),
-        (n.min_age >= 0, "plasticity.neuron.min_age must be >= 0"),
-    ]
 
 
 # --------------------------------------------------------------------------- #
@@ -642,31 +479,14 @@ def dump_config(cfg: Config) -> str:
 # Resuming under a changed config
 # --------------------------------------------------------------------------- #
 
-# Keys whose change would make a checkpoint mean something else: parameter shapes,
-# the routing rule, or which documents the data stream yields.
-UNSAFE_ON_RESUME = ("world_size", "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
-                    "model.seq_len", "model.d_expert", "moe.experts_max", "moe.top_k",
-                    "plasticity.layers.enabled",  # per-block optimizer groups (model.param_groups)
-                    "data.sources", "data.seed", "data.heldout_fraction")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value  # lists (data.sources) compare whole
-    return out
-
-
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, new value) for every key that differs; `name` is ignored."""
-    a, b = _flatten(saved), _flatten(now)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k != "name" and a.get(k) != b.get(k)]
+    """(key, saved value, new value) for every key that differs; `name` and retired keys are ignored."""
+    return configlib.changes(saved, now, ignore=("name", *RETIRED_KEYS))
 
 
 def is_unsafe(key: str) -> bool:
-    return key in UNSAFE_ON_RESUME
+    """Would changing `key` make a checkpoint mean something else (parameter shapes, the routing
+    rule, which documents the data stream yields)? Declared by `setting(unsafe=True)` on the field;
+    a list (data.sources) compares as a whole."""
+    found = configlib.field_at(Config, key)
+    return found is not None and found.metadata.get("unsafe", False)

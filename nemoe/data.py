@@ -29,20 +29,20 @@ import re
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import pyarrow
 import torch
 from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 
+from nemoe import configlib
 from nemoe.builtin_corpus import BUILTIN_CORPORA, builtin_corpus
+from nemoe.configlib import setting
 from nemoe.errors import UserError
 
-KINDS = ("hf", "files", "builtin")
-FORMATS = ("text", "alpaca", "wikitext")
-ON_EXHAUSTED = ("cycle", "stop")
 FILE_LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 DOC_FEATURES = Features({"text": Value("string"), "source": Value("string")})
 
@@ -65,7 +65,7 @@ WIKITEXT_BATCH_ROWS = 2048
 class SourceConfig:
     name: str = ""
     """Label of the source in logs and eval.csv; unique within data.sources."""
-    kind: str = "hf"
+    kind: Literal["hf", "files", "builtin"] = "hf"
     """Where documents come from: hf (Hugging Face Hub), files (local files) or builtin."""
     path: str = ""
     """hf: dataset id; files: a file path or glob (.parquet, .jsonl/.json, or .txt whose blank-line
@@ -74,12 +74,12 @@ class SourceConfig:
     """hf: the dataset's config name (e.g. sample-10BT, wikitext-103-raw-v1)."""
     split: str = "train"
     """hf: the split streamed for training."""
-    format: str = "text"
+    format: Literal["text", "alpaca", "wikitext"] = "text"
     """text: one field per row; alpaca: instruction/input/output rows become one prompt-response
     document; wikitext: rows are lines, grouped into articles at ' = Title = ' headings."""
     text_field: str = "text"
     """Column holding the document text (format text and wikitext; builtin ignores it)."""
-    weight: float = 1.0
+    weight: float = setting(1.0, gt=0, lt=math.inf)
     """Relative share of documents drawn from this source (weights are normalised)."""
     eval_split: str | None = None
     """Held-out text of this source: hf, a split name (e.g. validation); files, a path or glob of
@@ -93,22 +93,35 @@ def _default_sources() -> list[SourceConfig]:
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    sources: list[SourceConfig] = setting(factory=_default_sources, unsafe=True)
     """The mixture; each entry a SourceConfig (or a mapping with its keys)."""
-    heldout_fraction: float = 0.01
+    heldout_fraction: float = setting(0.01, gt=0, lt=1, unsafe=True)
     """Hash rule: the share of a source's documents held out for evaluation (sources without eval_split)."""
-    seed: int = 1234
-    """Seed of the mixture's source choices."""
-    on_exhausted: str = "cycle"
+    seed: int | None = setting(None, unsafe=True)
+    """Seed of the mixture's source choices. None (default): derived from train.seed when the Config
+    is built, so each run seed gives its own data order; an explicit value always wins. (A
+    DataConfig used on its own, outside a Config, mixes with seed 0 when this is None.)"""
+    on_exhausted: Literal["cycle", "stop"] = "cycle"
     """When a source runs out: cycle (start it again) or stop (end training data with an error)."""
 
     def __post_init__(self):
-        if not isinstance(self.sources, (list, tuple)):
-            raise UserError(f"data.sources: expected a list of sources, got {self.sources!r}")
-        self.sources = [_source_from(item, i) for i, item in enumerate(self.sources)]
+        """Sources given as mappings (YAML shape) become SourceConfigs; a bad entry is a UserError."""
+        problems: list[str] = []
+        sources = configlib.coerce(self.sources, list[SourceConfig], "data.sources", problems)
+        if problems:
+            raise UserError("invalid data config:\n  - " + "\n  - ".join(problems))
+        self.sources = sources
 
     def validate(self) -> list[str]:
-        """Every problem with this data config, one readable line each (empty when usable)."""
+        """Every problem with this data config, one readable line each (empty when usable).
+
+        A Config validates its data section itself (config_from_dict); this is for a
+        DataConfig built on its own. TokenStream and heldout_batches do not validate.
+        """
+        return configlib.validate(self, "data")
+
+    def check(self, cfg=None) -> list[str]:
+        """The rules across fields: at least one source, unique names, each source's kind-specific rules."""
         problems = []
         if not self.sources:
             problems.append("data.sources is empty: list at least one source "
@@ -118,37 +131,14 @@ class DataConfig:
             problems.append(f"data.sources: the name {dup!r} is used more than once; names must be unique")
         for i, src in enumerate(self.sources):
             problems += _source_problems(src, f"data.sources[{i}] ({src.name or 'unnamed'})")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            problems.append(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.on_exhausted not in ON_EXHAUSTED:
-            problems.append(f"data.on_exhausted must be one of {', '.join(ON_EXHAUSTED)}, got {self.on_exhausted!r}")
         return problems
 
 
-def _source_from(item, index: int) -> SourceConfig:
-    """A SourceConfig from a SourceConfig or a YAML mapping; unknown keys are a UserError."""
-    if isinstance(item, SourceConfig):
-        return item
-    if not isinstance(item, dict):
-        raise UserError(f"data.sources[{index}]: expected a mapping of source keys, got {item!r}")
-    valid = [f.name for f in fields(SourceConfig)]
-    unknown = [k for k in item if k not in valid]
-    if unknown:
-        raise UserError(f"data.sources[{index}]: unknown key(s) {', '.join(map(str, unknown))} "
-                        f"(valid keys: {', '.join(valid)})")
-    return SourceConfig(**item)
-
-
 def _source_problems(src: SourceConfig, where: str) -> list[str]:
+    """A source's rules beyond its field types and bounds: names, paths, what each kind allows."""
     problems = []
     if not src.name:
         problems.append(f"{where}: name is empty; give every source a unique name")
-    if src.kind not in KINDS:
-        problems.append(f"{where}: unknown kind {src.kind!r} (valid: {', '.join(KINDS)})")
-    if src.format not in FORMATS:
-        problems.append(f"{where}: unknown format {src.format!r} (valid: {', '.join(FORMATS)})")
-    if not (isinstance(src.weight, (int, float)) and math.isfinite(src.weight) and src.weight > 0):
-        problems.append(f"{where}: weight must be a number > 0, got {src.weight!r}")
     if not src.text_field:
         problems.append(f"{where}: text_field is empty")
     if src.kind == "builtin":
@@ -192,12 +182,6 @@ def _loader_for(path: str) -> str | None:
 def _weights(cfg: DataConfig) -> list[float]:
     total = sum(s.weight for s in cfg.sources)
     return [s.weight / total for s in cfg.sources]
-
-
-def _check(cfg: DataConfig) -> None:
-    problems = cfg.validate()
-    if problems:
-        raise UserError("invalid data config:\n  - " + "\n  - ".join(problems))
 
 
 # --------------------------------------------------------------------------- #
@@ -413,7 +397,8 @@ def training_mixture(cfg: DataConfig) -> IterableDataset:
         parts.append(docs.repeat(None) if cfg.on_exhausted == "cycle" else docs)
     # With every source repeating forever, "first_exhausted" never triggers under "cycle";
     # under "stop" it ends the mixture when any source runs out, keeping the proportions honest.
-    return interleave_datasets(parts, probabilities=_weights(cfg), seed=cfg.seed,
+    seed = 0 if cfg.seed is None else cfg.seed  # None only for a DataConfig used outside a Config
+    return interleave_datasets(parts, probabilities=_weights(cfg), seed=seed,
                                stopping_strategy="first_exhausted")
 
 
@@ -432,8 +417,9 @@ class TokenStream:
         """rank / world_size: under data parallelism, rank r of W keeps documents r, r+W, r+2W, ...
         of the one mixture stream (the rule `datasets.distributed.split_dataset_by_node` applies
         when shards do not divide evenly, here always), so ranks train on disjoint documents and
-        every rank sees the configured mixture. Each rank still reads (not tokenizes) every row."""
-        _check(cfg)
+        every rank sees the configured mixture. Each rank still reads (not tokenizes) every row.
+        `cfg` is taken as valid: a Config's data section is validated when it is built (a
+        DataConfig made in code: see DataConfig.validate)."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rank, self.world_size = rank, world_size
         self.block_len = seq_len + 1
@@ -513,7 +499,6 @@ def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int,
     Deterministic: the first held-out documents of each source, packed like training
     data. A source with too little held-out text gives fewer batches (at least one).
     """
-    _check(cfg)
     return {src.name: _source_heldout_batches(src, cfg, tokenizer, seq_len + 1, n_batches, batch_size)
             for src in cfg.sources}
 

@@ -34,8 +34,10 @@ def incompatibility(state: dict, cfg_dict: dict, world_size: int, allow_config_c
     unsafe = [c for c in config_changes(state["config"], cfg_dict) if is_unsafe(c[0])]
     if not unsafe or allow_config_change:
         return None
+    keep = " ".join(f"--set {key}={old}" for key, old, _ in unsafe if isinstance(old, (int, float, str, bool)))
     return "written by an incompatible config: " + "; ".join(
-        f"{key}: {_short(old)} -> {_short(new)}" for key, old, new in unsafe)
+        f"{key}: {_short(old)} -> {_short(new)}" for key, old, new in unsafe) + (
+        f" (to continue under the checkpoint's settings: {keep})" if keep else "")
 
 
 def change_notes(state: dict, cfg_dict: dict) -> tuple[list[str], bool]:

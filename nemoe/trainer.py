@@ -40,14 +40,6 @@ from nemoe.train_module import StepResult, TrainModule
 __all__ = ["RunPaths", "Trainer"]
 
 
-def _tokens_per_step(cfg, world: int) -> int:
-    return cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len * world
-
-
-def _total_steps(cfg, world: int) -> int:
-    return max(1, -(-cfg.train.total_tokens // _tokens_per_step(cfg, world)))
-
-
 class Trainer:
     def __init__(self, cfg: Config, paths: RunPaths, resume: bool = False, max_steps: int | None = None,
                  allow_config_change: bool = False):
@@ -55,8 +47,8 @@ class Trainer:
         info = dist.init_distributed(cfg.train.device)
         self.runtime = Runtime(cfg.train, info)
         self.world = info.world_size
-        self.tokens_per_step = _tokens_per_step(cfg, self.world)
-        total_steps = _total_steps(cfg, self.world)
+        self.tokens_per_step = cfg.tokens_per_step(self.world)
+        total_steps = cfg.total_steps(self.world)
         self.target_steps = total_steps if max_steps is None else min(max_steps, total_steps)
         Runtime.seed(cfg.train.seed)
         self.tokenizer = get_tokenizer("gpt2")
@@ -116,7 +108,7 @@ class Trainer:
         return (f"Start | device {rt.device} | precision {rt.precision} ({rt.precision_reason}) | params "
                 f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
                 f"{self.tokens_per_step:,} tokens/step{ranks} | target {t.total_tokens:,} tokens "
-                f"({_total_steps(self.cfg, self.world):,} steps)")
+                f"({self.cfg.total_steps(self.world):,} steps)")
 
     # -- the loop ------------------------------------------------------------------- #
     def fit(self) -> None:

@@ -7,6 +7,7 @@ and on the built-in corpus; the Hub is only ever asked in offline mode.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import io
 
@@ -18,6 +19,7 @@ import torch
 
 import nemoe.builtin_corpus
 from nemoe import data
+from nemoe.config import config_from_dict
 from nemoe.data import (DataConfig, DataExhausted, SourceConfig, TokenStream, alpaca_document,
                         builtin_corpus, heldout_batches, is_heldout, source_documents)
 from nemoe.errors import UserError
@@ -417,31 +419,38 @@ def test_builtin_default_mixture_makes_batches(tok):
 
 def test_validate_collects_every_problem(tmp_path):
     cfg = DataConfig(sources=[
-        SourceConfig(name="a", kind="hf", path="", weight=0),
-        SourceConfig(name="a", kind="ftp", path="x", format="markdown", weight=-1),
+        SourceConfig(name="a", kind="hf", path="", weight=0.0),
+        SourceConfig(name="a", kind="ftp", path="x", format="markdown", weight=-1.0),
         SourceConfig(name="b", kind="files", path=str(tmp_path / "nothing-*.parquet")),
         SourceConfig(name="c", kind="builtin", path="poetry", eval_split="validation"),
         SourceConfig(name="d", kind="files", path=str(write_alpaca(tmp_path / "x.csv", n=1))),
     ], heldout_fraction=1.5, on_exhausted="wait")
-    problems = "\n".join(cfg.validate())
-    for expected in ("'a' is used more than once", "weight must be a number > 0, got 0",
-                     "weight must be a number > 0, got -1", "unknown kind 'ftp'", "unknown format 'markdown'",
+    problems = cfg.validate()
+    text = "\n".join(problems)
+    for expected in ("'a' is used more than once", "data.sources[0].weight must be in (0, inf), got 0",
+                     "data.sources[1].weight must be in (0, inf), got -1",
+                     "data.sources[1].kind must be one of hf, files, builtin, got 'ftp'",
+                     "data.sources[1].format must be one of text, alpaca, wikitext, got 'markdown'",
                      "path is empty", "matches no file", "builtin path must be one of prose, code",
-                     "builtin sources have no eval_split", "unsupported type", "heldout_fraction must be in (0, 1)",
-                     "on_exhausted must be one of cycle, stop"):
-        assert expected in problems, expected
+                     "builtin sources have no eval_split", "unsupported type",
+                     "data.heldout_fraction must be in (0, 1), got 1.5", "data.on_exhausted must be cycle or stop"):
+        assert expected in text, expected
     assert DataConfig(sources=[]).validate() == [
         "data.sources is empty: list at least one source (e.g. {name: prose, kind: builtin, path: prose})"]
     assert DataConfig().validate() == []
-    with pytest.raises(UserError, match="invalid data config"):
-        TokenStream(cfg, None, 16)
+    # The same data section in a Config: one pass finds the same problems, raised once.
+    with pytest.raises(UserError) as err:
+        config_from_dict({"data": dataclasses.asdict(cfg)})
+    assert str(err.value).startswith("invalid config:") and sorted(str(err.value).split("\n  - ")[1:]) == sorted(problems)
 
 
 def test_sources_from_yaml_mappings():
     cfg = DataConfig(sources=[{"name": "web", "kind": "hf", "path": "org/web", "weight": 2}])
     assert cfg.sources == [SourceConfig(name="web", kind="hf", path="org/web", weight=2)]
-    with pytest.raises(UserError, match=r"unknown key\(s\) colum .*valid keys: name, kind, path"):
+    with pytest.raises(UserError, match=r"data.sources\[0\].colum: unknown key \(valid keys: name, kind, path"):
         DataConfig(sources=[{"name": "web", "colum": "text"}])
+    with pytest.raises(UserError, match=r"data.sources: expected a list, got 'web'"):
+        DataConfig(sources="web")
 
 
 def test_mixed_string_types_interleave(tmp_path, tok):

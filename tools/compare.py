@@ -7,8 +7,9 @@
 
 Every run is `train_nemoe.py --resume` in a subprocess under `--out` (default
 compare/<config>[-shift]), so rerunning the same command skips finished runs and
-resumes interrupted ones. Seed s sets train.seed, morph.seed and data.seed for
-every strategy: the same seed gives the same data order, token budget and
+resumes interrupted ones. Seed s sets train.seed, the run seed, for every strategy;
+the seeds of the data mixture, the controller and each plasticity mechanism derive
+from it. The same seed gives the same data order, token budget and
 evaluation batches whatever the strategy (the report checks the data order).
 
 grid:  per strategy, the final held-out loss per source and mixed (mean +- sd over

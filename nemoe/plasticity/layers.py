@@ -82,7 +82,7 @@ class LayerSenescence(Mechanism):
         self.next_id = n
         self.step = 0
         self.base_dropout = cfg.model.dropout
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.generator = torch.Generator().manual_seed(cfg.plasticity.layers.seed)
         self.apply_drives()
 
     # -- zones ---------------------------------------------------------------- #

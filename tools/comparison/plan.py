@@ -1,8 +1,8 @@
 """What a comparison runs: strategies x seeds on one config, and the phases of the shift protocol.
 
 A strategy is a named set of `--set` overrides (STRATEGIES is the one place they are
-defined). Seed s sets train.seed, morph.seed and data.seed for every strategy, so one
-seed gives the same data order, token budget and evaluation batches whatever the
+defined). Seed s sets train.seed, the run seed, for every strategy (the data, morph
+and plasticity seeds derive from it), so one seed gives the same data order, token budget and evaluation batches whatever the
 strategy. The shift protocol trains phase after phase on one source each; the
 others keep a weight of OFF_PHASE_WEIGHT so every source is still evaluated.
 """
@@ -93,7 +93,8 @@ def choose_strategies(text: str | None) -> tuple[list[str], list[str]]:
 
 
 def seed_overrides(seed: int) -> list[str]:
-    return [f"train.seed={seed}", f"morph.seed={seed}", f"data.seed={seed}"]
+    """The run seed; morph, data and plasticity.* seeds derive from it (unless the config sets them)."""
+    return [f"train.seed={seed}"]
 
 
 # --------------------------------------------------------------------------- #
@@ -161,7 +162,7 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
         for seed in seeds:
             common = list(args.overrides) + STRATEGIES[strategy].overrides(base) + seed_overrides(seed)
             if phase_plan is None:
-                runs.append(Run(strategy, seed, common, [Phase(base.total_steps)]))
+                runs.append(Run(strategy, seed, common, [Phase(base.total_steps())]))
             else:
                 extra, phases = phase_plan
                 runs.append(Run(strategy, seed, extra + common, phases))
@@ -214,7 +215,7 @@ def shift_phases(args: argparse.Namespace, base: Config) -> tuple[list[str], lis
     # One LR schedule over all phases; frequent evaluations so speeds can be read off eval.csv.
     every = max(1, min(p.end - q for p, q in zip(phases, [0] + [p.end for p in phases])) // 15)
     # Before the user's --set items, which therefore win.
-    return [f"train.total_tokens={end * base.tokens_per_step}", f"eval.every_steps={every}"], phases
+    return [f"train.total_tokens={end * base.tokens_per_step()}", f"eval.every_steps={every}"], phases
 
 
 def parse_phases(text: str, cfg: Config) -> list[tuple[str, int]]:

@@ -101,8 +101,8 @@ def report_header(plan: Plan, title: str) -> list[str]:
     b = plan.base
     seeds = sorted({r.seed for r in plan.runs})
     return [f"# {title}", "", f"Reproduce: `{plan.command}`", "",
-            f"Config `{plan.config}` · seeds {', '.join(map(str, seeds))} (seed s sets train.seed, morph.seed "
-            f"and data.seed) · {b.tokens_per_step:,} tokens/step · held-out: {b.eval.batches} fixed batches × "
+            f"Config `{plan.config}` · seeds {', '.join(map(str, seeds))} (seed s sets train.seed; the data, "
+            f"morph and plasticity seeds derive from it) · {b.tokens_per_step():,} tokens/step · held-out: {b.eval.batches} fixed batches × "
             f"{b.eval.batch_size} sequences per source, the same for every run.", "",
             "Strategies:", *[f"- `{n}`: {STRATEGIES[n].about}" for n in dict.fromkeys(r.strategy for r in plan.runs)],
             *[f"- {n}" for n in plan.notes], ""]
@@ -139,8 +139,8 @@ def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> 
     metrics = ["loss_all", *[f"loss_{s}" for s in sources], "tokens_per_s", "params_total",
                "params_active", "params_live", "events"]
     summary = summarize(results, metrics, ["strategy"])
-    lines = report_header(plan, f"Comparison on `{plan.config}`: {plan.base.total_steps:,} steps, "
-                                f"{plan.base.total_steps * plan.base.tokens_per_step:,} tokens per run")
+    lines = report_header(plan, f"Comparison on `{plan.config}`: {plan.base.total_steps():,} steps, "
+                                f"{plan.base.total_steps() * plan.base.tokens_per_step():,} tokens per run")
     lines += grid_table(summary, sources)
     if BASELINE not in set(results["strategy"]):
         lines += ["", f"No `{BASELINE}` runs in this grid, so no paired differences."]
