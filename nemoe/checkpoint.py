@@ -94,6 +94,15 @@ def upgrade_v1(old: dict) -> dict:
                       for r in ranks]}
 
 
+def replicated(state: dict, rank: int) -> dict:
+    """The part of a checkpoint every data-parallel replica must hold identically: weights and
+    buffers, optimizer state and expert records (not the per-rank usage counts, data positions,
+    RNG or statistics since the last decision)."""
+    train, experts = state["train_module"], state["ranks"][rank]["plasticity"]["experts"]
+    return {"model": {k: v for k, v in train["model"].items() if not k.endswith("usage_counts")},
+            "optimizer": train["optimizer"], "experts": {k: v for k, v in experts.items() if k != "usage_counts"}}
+
+
 def load_latest(directory: Path, warn: Callable[[str], None],
                 reject: Callable[[dict], str | None] = lambda state: None) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads and `reject` does not object to.

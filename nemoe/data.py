@@ -38,7 +38,7 @@ import pyarrow
 import torch
 from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 
-from nemoe import configlib
+from nemoe import configlib, distributed
 from nemoe.builtin_corpus import BUILTIN_CORPORA, builtin_corpus
 from nemoe.configlib import setting
 from nemoe.errors import UserError
@@ -463,6 +463,23 @@ class TokenStream:
             self._pending.append(self.tokenizer.eot_id)
         flat, self._pending = self._pending[:need], self._pending[need:]
         return torch.tensor(flat, dtype=torch.int64).view(batch_size, self.block_len)
+
+    def next_batches(self, count: int, batch_size: int) -> list[torch.Tensor]:
+        """One optimizer step's `count` micro-batches. Under data parallelism with
+        on_exhausted: stop, a rank whose data ran out must not leave the others waiting in
+        backward: the ranks agree, and all raise DataExhausted together."""
+        batches, exhausted = [], None
+        try:
+            for _ in range(count):
+                batches.append(self.next_batch(batch_size))
+        except DataExhausted as err:
+            exhausted = err
+        if self.world_size > 1 and self.cfg.on_exhausted == "stop":
+            if distributed.any_rank([exhausted is not None])[0]:
+                raise exhausted or DataExhausted("another rank's training data ran out")
+        elif exhausted is not None:
+            raise exhausted
+        return batches
 
     def close(self) -> None:
         """Stop reading: ends the interleave's prefetch threads. The stream reopens on the next read.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 
 import numpy as np
 import torch
@@ -51,6 +52,22 @@ def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
     if name == "bf16" and not native_bf16:
         raise UserError("train.precision=bf16 needs a GPU with compute capability >= 8.0; use fp16")
     return name, "train.precision"
+
+
+@contextlib.contextmanager
+def on_stop_signal(handler):
+    """While inside: SIGINT and SIGTERM call handler(signum) instead of ending the process."""
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, lambda signum, frame: handler(signum))
+        except ValueError:  # not the main thread (e.g. inside a notebook worker)
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler_before in old.items():
+            signal.signal(sig, handler_before)
 
 
 class Runtime:

@@ -17,12 +17,10 @@ CPU in fp32, as never having stopped.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
 
 from nemoe import distributed as dist
-from nemoe.checkpoint import Checkpointer
+from nemoe.checkpoint import Checkpointer, replicated
 from nemoe.config import Config, dump_config
 from nemoe.data import DataExhausted, TokenStream
 from nemoe.errors import UserError
@@ -32,7 +30,7 @@ from nemoe.logs import NullLogger, RunLogger
 from nemoe.metrics import MetricsWindow
 from nemoe.plasticity import Plasticity
 from nemoe.rundir import RunDir, change_notes, incompatibility
-from nemoe.runtime import Runtime
+from nemoe.runtime import Runtime, on_stop_signal
 from nemoe.schema import CONFIG_YAML, RunPaths
 from nemoe.tokenizer import get_tokenizer
 from nemoe.train_module import StepResult, TrainModule
@@ -118,7 +116,7 @@ class Trainer:
             self.log.line(self.step, f"Note | nothing to do: step {self.step} already reached the target "
                                      f"({target} steps)")
             return
-        with self._signals():
+        with on_stop_signal(self._request_stop):
             if self.step == 0:
                 self.evaluate()
             while self.step < target and not (self.stop_requested or self.train.diverged):
@@ -169,26 +167,10 @@ class Trainer:
     def _every(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
-    def next_batches(self) -> list:
-        """The step's micro-batches. Under DDP a rank whose data ran out (data.on_exhausted: stop)
-        must not leave the others waiting in backward: all stop together."""
-        t = self.cfg.train
-        batches, exhausted = [], None
-        try:
-            for _ in range(t.grad_accum):
-                batches.append(self.stream.next_batch(t.batch_size))
-        except DataExhausted as err:
-            exhausted = err
-        if self.runtime.dist.enabled and self.cfg.data.on_exhausted == "stop":
-            if dist.any_rank([exhausted is not None])[0]:
-                raise exhausted or DataExhausted("another rank's training data ran out")
-        elif exhausted is not None:
-            raise exhausted
-        return batches
-
     def train_step(self) -> StepResult:
         """One optimizer step on the next batches; step, tokens and the log window advance."""
-        result = self.train.train_batch(self.next_batches(), self.step, self.plasticity)
+        batches = self.stream.next_batches(self.cfg.train.grad_accum, self.cfg.train.batch_size)
+        result = self.train.train_batch(batches, self.step, self.plasticity)
         if not result.finite:
             what = ("gradient overflow (fp16 loss scale lowered)" if self.train.scaler.is_enabled()
                     else "non-finite loss or gradient")
@@ -242,19 +224,10 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------ #
     def save(self) -> None:
         state = self.state_dict()   # a collective under DDP (gathers every rank's part)
-        if self.runtime.dist.enabled:
-            self._check_replicas()
+        if self.runtime.dist.enabled:   # replicas must be identical: a mismatch is a bug and stops the run
+            digest = dist.replicas_digest(replicated(state, self.runtime.dist.rank), self.step)
+            self.log.line(self.step, f"Ranks | {self.world} replicas identical (digest {digest})", echo=False)
         self.checkpointer.save(state)
-
-    def _check_replicas(self) -> None:
-        """Data-parallel replicas must be identical: weights, buffers (except the per-rank usage
-        counts), optimizer state and expert records. Compared by digest at every checkpoint;
-        a mismatch is a bug and stops the run."""
-        experts = {k: v for k, v in self.plasticity.experts.state_dict().items() if k != "usage_counts"}
-        model = {k: v for k, v in self.model.state_dict().items() if not k.endswith("usage_counts")}
-        digest = dist.replicas_digest({"model": model, "optimizer": self.train.optimizer.state_dict(),
-                                       "experts": experts}, self.step)
-        self.log.line(self.step, f"Ranks | {self.world} replicas identical (digest {digest})", echo=False)
 
     def state_dict(self) -> dict:
         """The checkpoint (checkpoint.py describes the format). `ranks` holds every rank's own part."""
@@ -274,23 +247,9 @@ class Trainer:
         self.metrics = MetricsWindow.from_state(mine["metrics"], self.runtime.device)
         Runtime.set_rng_state(mine["rng"])
 
-    @contextlib.contextmanager
-    def _signals(self):
+    def _request_stop(self, signum: int) -> None:
         """SIGINT / SIGTERM: finish the current step, save, exit cleanly (a second one stops now)."""
-        def request_stop(signum, frame):
-            if self.stop_requested:
-                raise KeyboardInterrupt
-            self.stop_requested = True
-            self.log.print(f"received signal {signum}: saving a checkpoint after this step ...")
-
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not the main thread (e.g. inside a notebook worker)
-                pass
-        try:
-            yield
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log.print(f"received signal {signum}: saving a checkpoint after this step ...")
