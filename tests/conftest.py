@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -23,8 +25,32 @@ def tiny_config(**sections):
     return config_from_dict(raw)
 
 
+@contextmanager
+def deterministic_algorithms(warn_only: bool = True):
+    """Deterministic algorithms on inside the block; the previous setting (on/off and
+    warn-only) comes back after it, so no test leaks the mode into the next one."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deterministic_session():
+    """On for the whole session too, so module-scoped fixtures (the trainer runs) get
+    the same mode as the tests that compare against them."""
+    with deterministic_algorithms(warn_only=True):
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic(_deterministic_session):
+    """Seed 0 and deterministic algorithms for each test; whatever a test does to the
+    mode is undone after it."""
     torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
+    with deterministic_algorithms(warn_only=True):
+        yield
+
