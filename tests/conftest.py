@@ -54,3 +54,18 @@ def _deterministic(_deterministic_session):
     with deterministic_algorithms(warn_only=True):
         yield
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the whole session, restored at the end.
+
+    The tests use tiny shapes, where a second thread buys little, and on a shared
+    2-core machine it costs a lot: _fit_random_tokens in test_model.py ran about 5x
+    slower with two threads than with one while other jobs were running. Subprocess
+    tests (the CLI, torchrun) are not affected.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,14 +13,6 @@ from nemoe.plasticity.layers import LayerSenescence
 from tests.conftest import tiny_config
 from tests.test_trainer import logs, run
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 LAYERS = {"enabled": True, "interval": 2, "birth_zone": 2, "death_zone": 2, "min_age": 0,
           "trigger": 100.0, "warmup_steps": 4, "mutation_std": 0.0}
