@@ -221,7 +221,7 @@ def test_invalid_layer_settings_are_one_clear_error(layers, message):
 
 
 # --------------------------------------------------------------------------- #
-# Through the trainer: events, logs, exact resume, the vitality plot
+# Through the trainer (slow): events, logs, exact resume, the vitality plot
 # --------------------------------------------------------------------------- #
 
 LAYER_RUN = ["--set", "model.n_layers=4", "--set", "plasticity.layers.enabled=true",
@@ -237,6 +237,7 @@ def layer_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_logs_layer_events_and_vitality(layer_run):
     train, events, _ = logs(layer_run)
     layer = events[events["granularity"] == "layer"]
@@ -253,6 +254,7 @@ def test_run_logs_layer_events_and_vitality(layer_run):
     assert "Event layer_death | Layer 3" in text and "Event layer_birth | Layer 0" in text
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_across_layer_deaths_and_births(layer_run, tmp_path):
     assert run(tmp_path, *LAYER_RUN, "--max-steps", "10") == 0
     (tmp_path / "checkpoints" / "tiny" / "nemo_ckpt_step10.pt").unlink()   # back to step 5
@@ -313,6 +315,7 @@ def test_plot_vitality_draws_the_csv_values_and_marks_deaths_and_births(tmp_path
     assert grid.tolist() == [[1 - value[(layer, step)] for step in (2, 4, 6, 8)] for layer in range(3)]
 
 
+@pytest.mark.slow
 def test_plot_vitality_on_a_real_run(layer_run, tmp_path, capsys, saved_figures):
     from tools.plot_vitality import main as plot_main
     out = tmp_path / "vitality.png"
