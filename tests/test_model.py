@@ -19,12 +19,14 @@ def test_targets_are_inputs_shifted_by_one():
     assert torch.equal(targets[:, -1], block[:, -1])
 
 
-# Past logits may differ by rounding only. The model runs in float64: a row's result
-# can depend on the length of the slice it is computed in (matmul blocking), so
-# bit-identical fp32 sums across slice lengths are not a property to test; float64
-# rounding is ~1e-16 relative (the router's fp32 logits aside, ~1e-7 relative on
-# gates of ~0.02-sized outputs). A real leak moves past logits by > 1e-3 here
-# (test_causality_check_catches_a_missing_causal_mask), six orders above this.
+# Past logits may change by rounding only. A changed future token goes to other experts,
+# so a past token is computed in a slice of another length, at another offset, and a
+# matmul may sum it in another order: bit-identical fp32 results across slice lengths
+# are not a property of the model, so this test does not ask for them. It runs the
+# model in float64 (rounding ~1e-16 relative; the router's fp32 logits see the same
+# input unless that moved, and would then move a gate by ~1e-7 relative at most) and
+# allows 1e-9. A real leak moves past logits by > 1e-3 here
+# (test_causality_check_catches_a_missing_causal_mask), six orders of magnitude more.
 PAST_TOLERANCE = 1e-9
 FUTURE_CHANGES = (0, 5, 14)   # change the token at t + 1, compare positions <= t
 
