@@ -271,6 +271,8 @@ def test_state_roundtrip_gives_identical_batches(files, tok):
     assert state["sources"] == ["fineweb", "alpaca", "wikitext"]
 
 
+# slow: builds the built-in corpora, which parses the standard library (~5 s of CPU)
+@pytest.mark.slow
 def test_state_roundtrip_after_sources_cycle(tmp_path, tok):
     small = write_alpaca(tmp_path / "small.jsonl", n=12)
     cfg = DataConfig(sources=[
@@ -392,6 +394,8 @@ def test_unreadable_local_file_is_a_user_error(tmp_path, tok):
 # 6. Built-in corpus and validation
 # --------------------------------------------------------------------------- #
 
+# slow: builds the built-in corpora, which parses the standard library (~5 s of CPU)
+@pytest.mark.slow
 def test_builtin_corpora_are_sizeable_and_deterministic():
     for name in ("prose", "code"):
         corpus = builtin_corpus(name)
@@ -405,6 +409,8 @@ def test_builtin_corpora_are_sizeable_and_deterministic():
     assert builtin_corpus("code")["text"][:50] == builtin_corpus("code")["text"][:50]
 
 
+# slow: builds the built-in corpora, which parses the standard library (~5 s of CPU)
+@pytest.mark.slow
 def test_builtin_default_mixture_makes_batches(tok):
     cfg = DataConfig()
     stream = TokenStream(cfg, tok, seq_len=32)
