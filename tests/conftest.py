@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -23,11 +25,50 @@ def tiny_config(**sections):
     return config_from_dict(raw)
 
 
+@contextmanager
+def deterministic_algorithms(warn_only: bool = True):
+    """Deterministic algorithms on inside the block; the previous setting (on/off and
+    warn-only) comes back after it, so no test leaks the mode into the next one."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deterministic_session():
+    """On for the whole session too, so module-scoped fixtures (the trainer runs) get
+    the same mode as the tests that compare against them."""
+    with deterministic_algorithms(warn_only=True):
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic(_deterministic_session):
+    """Seed 0 and deterministic algorithms for each test; whatever a test does to the
+    mode is undone after it."""
     torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    with deterministic_algorithms(warn_only=True):
+        yield
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for the whole session, restored at the end.
+
+    The tests use tiny shapes, where a second thread buys little, and on a shared
+    2-core machine it costs a lot: _fit_random_tokens in test_model.py ran about 5x
+    slower with two threads than with one while other jobs were running. Subprocess
+    tests (the CLI, torchrun) are not affected.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+<<<<<<< HEAD
 
 
 def act(mechanism, optimizer, step: int, tokens: int = 0, probe_loss=lambda: 1.0, expert_id=None):
@@ -36,3 +77,22 @@ def act(mechanism, optimizer, step: int, tokens: int = 0, probe_loss=lambda: 1.0
     if expert_id is None:
         expert_id = getattr(mechanism, "expert_id", lambda layer, slot: -1)
     return mechanism.act(ActContext(optimizer, step, tokens, Probe(probe_loss), expert_id))
+=======
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib Figures the code under test saves, in order (still written to disk),
+    so a test can check what a tool's main() drew, not only that a file appeared."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        saved.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+>>>>>>> tests

@@ -28,13 +28,16 @@ from tests.fixtures_data import (alpaca_rows, fineweb_rows, markers, wikitext_li
                                  write_fineweb, write_wikitext)
 
 
-@pytest.fixture(autouse=True)
-def _no_shutdown_sleep(monkeypatch):
+@pytest.fixture(autouse=True, scope="module")
+def _no_shutdown_sleep():
     # datasets sleeps 5 s whenever an interleave over parquet shards is closed (a guard for
     # arrow threads at interpreter exit, apache/arrow#45214); tests drop many streams.
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
-    yield
-    gc.collect()  # streams caught in reference cycles close now, while the sleep is still off
+    # Off for the whole module, with one collection at its end (~0.7 s a collection with
+    # torch and datasets loaded: once per test it was a fifth of this module's time).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+        yield
+        gc.collect()  # streams caught in reference cycles close now, while the sleep is still off
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +276,8 @@ def test_state_roundtrip_gives_identical_batches(files, tok):
     assert state["sources"] == ["fineweb", "alpaca", "wikitext"]
 
 
+# slow: builds the built-in corpora, which parses the standard library (~5 s of CPU)
+@pytest.mark.slow
 def test_state_roundtrip_after_sources_cycle(tmp_path, tok):
     small = write_alpaca(tmp_path / "small.jsonl", n=12)
     cfg = DataConfig(sources=[
@@ -394,6 +399,8 @@ def test_unreadable_local_file_is_a_user_error(tmp_path, tok):
 # 6. Built-in corpus and validation
 # --------------------------------------------------------------------------- #
 
+# slow: builds the built-in corpora, which parses the standard library (~5 s of CPU)
+@pytest.mark.slow
 def test_builtin_corpora_are_sizeable_and_deterministic():
     for name in ("prose", "code"):
         corpus = builtin_corpus(name)
@@ -407,6 +414,8 @@ def test_builtin_corpora_are_sizeable_and_deterministic():
     assert builtin_corpus("code")["text"][:50] == builtin_corpus("code")["text"][:50]
 
 
+# slow: builds the built-in corpora, which parses the standard library (~5 s of CPU)
+@pytest.mark.slow
 def test_builtin_default_mixture_makes_batches(tok):
     cfg = DataConfig()
     stream = TokenStream(cfg, tok, seq_len=32)

@@ -369,14 +369,77 @@ def test_resume_is_bit_exact_across_head_events(straight, tmp_path):
     assert {"prune", "grow"} <= set(resumed["event"])
 
 
-@pytest.mark.slow
-def test_plot_heads_on_a_real_run(straight, tmp_path, capsys):
+def heads_picture(fig):
+    """plot_heads' figure: (row labels top to bottom, heads x steps colour grid,
+    {"prune"/"grow": sorted (step, row label)})."""
+    import numpy as np
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    grid = np.asarray(ax.collections[0].get_array()).reshape(len(labels), -1)
+    marks = {c.get_label().split()[0]: sorted((float(x), labels[int(y)]) for x, y in c.get_offsets())
+             for c in ax.collections[1:]}
+    return labels, grid, marks
+
+
+def gate_table(state, metric="gate"):
+    """plasticity.csv's head rows of `metric` as {row label: [value at each step]}, steps in order."""
+    rows = state[(state["granularity"] == "head") & (state["name"] == metric)]
+    table = rows.pivot_table(index=["layer", "unit"], columns="step", values="value", aggfunc="last")
+    return {f"L{layer}.{unit}": list(values) for (layer, unit), values in table.iterrows()}
+
+
+def test_plot_heads_draws_the_csv_gates_and_marks_prunes_and_grows(tmp_path, saved_figures):
+    from nemoe.logs import EVENT_COLUMNS
+    from tests.test_tools import PNG_SIGNATURE, csv_text, event
+
+    log_dir = tmp_path / "logs" / "hand"
+    log_dir.mkdir(parents=True)
+    # 2 layers x 2 heads, 3 log steps; head L1.h0 is pruned at step 4 and grown back at 6.
+    gate = {(2, 0, 0): 1.0, (2, 0, 1): 0.9, (2, 1, 0): 0.8, (2, 1, 1): 1.0,
+            (4, 0, 0): 1.0, (4, 0, 1): 0.7, (4, 1, 0): 0.0, (4, 1, 1): 1.0,
+            (6, 0, 0): 1.0, (6, 0, 1): 0.6, (6, 1, 0): 0.1, (6, 1, 1): 0.5}
+    rows = ["step,tokens,granularity,layer,unit,name,value"]
+    for (step, layer, head), g in gate.items():
+        rows += [f"{step},{64 * step},head,{layer},h{head},gate,{g}",
+                 f"{step},{64 * step},head,{layer},h{head},entropy,{round(1 - g / 2, 3)}"]
+    (log_dir / "plasticity.csv").write_text("\n".join(rows) + "\n")
+    head_event = lambda step, layer, head, kind: event(step, layer, f"{kind}_head", -1) | {  # noqa: E731
+        "event": f"head_{kind}", "granularity": "head", "unit": f"h{head}"}
+    events = [head_event(4, 1, 0, "prune"), event(5, 0, "split", 4, "0"), head_event(6, 1, 0, "grow")]
+    (log_dir / "events.csv").write_text(csv_text(events, EVENT_COLUMNS))
+
     out = tmp_path / "heads.png"
-    assert plot_heads.main([str(straight / "logs" / "tiny"), "-o", str(out)]) == 0
-    from matplotlib.image import imread
-    assert imread(out).shape[0] > 100
-    assert plot_heads.main([str(straight / "logs" / "tiny"), "-o", str(tmp_path / "e.png"),
-                            "--metric", "entropy"]) == 0
+    assert plot_heads.main([str(log_dir), "-o", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+    labels, grid, marks = heads_picture(saved_figures[-1])
+    assert labels == ["L0.h0", "L0.h1", "L1.h0", "L1.h1"]        # layer 0 on top
+    by_row = {f"L{layer}.h{head}": [gate[(step, layer, head)] for step in (2, 4, 6)]
+              for layer in (0, 1) for head in (0, 1)}
+    assert grid.tolist() == [by_row[label] for label in labels]
+    assert marks == {"prune": [(4.0, "L1.h0")], "grow": [(6.0, "L1.h0")]}
+    assert plot_heads.main([str(log_dir / "plasticity.csv"), "-o", str(out), "--metric", "entropy"]) == 0
+    _, grid, _ = heads_picture(saved_figures[-1])
+    assert grid.tolist() == [[round(1 - g / 2, 3) for g in by_row[label]] for label in labels]
+
+
+@pytest.mark.slow
+def test_plot_heads_on_a_real_run(straight, tmp_path, capsys, saved_figures):
+    log_dir = straight / "logs" / "tiny"
+    out = tmp_path / "heads.png"
+    assert plot_heads.main([str(log_dir), "-o", str(out)]) == 0
+    labels, grid, marks = heads_picture(saved_figures[-1])
+    _, events, state = read(straight)
+    gates = gate_table(state)
+    assert labels == list(gates) and len(labels) == 8
+    assert grid.tolist() == [gates[label] for label in labels]
+    for kind in ("prune", "grow"):
+        rows = events[events["event"] == f"head_{kind}"]
+        assert len(rows) > 0
+        assert marks[kind] == sorted((float(e.step), f"L{e.layer}.{e.unit}") for e in rows.itertuples())
+    assert plot_heads.main([str(log_dir), "-o", str(tmp_path / "e.png"), "--metric", "entropy"]) == 0
+    _, grid, _ = heads_picture(saved_figures[-1])
+    entropies = gate_table(state, "entropy")
+    assert grid.tolist() == [entropies[label] for label in labels]
     assert plot_heads.main([str(tmp_path / "missing"), "-o", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
 

@@ -14,14 +14,6 @@ from nemoe.plasticity.layers import LayerSenescence
 from tests.conftest import act, tiny_config
 from tests.test_trainer import logs, run
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids oversubscribing a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 LAYERS = {"enabled": True, "interval": 2, "birth_zone": 2, "death_zone": 2, "min_age": 0,
           "trigger": 100.0, "warmup_steps": 4, "mutation_std": 0.0}
@@ -227,7 +219,7 @@ def test_invalid_layer_settings_are_one_clear_error(layers, message):
 
 
 # --------------------------------------------------------------------------- #
-# Through the trainer: events, logs, exact resume, the vitality plot
+# Through the trainer (slow): events, logs, exact resume, the vitality plot
 # --------------------------------------------------------------------------- #
 
 LAYER_RUN = ["--set", "model.n_layers=4", "--set", "plasticity.layers.enabled=true",
@@ -243,6 +235,7 @@ def layer_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_logs_layer_events_and_vitality(layer_run):
     train, events, _ = logs(layer_run)
     layer = events[events["granularity"] == "layer"]
@@ -259,6 +252,7 @@ def test_run_logs_layer_events_and_vitality(layer_run):
     assert "Event layer_death | Layer 3" in text and "Event layer_birth | Layer 0" in text
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_across_layer_deaths_and_births(layer_run, tmp_path):
     assert run(tmp_path, *LAYER_RUN, "--max-steps", "10") == 0
     (tmp_path / "checkpoints" / "tiny" / "nemo_ckpt_step10.pt").unlink()   # back to step 5
@@ -272,13 +266,68 @@ def test_resume_is_bit_exact_across_layer_deaths_and_births(layer_run, tmp_path)
     pd.testing.assert_frame_equal(state(tmp_path), state(layer_run))
 
 
-def test_plot_vitality_on_a_real_run(layer_run, tmp_path, capsys):
+def vitality_picture(fig):
+    """plot_vitality's figure: (layers x steps colour grid, {"death"/"birth": sorted (step, layer)},
+    the dashed zone lines' y)."""
+    import numpy as np
+    ax = fig.axes[0]
+    mesh = ax.collections[0]
+    grid = np.asarray(mesh.get_array()).reshape(len(ax.get_yticks()), -1)
+    marks = {c.get_label().split()[0]: sorted(map(tuple, np.asarray(c.get_offsets(), dtype=float).tolist()))
+             for c in ax.collections[1:]}
+    zones = sorted(float(line.get_ydata()[0]) for line in ax.lines if line.get_linestyle() == "--")
+    return grid, marks, zones
+
+
+def test_plot_vitality_draws_the_csv_values_and_marks_deaths_and_births(tmp_path, saved_figures):
+    from nemoe.logs import EVENT_COLUMNS
+    from tests.test_tools import PNG_SIGNATURE, csv_text, event
+    from tools.plot_vitality import main as plot_main
+
+    log_dir = tmp_path / "logs" / "hand"
+    log_dir.mkdir(parents=True)
+    # Rows in step order, as the trainer writes them (a step going back reads as a resume).
+    value = {(layer, step): round(0.1 * layer + 0.01 * step, 4) for step in (2, 4, 6, 8) for layer in range(3)}
+    rows = ["step,tokens,granularity,layer,unit,name,value"]
+    for (layer, step), v in value.items():
+        rows += [f"{step},{64 * step},layer,{layer},L{layer},vitality,{v}",
+                 f"{step},{64 * step},layer,{layer},L{layer},lr_scale,{1 - v}",
+                 f"{step},{64 * step},head,{layer},h0,gate,1.0"]           # another granularity: not drawn
+    (log_dir / "plasticity.csv").write_text("\n".join(rows) + "\n")
+    layer_event = lambda step, layer, kind: event(step, layer, kind, -1) | {  # noqa: E731
+        "event": f"layer_{kind}", "granularity": "layer", "unit": f"L{layer}"}
+    events = [layer_event(4, 2, "death"), layer_event(4, 0, "birth"), event(6, 1, "split", 4, "0"),
+              layer_event(8, 2, "death"), layer_event(8, 0, "birth")]    # the split: not drawn
+    (log_dir / "events.csv").write_text(csv_text(events, EVENT_COLUMNS))
+    (log_dir / "config.yaml").write_text(
+        "plasticity: {layers: {enabled: true, birth_zone: 1, death_zone: 1}}\n")
+
+    assert plot_main([str(log_dir), "-o", str(tmp_path / "vitality.png")]) == 0
+    assert (tmp_path / "vitality.png").read_bytes().startswith(PNG_SIGNATURE)
+    grid, marks, zones = vitality_picture(saved_figures[-1])
+    assert grid.tolist() == [[value[(layer, step)] for step in (2, 4, 6, 8)] for layer in range(3)]
+    assert marks == {"death": [(4.0, 2.0), (8.0, 2.0)], "birth": [(4.0, 0.0), (8.0, 0.0)]}
+    assert zones == [0.5, 1.5], "birth zone below layer 1, death zone above layer 2"
+    assert plot_main([str(log_dir / "plasticity.csv"), "-o", str(tmp_path / "lr.png"), "--value", "lr_scale"]) == 0
+    grid, _, _ = vitality_picture(saved_figures[-1])
+    assert grid.tolist() == [[1 - value[(layer, step)] for step in (2, 4, 6, 8)] for layer in range(3)]
+
+
+@pytest.mark.slow
+def test_plot_vitality_on_a_real_run(layer_run, tmp_path, capsys, saved_figures):
     from tools.plot_vitality import main as plot_main
     out = tmp_path / "vitality.png"
-    assert plot_main([str(layer_run / "logs" / "tiny"), "-o", str(out)]) == 0
-    assert out.stat().st_size > 5000
-    assert plot_main([str(layer_run / "logs" / "tiny"), "-o", str(tmp_path / "lr.png"),
-                      "--value", "lr_scale"]) == 0
+    log_dir = layer_run / "logs" / "tiny"
+    assert plot_main([str(log_dir), "-o", str(out)]) == 0
+    grid, marks, _ = vitality_picture(saved_figures[-1])
+    state = pd.read_csv(log_dir / "plasticity.csv")
+    vitality = state[state["name"] == "vitality"].pivot(index="layer", columns="step", values="value")
+    assert grid.tolist() == vitality.to_numpy().tolist()
+    events = pd.read_csv(log_dir / "events.csv")
+    for kind in ("death", "birth"):
+        rows = events[events["event"] == f"layer_{kind}"]
+        assert marks[kind] == sorted((float(e.step), float(e.layer)) for e in rows.itertuples())
+    assert plot_main([str(log_dir), "-o", str(tmp_path / "lr.png"), "--value", "lr_scale"]) == 0
     assert plot_main([str(tmp_path / "nope.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
 

@@ -404,9 +404,9 @@ def test_resume_is_bit_exact_across_neuron_events(straight, tmp_path):
 # tools/plot_training.py: events of every granularity
 # --------------------------------------------------------------------------- #
 
-def test_plot_training_marks_events_of_every_granularity(tmp_path):
+def test_plot_training_marks_events_of_every_granularity(tmp_path, saved_figures):
     from nemoe.schema import EVENT_COLUMNS
-    from tests.test_tools import csv_text, event, write_logs
+    from tests.test_tools import PNG_SIGNATURE, csv_text, event, write_logs
     from tools import plot_training
 
     rows = [event(4, 0, "split", 4, "0"),
@@ -421,7 +421,11 @@ def test_plot_training_marks_events_of_every_granularity(tmp_path):
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert {"split event", "expert events (1)", "neuron events (2)", "attention head events (1)"} <= set(labels)
     out = tmp_path / "training.png"
-    assert plot_training.main([str(log_dir), "-o", str(out)]) == 0 and out.stat().st_size > 10_000
+    assert plot_training.main([str(log_dir), "-o", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+    (saved,) = saved_figures                      # what main drew: the same marks on every panel
+    for ax in saved.axes:
+        assert {line.get_gid(): list(line.get_xdata()) for line in ax.lines if line.get_gid()} == marks
     (log_dir / "events.csv").write_text(csv_text(rows[:1], EVENT_COLUMNS))   # expert events only
     _, _, events, _ = plot_training.load(str(log_dir))
     marks = [line.get_gid() for line in plot_training.plot(train, evals, events, name).axes[0].lines]
