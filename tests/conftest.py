@@ -68,16 +68,6 @@ def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-<<<<<<< HEAD
-
-
-def act(mechanism, optimizer, step: int, tokens: int = 0, probe_loss=lambda: 1.0, expert_id=None):
-    """Run one mechanism's act() as nemoe.plasticity.Plasticity does, outside a trainer."""
-    from nemoe.plasticity import ActContext, Probe
-    if expert_id is None:
-        expert_id = getattr(mechanism, "expert_id", lambda layer, slot: -1)
-    return mechanism.act(ActContext(optimizer, step, tokens, Probe(probe_loss), expert_id))
-=======
     torch.set_num_threads(threads)
 
 
@@ -95,4 +85,11 @@ def saved_figures(monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", record)
     return saved
->>>>>>> tests
+
+
+def act(mechanism, optimizer, step: int, tokens: int = 0, probe_loss=lambda: 1.0, expert_id=None):
+    """Run one mechanism's act() as nemoe.plasticity.Plasticity does, outside a trainer."""
+    from nemoe.plasticity import ActContext, Probe
+    if expert_id is None:
+        expert_id = getattr(mechanism, "expert_id", lambda layer, slot: -1)
+    return mechanism.act(ActContext(optimizer, step, tokens, Probe(probe_loss), expert_id))

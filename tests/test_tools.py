@@ -313,8 +313,8 @@ def assert_training_panels(fig, log_dir) -> None:
     line at each expert birth or death of events.csv."""
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     train = pd.read_csv(log_dir / "training_log.csv")
+    evals = pd.read_csv(log_dir / "eval.csv")
     events = trainer_events(log_dir / "events.csv")
-    events = pd.read_csv(log_dir / "events.csv")
     steps = train["step"]
     for title, column in (("load-balance loss (unscaled)", "loss_lb"), ("router z-loss (unscaled)", "loss_z"),
                           ("learning rate", "lr"), ("throughput", "tokens_per_s")):
