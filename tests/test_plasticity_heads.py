@@ -403,8 +403,8 @@ def test_plot_heads_draws_the_csv_gates_and_marks_prunes_and_grows(tmp_path, sav
         rows += [f"{step},{64 * step},head,{layer},h{head},gate,{g}",
                  f"{step},{64 * step},head,{layer},h{head},entropy,{round(1 - g / 2, 3)}"]
     (log_dir / "plasticity.csv").write_text("\n".join(rows) + "\n")
-    head_event = lambda step, layer, head, kind: event(step, layer, f"{kind}_head", -1) | {  # noqa: E731
-        "event": f"head_{kind}", "granularity": "head", "unit": f"h{head}"}
+    head_event = lambda step, layer, head, kind: event(step, layer, kind, -1) | {  # noqa: E731
+        "granularity": "head", "unit": f"h{head}"}
     events = [head_event(4, 1, 0, "prune"), event(5, 0, "split", 4, "0"), head_event(6, 1, 0, "grow")]
     (log_dir / "events.csv").write_text(csv_text(events, EVENT_COLUMNS))
 

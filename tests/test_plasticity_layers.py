@@ -295,7 +295,7 @@ def test_plot_vitality_draws_the_csv_values_and_marks_deaths_and_births(tmp_path
                  f"{step},{64 * step},head,{layer},h0,gate,1.0"]           # another granularity: not drawn
     (log_dir / "plasticity.csv").write_text("\n".join(rows) + "\n")
     layer_event = lambda step, layer, kind: event(step, layer, kind, -1) | {  # noqa: E731
-        "event": f"layer_{kind}", "granularity": "layer", "unit": f"L{layer}"}
+        "granularity": "layer", "unit": f"L{layer}"}
     events = [layer_event(4, 2, "death"), layer_event(4, 0, "birth"), event(6, 1, "split", 4, "0"),
               layer_event(8, 2, "death"), layer_event(8, 0, "birth")]    # the split: not drawn
     (log_dir / "events.csv").write_text(csv_text(events, EVENT_COLUMNS))

@@ -10,11 +10,11 @@ from nemoe.configlib import derive_seed, flatten
 from nemoe.model import NemoeLM
 from nemoe.plasticity.heads import HeadPlasticity
 from nemoe.plasticity.layers import LayerSenescence
-from tests.conftest import tiny_config
+from tests.conftest import act, tiny_config
 from tests.test_plasticity_neuron import setup as neuron_setup
 from tests.test_plasticity_neuron import probe as neuron_probe
 from tests.test_plasticity_neuron import train as neuron_train
-from tools import compare as cmp
+from tools.comparison import plan as cmp
 
 DERIVED = ("morph.seed", "data.seed", "plasticity.neuron.seed", "plasticity.heads.seed", "plasticity.layers.seed")
 
@@ -65,7 +65,7 @@ def test_two_run_seeds_give_different_neuron_draws():
     def after_turnover(run_seed: int) -> dict[str, torch.Tensor]:
         model, mech, optimizer = neuron_setup(seed=0, train={"seed": run_seed}, regrowth="random")
         neuron_train(model, mech, optimizer, 2)
-        events = mech.act(optimizer, 2, 0, neuron_probe(model))
+        events = act(mech, optimizer, 2, 0, neuron_probe(model))
         assert events, "a turnover happened"
         return model.state_dict()
 
