@@ -7,7 +7,7 @@ import torch
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity import Plasticity
 from tests.conftest import tiny_config
-from tests.test_trainer import logs, run
+from tests.test_trainer import logs, run, set_args
 
 LAYERS = {"enabled": True, "interval": 4, "min_age": 4, "trigger": 100.0, "warmup_steps": 3,
           "max_dropout": 0.3, "lifespan": 50, "newborn": "copy"}
@@ -83,7 +83,7 @@ ALL = ["model.n_layers=4", "model.n_heads=4",
 
 
 def run_all(run_dir, *extra):
-    return run(run_dir, *sum((["--set", s] for s in ALL), []), *extra)
+    return run(run_dir, *set_args(ALL), *extra)
 
 
 @pytest.mark.slow

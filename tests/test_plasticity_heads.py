@@ -18,7 +18,7 @@ from nemoe.errors import UserError
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity.heads import HeadPlasticity, attention_entropy, count_of, head_slices
 from tests.conftest import act, tiny_config
-from tests.test_trainer import run
+from tests.test_trainer import logs, run, set_args
 from tools import plot_heads
 
 HS = 8  # head size: d_model 32 / 4 heads
@@ -319,16 +319,12 @@ HEADS = ["plasticity.heads.enabled=true", "plasticity.heads.mode=cycle", "plasti
 
 
 def run_heads(run_dir, *extra):
-    args = []
-    for item in HEADS:
-        args += ["--set", item]
-    return run(run_dir, *args, *extra)
+    return run(run_dir, *set_args(HEADS), *extra)
 
 
 def read(run_dir):
-    d = run_dir / "logs" / "tiny"
-    return (pd.read_csv(d / "training_log.csv"), pd.read_csv(d / "events.csv"),
-            pd.read_csv(d / "plasticity.csv"))
+    train, events, _ = logs(run_dir)
+    return train, events, pd.read_csv(run_dir / "logs" / "tiny" / "plasticity.csv")
 
 
 @pytest.fixture(scope="module")

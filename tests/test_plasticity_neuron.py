@@ -365,9 +365,9 @@ NEURON = ["plasticity.neuron.enabled=true", "plasticity.neuron.interval=4",
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    from tests.test_trainer import run
+    from tests.test_trainer import run, set_args
     run_dir = tmp_path_factory.mktemp("neuron_straight")
-    assert run(run_dir, "--max-steps", "8", *sum((["--set", s] for s in NEURON), [])) == 0
+    assert run(run_dir, "--max-steps", "8", *set_args(NEURON)) == 0
     return run_dir
 
 
@@ -389,8 +389,8 @@ def test_run_writes_neuron_events_to_every_log(straight):
 
 @pytest.mark.slow
 def test_resume_is_bit_exact_across_neuron_events(straight, tmp_path):
-    from tests.test_trainer import logs, run
-    sets = sum((["--set", s] for s in NEURON), [])
+    from tests.test_trainer import logs, run, set_args
+    sets = set_args(NEURON)
     assert run(tmp_path, "--max-steps", "6", *sets) == 0       # mid-interval, inside the record window
     assert run(tmp_path, "--resume", "--max-steps", "8", *sets) == 0
     a_train, a_events, _ = logs(straight)

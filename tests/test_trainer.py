@@ -31,6 +31,11 @@ TINY = [
 ]
 
 
+def set_args(items) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def run(run_dir, *extra, name="tiny"):
     args = ["--config", "local", "--run-dir", str(run_dir), "--run-name", name]
     for item in TINY:
