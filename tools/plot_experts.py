@@ -92,21 +92,9 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
     n_layers = len(columns)
     xcol = "step" if x == "steps" else "tokens"
     panels = layout == "panels" or (layout == "auto" and n_layers > 4)
-    if panels:
-        offsets = [0.0] * n_layers
-        fig, axes = plt.subplots(n_layers, 1, figsize=(10, 1.5 + 1.15 * n_layers), sharex=True,
-                                 sharey=True, layout="constrained")
-        axes = list(axes) if n_layers > 1 else [axes]
-    else:
-        # Counts are small integers shared by many layers: offset each layer a little
-        # so overlapping lines stay visible; y ticks stay on the integers.
-        spread = min(0.3, 0.08 * (n_layers - 1))
-        offsets = [(i / (n_layers - 1) - 0.5) * spread if n_layers > 1 else 0.0 for i in range(n_layers)]
-        fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
-        axes = [ax] * n_layers
+    fig, axes, offsets = _axes(plt, n_layers, panels)
     colors = plt.get_cmap("tab10" if n_layers <= 10 else "viridis")
     span = float(train[xcol].max() - min(train[xcol].min(), 0)) or 1.0
-
     for i, (column, ax) in enumerate(zip(columns, axes)):
         color = colors(i % 10) if n_layers <= 10 else colors(i / max(n_layers - 1, 1))
         ax.plot(train[xcol], train[column] + offsets[i], drawstyle="steps-post", lw=1.8,
@@ -115,8 +103,30 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
             style = EVENT_STYLE[event]
             ax.scatter([x_pos], [y + offsets[i]], marker=style["marker"], s=90 if style["marker"] == "*" else 60,
                        facecolor=style["color"], edgecolor="black", linewidth=0.6, zorder=3)
+    _legend(plt, axes, events, panels)
+    _label_axes(fig, axes, train, columns, x, panels)
+    step, tokens = latest_step(train, events)
+    n_events = int(events["event"].isin(list(EVENT_STYLE)).sum()) if len(events) else 0
+    fig.suptitle(f"{run_name}: experts per layer (step {step:,}, {human(tokens)} tokens, {n_events} events)")
+    return fig
 
-    # Legend: the layers' line colours (overlay only) and each event type seen (marker).
+
+def _axes(plt, n_layers: int, panels: bool):
+    """(figure, the axis of each layer, each layer's vertical offset)."""
+    if panels:
+        fig, axes = plt.subplots(n_layers, 1, figsize=(10, 1.5 + 1.15 * n_layers), sharex=True,
+                                 sharey=True, layout="constrained")
+        return fig, (list(axes) if n_layers > 1 else [axes]), [0.0] * n_layers
+    # Counts are small integers shared by many layers: offset each layer a little
+    # so overlapping lines stay visible; y ticks stay on the integers.
+    spread = min(0.3, 0.08 * (n_layers - 1))
+    offsets = [(i / (n_layers - 1) - 0.5) * spread if n_layers > 1 else 0.0 for i in range(n_layers)]
+    fig, ax = plt.subplots(figsize=(10, 5.2), layout="constrained")
+    return fig, [ax] * n_layers, offsets
+
+
+def _legend(plt, axes, events, panels: bool) -> None:
+    """The layers' line colours (overlay only) and each event type seen (marker)."""
     handles, labels = ([], []) if panels else axes[0].get_legend_handles_labels()
     seen = set(events["event"]) if len(events) else set()
     for event, style in EVENT_STYLE.items():
@@ -128,6 +138,8 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
     if handles:
         axes[0].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
+
+def _label_axes(fig, axes, train, columns, x: str, panels: bool) -> None:
     counts = train[columns].to_numpy()
     low, high = int(counts.min()), int(counts.max())
     for i, ax in enumerate(dict.fromkeys(axes)):      # each distinct axis once
@@ -139,7 +151,7 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
     if panels:
         fig.supylabel("live experts")
     else:
-        axes[0].set_ylabel("live experts" + (" (layers offset slightly)" if n_layers > 1 else ""))
+        axes[0].set_ylabel("live experts" + (" (layers offset slightly)" if len(columns) > 1 else ""))
     if x == "steps":
         axes[-1].set_xlabel("optimizer step")
         forward, inverse = steps_to_tokens(train)
@@ -149,10 +161,6 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
     else:
         axes[-1].set_xlabel("tokens trained")
         axes[-1].xaxis.set_major_formatter(lambda v, _pos: human(v))
-    step, tokens = latest_step(train, events)
-    n_events = int(events["event"].isin(list(EVENT_STYLE)).sum()) if len(events) else 0
-    fig.suptitle(f"{run_name}: experts per layer (step {step:,}, {human(tokens)} tokens, {n_events} events)")
-    return fig
 
 
 @guard

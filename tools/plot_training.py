@@ -75,16 +75,45 @@ def _mark_events(ax, events) -> None:
                 gid=f"events-{name}")
 
 
+# The four single-series panels: (row, column, CSV column, title, y label, colour).
+SERIES_PANELS = [(1, 0, "loss_lb", "load-balance loss (unscaled)", "loss_lb", "tab:green"),
+                 (1, 1, "loss_z", "router z-loss (unscaled)", "loss_z", "tab:brown"),
+                 (2, 0, "lr", "learning rate", "lr", "tab:red"),
+                 (2, 1, "tokens_per_s", "throughput", "tokens / s", "tab:gray")]
+
+
 def plot(train, evals, events, run_name: str, smooth: int = 0):
     import numpy as np
     plt = pyplot()
     # A skipped non-finite step logs inf/nan; leave a gap rather than break the axis.
     train = train.replace([np.inf, -np.inf], np.nan)
     fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True, layout="constrained")
-    steps = train["step"]
-    window = smooth or max(1, round(len(train) / 20))
+    _loss_panel(axes[0, 0], train, evals, smooth or max(1, round(len(train) / 20)))
+    _heldout_panel(axes[0, 1], evals)
+    for row, col, column, title, ylabel, color in SERIES_PANELS:
+        ax = axes[row, col]
+        ax.plot(train["step"], train[column], color=color, lw=1.2)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    axes[1, 0].axhline(1.0, color="gray", lw=0.8, ls=":", label="perfect balance = 1")
+    axes[1, 0].legend(fontsize=9)
+    axes[2, 0].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    axes[2, 1].yaxis.set_major_formatter(lambda v, _pos: human(v))
+    for ax in axes.flat:
+        _mark_events(ax, events)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[2]:
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_tick_params(labelbottom=True)
+    _event_legend(fig, events)
+    step, tokens = latest_step(train, evals, events)
+    fig.suptitle(f"{run_name}: step {step:,}, {human(tokens)} tokens")
+    return fig
 
-    ax = axes[0, 0]
+
+def _loss_panel(ax, train, evals, window: int) -> None:
+    """Train cross-entropy (raw and a moving mean of `window` rows) with the mixed held-out loss."""
+    steps = train["step"]
     if window > 1:
         ax.plot(steps, train["loss_ce"], color="tab:blue", lw=0.8, alpha=0.35, label="train (raw)")
     ax.plot(steps, train["loss_ce"].rolling(window, min_periods=1).mean(), color="tab:blue", lw=1.8,
@@ -96,7 +125,8 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
     ax.set_ylabel("loss (nats/token)")
     ax.legend(fontsize=9)
 
-    ax = axes[0, 1]
+
+def _heldout_panel(ax, evals) -> None:
     sources = [s for s in dict.fromkeys(evals["source"])] if len(evals) else []
     for source in sources:
         rows = evals[evals["source"] == source]
@@ -110,37 +140,10 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
     ax.set_title("held-out loss per source")
     ax.set_ylabel("loss (nats/token)")
 
-    ax = axes[1, 0]
-    ax.plot(steps, train["loss_lb"], color="tab:green", lw=1.2)
-    ax.axhline(1.0, color="gray", lw=0.8, ls=":", label="perfect balance = 1")
-    ax.set_title("load-balance loss (unscaled)")
-    ax.set_ylabel("loss_lb")
-    ax.legend(fontsize=9)
 
-    ax = axes[1, 1]
-    ax.plot(steps, train["loss_z"], color="tab:brown", lw=1.2)
-    ax.set_title("router z-loss (unscaled)")
-    ax.set_ylabel("loss_z")
-
-    ax = axes[2, 0]
-    ax.plot(steps, train["lr"], color="tab:red", lw=1.4)
-    ax.set_title("learning rate")
-    ax.set_ylabel("lr")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-
-    ax = axes[2, 1]
-    ax.plot(steps, train["tokens_per_s"], color="tab:gray", lw=1.0)
-    ax.set_title("throughput")
-    ax.set_ylabel("tokens / s")
-    ax.yaxis.set_major_formatter(lambda v, _pos: human(v))
-
-    for ax in axes.flat:
-        _mark_events(ax, events)
-        ax.grid(True, alpha=0.3)
-    for ax in axes[2]:
-        ax.set_xlabel("optimizer step")
-        ax.xaxis.set_tick_params(labelbottom=True)
-
+def _event_legend(fig, events) -> None:
+    """One legend entry per expert event type drawn, and per granularity with its count."""
+    plt = pyplot()
     experts = events[events["granularity"] == "expert"] if len(events) else events
     seen = set(experts["event"]) if len(experts) else set()
     handles = [plt.Line2D([], [], color=s["color"], ls="--", lw=1.2, label=f"{s['label']} event")
@@ -151,9 +154,6 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
                                   label=f"{style['label']} events ({count})"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
-    step, tokens = latest_step(train, evals, events)
-    fig.suptitle(f"{run_name}: step {step:,}, {human(tokens)} tokens")
-    return fig
 
 
 @guard
