@@ -1,7 +1,9 @@
-"""tools/bench.py end to end on tiny shapes: every section present and self-consistent.
+"""tools/bench.py end to end on tiny shapes: every section present, its figures plausible.
 
-No timing is asserted (DESIGN §9): only that figures are positive and that every
-ratio, share and memory total is what the figures it is computed from say.
+No timing is asserted (DESIGN §9). What is checked is what could be wrong: the
+models compared have the parameters they claim, every dispatch computes the same
+function, utilisation stays below the measured peak, the morph overhead falls with
+the interval, a checkpoint resumes, the memory plan matches the shapes.
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ def test_throughput_ratios_and_flops(report):
     r, s = report["sections"]["throughput"], bench.QUICK
     tps = r["tokens_per_s"]
     assert set(tps) == {"moe", "dense", "seed_style"} and all(v > 0 for v in tps.values())
-    assert close(r["moe_vs_dense"], tps["moe"] / tps["dense"])
-    assert close(r["moe_vs_seed_style"], tps["moe"] / tps["seed_style"])
     # Equal active parameters: the two models differ only by the router's extra rows.
     assert r["active_params"]["moe"] - r["active_params"]["dense"] == s.d_model * (s.n_experts - 1) * s.n_layers
     for name in ("moe", "dense"):   # 6 N + 12 L T d, N without the position table
@@ -47,13 +47,11 @@ def test_throughput_ratios_and_flops(report):
         assert r["flops_per_token"][name] == 6 * n_matmul + 12 * s.n_layers * s.seq_len * s.d_model
 
 
-def test_mfu_is_achieved_over_measured_peak(report):
-    r, thr = report["sections"]["mfu"], report["sections"]["throughput"]
+def test_mfu_stays_below_the_measured_peak(report):
+    r = report["sections"]["mfu"]
     assert r["peak_matmul_flops"] > 0
-    for name in ("moe", "dense"):
-        achieved = thr["tokens_per_s"][name] * thr["flops_per_token"][name]
-        assert close(r["achieved_flops"][name], achieved)
-        assert close(r["mfu"][name], achieved / r["peak_matmul_flops"])
+    for name in ("moe", "dense"):   # a FLOP count too high for the model would push this past 1
+        assert 0 < r["mfu"][name] < 1
 
 
 def test_moe_layer_variants_agree_and_fastest_is_the_minimum(report):
@@ -67,18 +65,12 @@ def test_moe_layer_variants_agree_and_fastest_is_the_minimum(report):
         assert close(row["sorted_vs_seed"], row["ms"]["seed_all_experts"] / row["ms"]["sorted"])
 
 
-def test_morph_overhead_share_follows_its_formula(report):
+def test_morph_overhead_falls_with_the_interval(report):
     r, s = report["sections"]["morph"], bench.QUICK
     assert r["steps"] == s.morph_interval * s.morph_intervals
     assert r["evolve_calls"] == s.morph_intervals and r["events"] > 0
     assert 0 < r["probe_s_per_evolve"] <= r["evolve_s"]
-
-    def share(interval):
-        return (r["evolve_s"] + interval * r["update_routing_s"]) / (interval * r["step_s"] + r["evolve_s"])
-
-    assert close(r["share_at_timed_interval"], share(s.morph_interval))
-    assert close(r["share_at_t4_interval"], share(1000))
-    assert r["share_at_t4_interval"] < r["share_at_timed_interval"]
+    assert 0 < r["share_at_t4_interval"] < r["share_at_timed_interval"] < 1
     assert sum(r["expert_counts"]) > 2 * s.n_layers   # splits happened (t4's 2 experts at start)
 
 
@@ -95,7 +87,6 @@ def test_data_ratio_is_against_the_trainer_figure(report):
     r = report["sections"]["data"]
     assert r["tokens_per_s"] > 0
     assert r["trainer_tokens_per_s"] == report["sections"]["throughput"]["tokens_per_s"]["moe"]
-    assert close(r["ratio"], r["tokens_per_s"] / r["trainer_tokens_per_s"])
 
 
 def t4_param_count() -> int:
