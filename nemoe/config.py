@@ -44,6 +44,9 @@ class ModelConfig:
     """Hidden width of one expert's feed-forward network; 0 means 4 * d_model."""
     dropout: float = setting(0.0, ge=0, lt=1)
     """Dropout on attention weights and residual branches."""
+    activation: Literal["gelu", "gelu_tanh"] = setting("gelu", unsafe=True)
+    """The experts' activation: gelu (exact) or gelu_tanh (the tanh approximation the released
+    GPT-2 checkpoints use; imported GPT-2 models get it from their source)."""
 
     def check(self, cfg: Config) -> list[str]:
         if self.n_heads > 0 and self.d_model % self.n_heads:
@@ -480,8 +483,10 @@ def dump_config(cfg: Config) -> str:
 # --------------------------------------------------------------------------- #
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, new value) for every key that differs; `name` and retired keys are ignored."""
-    return configlib.changes(saved, now, ignore=("name", *RETIRED_KEYS))
+    """(key, saved value, new value) for every key that differs; `name` and retired keys are ignored.
+    A key the saved config lacks (a setting added after it was written) counts as its default."""
+    return configlib.changes(saved, now, ignore=("name", *RETIRED_KEYS),
+                             defaults=configlib.flatten(Config().to_dict()))
 
 
 def is_unsafe(key: str) -> bool:
