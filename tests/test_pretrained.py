@@ -300,3 +300,34 @@ def test_resume_is_bit_exact_without_the_source(straight, vocab_source, tmp_path
                                   pd.read_csv(straight / "logs" / "up" / "events.csv"))
     text = (tmp_path / "logs" / "up" / "training_log.txt").read_text()
     assert "resumed from nemo_ckpt_step7.pt" in text and text.count("Note | weights from") == 1
+
+
+def test_export_tool_writes_a_dense_model_as_gpt2(source, tmp_path, capsys):
+    from tools import export_hf
+    folder, _ = source
+    model, cfg, _ = imported(folder, "moe.experts_max=1", "plasticity.heads.enabled=true")
+    with torch.no_grad():
+        model.blocks[1].attn.head_gate[0] = 0.0
+    state = {"step": 3, "tokens": 30, "config": cfg.to_dict(),
+             "ranks": [{"plasticity": {"experts": {"records": [[{"id": 0}], [{"id": 1}]]}}}]}
+    write_nemoe(model, state, tmp_path / "dense")
+    assert export_hf.main([str(tmp_path / "dense"), "-o", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "(gpt2: config.json + model.safetensors)" in out and "reproduces the checkpoint's logits" in out
+    assert max_logit_diff(GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval(), model) < 1e-4
+    assert export_hf.main([str(tmp_path / "dense"), "-o", str(tmp_path / "hf")]) == 2, "not over a written folder"
+
+
+@pytest.mark.slow
+def test_export_tool_on_a_mixture_run_and_the_tools_that_read_it(straight, tmp_path, capsys):
+    from tools import evaluate, export_hf, generate
+    checkpoints = straight / "checkpoints" / "up"
+    assert export_hf.main([str(checkpoints), "-o", str(tmp_path / "gpt2"), "--format", "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "live experts per layer" in err and "Traceback" not in err
+    assert export_hf.main([str(checkpoints), "-o", str(tmp_path / "moe")]) == 0
+    assert "(nemoe: model.safetensors + nemoe.json)" in capsys.readouterr().out
+    assert generate.main([str(tmp_path / "moe"), "--max-new-tokens", "3", "--device", "cpu", "--json"]) == 0
+    assert '"step": 14' in capsys.readouterr().out
+    assert evaluate.main([str(tmp_path / "moe"), "--device", "cpu", "--json"]) == 0
+    assert '"all"' in capsys.readouterr().out
