@@ -69,7 +69,7 @@ NEMOE_JSON, WEIGHTS_FILE, NEMOE_FORMAT = "nemoe.json", "model.safetensors", "nem
 # --------------------------------------------------------------------------- #
 
 @contextmanager
-def _quiet():
+def quiet_transformers():
     """transformers without progress bars and warnings (the run's log says what happened)."""
     from transformers.utils import logging as hf_logging
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -109,7 +109,7 @@ def source_config(source: str):
     """The source's transformers config (config.json only; no weights)."""
     from transformers import AutoConfig
     try:
-        with _quiet():
+        with quiet_transformers():
             return AutoConfig.from_pretrained(_location(source))
     except (OSError, ValueError) as err:
         raise _unavailable(source, err) from None
@@ -120,7 +120,7 @@ def load_source(source: str):
     from transformers import GPT2LMHeadModel
     shape_of(source_config(source), source)   # refuses other architectures with a clear message
     try:
-        with _quiet():
+        with quiet_transformers():
             # In the files' dtype (fp32 for the GPT-2 releases); copy_gpt2_weights casts to fp32.
             model, info = GPT2LMHeadModel.from_pretrained(_location(source), output_loading_info=True)
     except (OSError, ValueError) as err:
@@ -388,7 +388,7 @@ def write_gpt2(model, cfg, out: Path) -> None:
                            activation_function=EXPORT_ACTIVATION[m.activation], resid_pdrop=m.dropout,
                            embd_pdrop=m.dropout, attn_pdrop=m.dropout, layer_norm_epsilon=LAYER_NORM_EPS,
                            tie_word_embeddings=True)
-    with _quiet():
+    with quiet_transformers():
         hf = GPT2LMHeadModel(hf_config)
         hf.load_state_dict(sd, strict=True)
         hf.save_pretrained(out)

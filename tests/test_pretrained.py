@@ -16,7 +16,8 @@ from nemoe.model import NemoeLM
 from nemoe.pretrained import adopt_source, copy_gpt2_weights, import_weights, write_gpt2, write_nemoe
 from train_nemoe import main
 
-SMALL = {"vocab_size": 96, "n_positions": 24, "n_embd": 32, "n_layer": 2, "n_head": 4}
+SMALL = {"vocab_size": 96, "n_positions": 24, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 0,
+         "eos_token_id": 0}
 
 
 def make_source(folder, seed=0, **config):

@@ -53,7 +53,7 @@ def logits_check(model, reload, vocab_size: int, seq_len: int) -> float:
 @guard
 def main(argv=None):
     args = parse_args(argv)
-    from nemoe.pretrained import mixture_layers, write_gpt2, write_nemoe
+    from nemoe.pretrained import mixture_layers, quiet_transformers, write_gpt2, write_nemoe
 
     out = Path(args.output).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -63,7 +63,8 @@ def main(argv=None):
     if fmt == "gpt2":
         write_gpt2(model, cfg, out)
         from transformers import GPT2LMHeadModel
-        hf = GPT2LMHeadModel.from_pretrained(out).eval()
+        with quiet_transformers():
+            hf = GPT2LMHeadModel.from_pretrained(out).eval()
         diff = logits_check(model, lambda t: hf(t).logits, cfg.model.vocab_size, cfg.model.seq_len)
         what, reader = "config.json + model.safetensors", "transformers' GPT2LMHeadModel"
     else:
