@@ -4,12 +4,14 @@
     python train_nemoe.py --config local.yaml              # offline, CPU, built-in corpus
     python train_nemoe.py --config t4.yaml                 # Colab T4, streamed web text
     python train_nemoe.py --config t4.yaml --resume        # after a disconnect
+    python train_nemoe.py --init-from gpt2                 # upcycle a pretrained GPT-2 (configs/pretrained.yaml)
     torchrun --nproc_per_node 2 train_nemoe.py --config local.yaml   # data-parallel (DDP)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from nemoe.errors import UserError
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a neuro-evolutionary mixture-of-experts LM.")
     p.add_argument("--config", default=None,
-                   help="NAME, configs/NAME or configs/NAME.yaml (default: local.yaml)")
+                   help="NAME, configs/NAME or configs/NAME.yaml (default: local.yaml; pretrained.yaml with "
+                        "--init-from)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--run-name", default=None, help="run folder name (default: the config's name)")
@@ -32,16 +35,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="attention-head plasticity in cycle mode, N train/prune/measure/grow/learn cycles: "
                         "short for --set plasticity.heads.enabled=true --set plasticity.heads.mode=cycle "
                         "--set plasticity.heads.cycles=N")
+    p.add_argument("--init-from", default=None, metavar="SOURCE",
+                   help="start from a pretrained GPT-2-family model: a Hugging Face Hub name (gpt2, distilgpt2, "
+                        "gpt2-medium) or a save_pretrained folder; short for --set model.init_from=SOURCE")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimizer steps (the LR schedule still follows the token target)")
     return p.parse_args(argv)
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:
-    """The --set items, with --cycles N expanded in front of them (an explicit --set wins)."""
+    """The --set items, with --cycles N and --init-from expanded in front of them (an explicit --set wins)."""
     cycles = [] if args.cycles is None else [
         "plasticity.heads.enabled=true", "plasticity.heads.mode=cycle", f"plasticity.heads.cycles={args.cycles}"]
-    return cycles + args.overrides
+    # A JSON string is a YAML string: the source stays text whatever it looks like ("1e3", "null").
+    source = [] if args.init_from is None else [f"model.init_from={json.dumps(args.init_from)}"]
+    return cycles + source + args.overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.max_steps is not None and args.max_steps < 1:
             raise UserError("--max-steps must be >= 1")
-        cfg = load_config(args.config, overrides_of(args))
+        config = args.config or ("pretrained.yaml" if args.init_from else None)
+        # A run being resumed takes an imported model's shape from its own records, not from the source.
+        resume = (Path(args.run_dir), args.run_name) if args.resume else None
+        cfg = load_config(config, overrides_of(args), resume=resume)
         trainer = Trainer(cfg, RunPaths.of(Path(args.run_dir), args.run_name or cfg.name), resume=args.resume,
                           max_steps=args.max_steps, allow_config_change=args.allow_config_change)
         try:

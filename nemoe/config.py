@@ -44,6 +44,14 @@ class ModelConfig:
     """Hidden width of one expert's feed-forward network; 0 means 4 * d_model."""
     dropout: float = setting(0.0, ge=0, lt=1)
     """Dropout on attention weights and residual branches."""
+    activation: Literal["gelu", "gelu_tanh"] = setting("gelu", unsafe=True)
+    """The experts' activation: gelu (exact) or gelu_tanh (the tanh approximation the released
+    GPT-2 checkpoints use; imported GPT-2 models get it from their source)."""
+    init_from: str | None = None
+    """Start from a pretrained GPT-2-family model instead of random weights: a Hugging Face Hub name
+    (gpt2, distilgpt2, gpt2-medium) or a folder written by save_pretrained (--init-from). The model's
+    shape comes from the source (nemoe/pretrained.py); each FFN is upcycled into moe.experts_init
+    experts. Read on a fresh start only: a resumed run's weights come from its checkpoint."""
 
     def check(self, cfg: Config) -> list[str]:
         if self.n_heads > 0 and self.d_model % self.n_heads:
@@ -463,12 +471,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(name: str | None, overrides: list[str] = ()) -> Config:
-    """Resolve, read, override and validate a config; `None` means local.yaml."""
+def load_config(name: str | None, overrides: list[str] = (),
+                resume: tuple[Path, str | None] | None = None) -> Config:
+    """Resolve, read, override and validate a config; `None` means local.yaml.
+
+    With model.init_from set, the model's shape comes from that source (nemoe.pretrained.adopt_source);
+    `resume` = (run dir, --run-name or None) of a run being resumed: if it has checkpoints, the shape is
+    the one its config.yaml recorded and the source is not read.
+    """
     path = find_config(name or "local.yaml")
     raw = read_yaml(path)
     raw.setdefault("name", path.stem)
-    return config_from_dict(apply_overrides(raw, list(overrides)))
+    raw = apply_overrides(raw, list(overrides))
+    if isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):
+        from nemoe.pretrained import adopt_source   # transformers is imported only for this
+        raw = adopt_source(raw, resume)
+    return config_from_dict(raw)
 
 
 def dump_config(cfg: Config) -> str:
@@ -480,8 +498,10 @@ def dump_config(cfg: Config) -> str:
 # --------------------------------------------------------------------------- #
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, new value) for every key that differs; `name` and retired keys are ignored."""
-    return configlib.changes(saved, now, ignore=("name", *RETIRED_KEYS))
+    """(key, saved value, new value) for every key that differs; `name` and retired keys are ignored.
+    A key the saved config lacks (a setting added after it was written) counts as its default."""
+    return configlib.changes(saved, now, ignore=("name", *RETIRED_KEYS),
+                             defaults=configlib.flatten(Config().to_dict()))
 
 
 def is_unsafe(key: str) -> bool:

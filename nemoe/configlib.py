@@ -266,8 +266,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def changes(saved: dict, now: dict, ignore=()) -> list[tuple[str, object, object]]:
-    """(key, saved value, new value) for every flattened key that differs, except `ignore`."""
-    a, b = flatten(saved), flatten(now)
+def changes(saved: dict, now: dict, ignore=(), defaults: dict | None = None) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) for every flattened key that differs, except `ignore`.
+
+    defaults: flattened values of keys `saved` lacks (settings added after it was written)."""
+    a, b = {**(defaults or {}), **flatten(saved)}, flatten(now)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in ignore and a.get(k) != b.get(k)]

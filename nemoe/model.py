@@ -89,12 +89,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model, n_heads, dropout, d_expert, n_slots, n_active, top_k):
+    def __init__(self, d_model, n_heads, dropout, d_expert, n_slots, n_active, top_k, activation="gelu"):
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.ln_moe = nn.LayerNorm(d_model)
-        self.moe = MoELayer(d_model, d_expert, n_slots, n_active, top_k)
+        self.moe = MoELayer(d_model, d_expert, n_slots, n_active, top_k, activation)
         self.moe_drop = nn.Dropout(dropout)
         # Influence s scales both residual branches (layer senescence: a newborn enters
         # at s = 0, where the block is the identity). 1.0 is exact: s * y == y.
@@ -144,8 +144,8 @@ class NemoeLM(nn.Module):
         self.pos_emb = nn.Embedding(m.seq_len, m.d_model)
         self.drop = nn.Dropout(m.dropout)
         self.blocks = nn.ModuleList(
-            Block(m.d_model, m.n_heads, m.dropout, cfg.d_expert, e.experts_max, e.experts_init, e.top_k)
-            for _ in range(m.n_layers))
+            Block(m.d_model, m.n_heads, m.dropout, cfg.d_expert, e.experts_max, e.experts_init, e.top_k,
+                  m.activation) for _ in range(m.n_layers))
         if cfg.plasticity.heads.enabled:
             for block in self.blocks:
                 block.attn.enable_head_gates()

@@ -33,11 +33,17 @@ class MoEAux:
     counts: torch.Tensor    # (E,) token-choices routed to each slot in this batch
 
 
+# model.activation -> F.gelu's `approximate`: exact GELU, or the tanh approximation the released
+# GPT-2 checkpoints use (transformers' "gelu_new").
+GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 class ExpertPool(nn.Module):
     """`n_slots` two-layer GELU MLPs with their weights stacked on a leading slot axis."""
 
-    def __init__(self, n_slots: int, d_model: int, d_hidden: int):
+    def __init__(self, n_slots: int, d_model: int, d_hidden: int, activation: str = "gelu"):
         super().__init__()
+        self.approximate = GELU_APPROXIMATE[activation]
         self.w_in = nn.Parameter(torch.empty(n_slots, d_model, d_hidden))
         self.b_in = nn.Parameter(torch.zeros(n_slots, d_hidden))
         self.w_out = nn.Parameter(torch.empty(n_slots, d_hidden, d_model))
@@ -50,7 +56,8 @@ class ExpertPool(nn.Module):
 
     def expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """Run one expert on its tokens. x: (n, C) -> (n, C)."""
-        return mlp(x, self.w_in[slot], self.b_in[slot], self.w_out[slot], self.b_out[slot], self.capture, slot)
+        return mlp(x, self.w_in[slot], self.b_in[slot], self.w_out[slot], self.b_out[slot], self.capture, slot,
+                   self.approximate)
 
     def per_slot(self) -> list[tuple[torch.Tensor, ...]]:
         """(w_in, b_in, w_out, b_out) of every slot, as views made by one unbind per parameter.
@@ -62,24 +69,27 @@ class ExpertPool(nn.Module):
         return list(zip(*(p.unbind(0) for p in (self.w_in, self.b_in, self.w_out, self.b_out))))
 
 
-def mlp(x: torch.Tensor, w_in, b_in, w_out, b_out, capture=None, slot: int = 0) -> torch.Tensor:
+def mlp(x: torch.Tensor, w_in, b_in, w_out, b_out, capture=None, slot: int = 0,
+        approximate: str = "none") -> torch.Tensor:
     """One expert: a two-layer GELU MLP. x: (n, C) -> (n, C).
 
-    capture: ExpertPool.capture (neuron plasticity's recorder of h and dL/dh), or None.
+    capture: ExpertPool.capture (neuron plasticity's recorder of h and dL/dh), or None;
+    approximate: F.gelu's, "none" (exact) or "tanh" (GELU_APPROXIMATE).
     """
-    h = F.gelu(x @ w_in + b_in)    # (n, H)
+    h = F.gelu(x @ w_in + b_in, approximate=approximate)    # (n, H)
     if capture is not None:
         h = capture(slot, h)
     return h @ w_out + b_out       # (n, C)
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, d_hidden: int, n_slots: int, n_active: int, top_k: int):
+    def __init__(self, d_model: int, d_hidden: int, n_slots: int, n_active: int, top_k: int,
+                 activation: str = "gelu"):
         super().__init__()
         self.n_slots, self.top_k = n_slots, top_k
         self.router = nn.Linear(d_model, n_slots, bias=False)
         nn.init.normal_(self.router.weight, std=0.02)
-        self.experts = ExpertPool(n_slots, d_model, d_hidden)
+        self.experts = ExpertPool(n_slots, d_model, d_hidden, activation)
         active = torch.zeros(n_slots, dtype=torch.bool)
         active[:n_active] = True
         # Buffers, so they live in the state dict and follow .to(device).
@@ -133,7 +143,8 @@ class MoELayer(nn.Module):
         outputs, start = [], 0
         for slot, n in enumerate(lengths):
             if n:
-                outputs.append(mlp(sorted_x[start:start + n], *slot_weights[slot], self.experts.capture, slot))
+                outputs.append(mlp(sorted_x[start:start + n], *slot_weights[slot], self.experts.capture, slot,
+                                   self.experts.approximate))
                 start += n
         expert_out = torch.cat(outputs)                                # (N*k, C)
         weight = gates.flatten()[order].unsqueeze(1)                   # (N*k, 1) fp32

@@ -73,6 +73,13 @@ class TrainModule:
         self.forward = self.ddp = self.model
         self.bad_steps = 0   # updates skipped in a row (non-finite gradients)
 
+    def start_fresh(self) -> list[str]:
+        """A new run (never a resume): the weights of model.init_from, when set; notes for the log."""
+        if not self.cfg.model.init_from:
+            return []
+        from nemoe.pretrained import import_weights   # transformers is imported only for this
+        return import_weights(self.model, self.cfg)
+
     def wrap(self) -> None:
         """DDP under torchrun, torch.compile when asked (after a restore: DDP broadcasts weights).
 

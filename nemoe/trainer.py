@@ -10,9 +10,8 @@
     Checkpointer  when and how to save                                (checkpoint.py)
     RunLogger     text, CSV and console output                        (logs.py)
 
-The checkpoint is the components' states by name plus step, tokens and training
-time; restoring it and continuing gives the same per-step losses, bit for bit on
-CPU in fp32, as never having stopped.
+The checkpoint is the components' states by name plus step, tokens and training time;
+restoring it and continuing gives the same per-step losses, bit for bit on CPU in fp32, as never having stopped.
 """
 
 from __future__ import annotations
@@ -59,13 +58,11 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.tokenizer, self.model, self.runtime)
         self.plasticity = Plasticity(cfg, self.model, self.evaluator.probe_batch)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
-        self.metrics = self._new_window()
-        self.stop_requested = False
+        self.metrics, self.stop_requested = self._new_window(), False
         if info.rank > 0:
             # Same initial weights on every rank (seeded above), its own dropout stream.
             Runtime.seed(cfg.train.seed + info.rank)
-        self.rundir = RunDir(paths, info)
-        self.log = NullLogger()
+        self.rundir, self.log = RunDir(paths, info), NullLogger()
         try:
             self._open(resume, allow_config_change)
         except BaseException:
@@ -87,10 +84,11 @@ class Trainer:
             except (RuntimeError, KeyError, ValueError) as err:
                 raise UserError(f"the checkpoint does not fit this model ({str(err)[:300]})") from None
             notes += more + [f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)"]
+        else:
+            notes += self.train.start_fresh()   # a pretrained source is read on a fresh start only
         if not self.runtime.dist.is_main:
             return
-        # A fresh start keeps no rows at all: not even step-0 rows of an attempt
-        # that was killed before its first checkpoint.
+        # A fresh start keeps no rows, not even step-0 rows of an attempt killed before its first checkpoint.
         RunLogger.truncate_after(self.paths.log_dir, self.step if found is not None else -1)
         self.log = RunLogger(self.paths.log_dir, self.cfg.model.n_layers, self.cfg.log.console,
                              self.cfg.train.total_tokens)
@@ -100,13 +98,13 @@ class Trainer:
             self.log.line(self.step, f"Note | {note}")
 
     def _start_line(self) -> str:
-        params, t, rt = self.model.count_params(), self.cfg.train, self.runtime
+        params, t, rt, source = self.model.count_params(), self.cfg.train, self.runtime, self.cfg.model.init_from
         ranks = (f" | data-parallel: {self.world} ranks x {t.grad_accum} micro-batches x {t.batch_size} "
                  f"sequences" if rt.dist.enabled else "")
         return (f"Start | device {rt.device} | precision {rt.precision} ({rt.precision_reason}) | params "
                 f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
                 f"{self.tokens_per_step:,} tokens/step{ranks} | target {t.total_tokens:,} tokens "
-                f"({self.cfg.total_steps(self.world):,} steps)")
+                f"({self.cfg.total_steps(self.world):,} steps){f' | initialised from {source}' if source else ''}")
 
     # -- the loop ------------------------------------------------------------------- #
     def fit(self) -> None:
@@ -175,8 +173,7 @@ class Trainer:
             what = ("gradient overflow (fp16 loss scale lowered)" if self.train.scaler.is_enabled()
                     else "non-finite loss or gradient")
             self.log.warn(self.step + 1, f"{what}: update skipped ({self.train.bad_steps} in a row)")
-        self.step += 1
-        self.tokens += self.tokens_per_step
+        self.step, self.tokens = self.step + 1, self.tokens + self.tokens_per_step
         self.metrics.add(result)
         return result
 
@@ -205,8 +202,7 @@ class Trainer:
                                 f"{row['grad_norm']:.3f} | Tok/s {row['tokens_per_s']:,.0f} | Experts "
                                 f"{'/'.join(map(str, experts))}", experts="/".join(map(str, experts)))
         self.metrics = self._new_window()
-        states = self.plasticity.snapshot()
-        if states:
+        if states := self.plasticity.snapshot():
             self.log.state_rows([{"step": self.step, "tokens": self.tokens, **row} for row in states])
 
     def _step_text(self, loss_ce: float, loss_lb: float | None, lr: float) -> str:
@@ -214,8 +210,7 @@ class Trainer:
         return f"Tokens {self.tokens:,} | LossCE {loss_ce:.4f}{lb} | LR {lr:.2e}"
 
     def _new_window(self) -> MetricsWindow:
-        return MetricsWindow.empty(self.cfg.model.n_layers, self.cfg.moe.experts_max, self.runtime.device,
-                                   self.elapsed)
+        return MetricsWindow.empty(self.cfg.model.n_layers, self.cfg.moe.experts_max, self.runtime.device, self.elapsed)
 
     def evaluate(self) -> None:
         rows = self.evaluator.evaluate(self.step, self.tokens)

@@ -157,7 +157,7 @@ def test_choices_accept_yaml_spellings_of_the_same_value():
 
 def test_unsafe_keys_are_declared_on_their_fields():
     unsafe = {"model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.seq_len",
-              "model.d_expert", "moe.experts_max", "moe.top_k", "plasticity.layers.enabled",
+              "model.d_expert", "model.activation", "moe.experts_max", "moe.top_k", "plasticity.layers.enabled",
               "data.sources", "data.seed", "data.heldout_fraction"}
     every_key = set(flatten(Config().to_dict()))
     assert {key for key in every_key if is_unsafe(key)} == unsafe

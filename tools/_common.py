@@ -391,7 +391,8 @@ def checkpoint_parser(doc: str) -> argparse.ArgumentParser:
     """A tool's argument parser that starts with the CHECKPOINT argument."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help=f"{CHECKPOINT_FILES}, or a run's checkpoint/log folder (newest checkpoint)")
+                   help=f"{CHECKPOINT_FILES}, a run's checkpoint/log folder (newest checkpoint), or a folder "
+                        f"written by tools/export_hf.py --format nemoe")
     return p
 
 
@@ -429,12 +430,22 @@ def load_model(arg: str | Path, device_name: str = "auto"):
     """(model in eval mode on its device, Config, checkpoint state, path) from a checkpoint.
 
     The model is built from the checkpoint's own config, so any expert topology
-    (live slots, routing offsets) loads exactly as it was saved.
+    (live slots, routing offsets) loads exactly as it was saved. A folder written by
+    tools/export_hf.py --format nemoe (safetensors + JSON) loads without pickle; its
+    `state` holds what the tools read: step, tokens, config and the expert records.
     """
     from nemoe.config import config_from_dict
     from nemoe.model import NemoeLM
+    from nemoe.pretrained import is_nemoe_folder, read_nemoe
 
-    path, state = load_checkpoint_state(arg)
+    if is_nemoe_folder(Path(arg).expanduser()):
+        path = Path(arg).expanduser()
+        meta, weights = read_nemoe(path)
+        state = {"step": meta["step"], "tokens": meta["tokens"], "config": meta["config"],
+                 "ranks": [{"plasticity": {"experts": {"records": meta["expert_records"]}}}]}
+    else:
+        path, state = load_checkpoint_state(arg)
+        weights = state["train_module"]["model"]
     device = resolve_device(device_name)
     try:
         cfg = config_from_dict(state["config"])
@@ -442,7 +453,7 @@ def load_model(arg: str | Path, device_name: str = "auto"):
         raise UserError(f"{path}: its saved config no longer validates: {err}") from None
     model = NemoeLM(cfg)
     try:
-        model.load_state_dict(state["train_module"]["model"])
+        model.load_state_dict(weights)
     except RuntimeError as err:
         raise UserError(f"{path}: weights do not match the model its config describes: "
                         f"{str(err).splitlines()[0]}") from None
