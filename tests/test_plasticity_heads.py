@@ -429,7 +429,7 @@ def test_plot_heads_on_a_real_run(straight, tmp_path, capsys, saved_figures):
     assert labels == list(gates) and len(labels) == 8
     assert grid.tolist() == [gates[label] for label in labels]
     for kind in ("prune", "grow"):
-        rows = events[events["event"] == f"head_{kind}"]
+        rows = events[(events["granularity"] == "head") & (events["event"] == kind)]
         assert len(rows) > 0
         assert marks[kind] == sorted((float(e.step), f"L{e.layer}.{e.unit}") for e in rows.itertuples())
     assert plot_heads.main([str(log_dir), "-o", str(tmp_path / "e.png"), "--metric", "entropy"]) == 0

@@ -325,7 +325,7 @@ def test_plot_vitality_on_a_real_run(layer_run, tmp_path, capsys, saved_figures)
     assert grid.tolist() == vitality.to_numpy().tolist()
     events = pd.read_csv(log_dir / "events.csv")
     for kind in ("death", "birth"):
-        rows = events[events["event"] == f"layer_{kind}"]
+        rows = events[(events["granularity"] == "layer") & (events["event"] == kind)]
         assert marks[kind] == sorted((float(e.step), float(e.layer)) for e in rows.itertuples())
     assert plot_main([str(log_dir), "-o", str(tmp_path / "lr.png"), "--value", "lr_scale"]) == 0
     assert plot_main([str(tmp_path / "nope.csv")]) == 2
