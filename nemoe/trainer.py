@@ -119,7 +119,7 @@ class Trainer:
         with on_stop_signal(self._request_stop):
             if self.step == 0:
                 self.evaluate()
-            while self.step < target and not (self.stop_requested or self.train.diverged):
+            while self.step < target and not (self.stop_requested or self.train.divergence):
                 started = time.perf_counter()
                 try:
                     result = self.train_step()
@@ -144,11 +144,10 @@ class Trainer:
             self._finish()
 
     def _finish(self) -> None:
-        if self.train.diverged:
+        if reason := self.train.divergence:
             self.save()
-            raise UserError(f"stopped at step {self.step}: {self.train.bad_steps} steps in a row had a "
-                            f"non-finite loss or gradient (train.max_bad_steps); the checkpoint holds "
-                            f"the last finite weights. Lower train.lr or check the data.")
+            raise UserError(f"stopped at step {self.step}: {reason}; the checkpoint holds the last finite "
+                            f"weights. Lower train.lr or check the data.")
         if self.step < self.target_steps:
             self.write_metrics()
             self.save()
@@ -172,9 +171,7 @@ class Trainer:
         batches = self.stream.next_batches(self.cfg.train.grad_accum, self.cfg.train.batch_size)
         result = self.train.train_batch(batches, self.step, self.plasticity)
         if not result.finite:
-            what = ("gradient overflow (fp16 loss scale lowered)" if self.train.scaler.is_enabled()
-                    else "non-finite loss or gradient")
-            self.log.warn(self.step + 1, f"{what}: update skipped ({self.train.bad_steps} in a row)")
+            self.log.warn(self.step + 1, result.skip_note)
         self.step += 1
         self.tokens += self.tokens_per_step
         self.metrics.add(result)
