@@ -28,12 +28,14 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from nemoe import memory
 from nemoe.model import NemoeLM, split_block
 from nemoe.runtime import Runtime
 
 # fp16: a step that overflows after the GradScaler backed off below this scale overflows
 # even unscaled (fp16's largest value is 65504): real divergence, not the early back-off.
 LOSS_SCALE_FLOOR = 1.0
+ADVICE = "; the checkpoint holds the last finite weights. Lower train.lr or check the data."
 
 
 def lr_at(step: int, train_cfg, total_steps: int) -> float:
@@ -78,6 +80,9 @@ class TrainModule:
 
     def __init__(self, cfg, runtime: Runtime, total_steps: int):
         self.cfg, self.runtime, self.total_steps = cfg, runtime, total_steps
+        # CUDA: a step that cannot fit ends here (UserError), before the model takes the device's
+        # memory and before any file is written; the plan's figures go to the Start line.
+        self.memory_note = memory.guard(cfg, runtime)
         self.model = NemoeLM(cfg).to(runtime.device)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
@@ -177,14 +182,15 @@ class TrainModule:
             if scale < LOSS_SCALE_FLOOR:
                 return (f"the fp16 loss scale backed off to {scale:g}, below its floor {LOSS_SCALE_FLOOR:g}, "
                         f"and the gradients still overflow ({self.bad_steps} steps in a row skipped): "
-                        f"real divergence, not the GradScaler's early back-off")
+                        f"real divergence, not the GradScaler's early back-off{ADVICE}")
             if self.bad_steps >= limit:
                 return (f"{self.bad_steps} steps in a row overflowed in fp16 (train.max_bad_steps={limit}) "
                         f"while the loss scale backed off to {scale:g}: more than the GradScaler's early "
-                        f"back-off, the run diverged")
+                        f"back-off, the run diverged{ADVICE}")
             return None
         if self.bad_steps >= limit:
-            return f"{self.bad_steps} steps in a row had a non-finite loss or gradient (train.max_bad_steps={limit})"
+            return (f"{self.bad_steps} steps in a row had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={limit}){ADVICE}")
         return None
 
     @property

@@ -103,10 +103,10 @@ class Trainer:
         params, t, rt = self.model.count_params(), self.cfg.train, self.runtime
         ranks = (f" | data-parallel: {self.world} ranks x {t.grad_accum} micro-batches x {t.batch_size} "
                  f"sequences" if rt.dist.enabled else "")
-        return (f"Start | device {rt.device} | precision {rt.precision} ({rt.precision_reason}) | params "
-                f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
-                f"{self.tokens_per_step:,} tokens/step{ranks} | target {t.total_tokens:,} tokens "
-                f"({self.cfg.total_steps(self.world):,} steps)")
+        return (f"Start | device {rt.device} | precision {rt.precision} ({rt.precision_reason})"
+                f"{self.train.memory_note} | params {params['total']:,} total, {params['active_per_token']:,} "
+                f"active per token | {self.tokens_per_step:,} tokens/step{ranks} | target {t.total_tokens:,} "
+                f"tokens ({self.cfg.total_steps(self.world):,} steps)")
 
     # -- the loop ------------------------------------------------------------------- #
     def fit(self) -> None:
@@ -146,8 +146,7 @@ class Trainer:
     def _finish(self) -> None:
         if reason := self.train.divergence:
             self.save()
-            raise UserError(f"stopped at step {self.step}: {reason}; the checkpoint holds the last finite "
-                            f"weights. Lower train.lr or check the data.")
+            raise UserError(f"stopped at step {self.step}: {reason}")
         if self.step < self.target_steps:
             self.write_metrics()
             self.save()
@@ -158,8 +157,7 @@ class Trainer:
             self.log.line(self.step, f"Done | {self.tokens:,} tokens in {self.elapsed:.1f}s")
 
     def close(self) -> None:
-        """Flush and close the logs, release the run. (The data stream closes at exit: closing
-        a parquet stream waits ~5 s for arrow's threads, see TokenStream.close.)"""
+        """Flush and close the logs, release the run (the data stream closes at exit: TokenStream.close)."""
         self.log.close()
         self.rundir.close()
 
