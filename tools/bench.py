@@ -650,7 +650,7 @@ def table_lines(results: dict) -> list[str]:
         r, b = results["memory"], results["memory"]["bytes"]
         add("memory", f"t4 params ({r['params']:,}) / grads / AdamW",
             f"{human_bytes(b['params'])} / {human_bytes(b['grads'])} / {human_bytes(b['adamw_state'])}")
-        add("memory", f"activations + logits grad at micro-batch {r['micro_batch']}",
+        add("memory", f"activations + logits transient at micro-batch {r['micro_batch']}",
             f"{human_bytes(b['activations_at_micro_batch'])} + {human_bytes(b['transient_at_micro_batch'])}")
         add("memory", "total / largest micro-batch under 15 GB",
             f"{human_bytes(b['total_at_micro_batch'])} / {r['largest_micro_batch']}")
