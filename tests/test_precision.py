@@ -188,6 +188,17 @@ def test_a_skipped_step_is_the_same_as_no_step_for_the_decisions():
     assert plasticity.experts.usage_counts.sum() == 2 * 4 * 16 * 2, "two applied steps, 2 layers, 64 tokens"
 
 
+def test_interval_usage_counts_follow_a_layer_shift_as_the_blocks_buffers_did():
+    from nemoe.plasticity import ExpertMorphogenesis, LayerShift
+    cfg = tiny_config(model={"n_layers": 4})
+    controller = ExpertMorphogenesis(cfg, NemoeLM(cfg))
+    controller.usage_counts.copy_(torch.arange(16).view(4, 4))
+    controller.on_layer_shift(LayerShift(7, [2, 0, 1, 2], newborn=0, parent=2))   # L3 died, copy of L2 at 0
+    assert controller.usage_counts.tolist() == [[8, 9, 10, 11], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    controller.on_layer_shift(LayerShift(9, [-1, 0, 1, 2], newborn=0, parent=-1))  # a fresh block at 0
+    assert controller.usage_counts.tolist() == [[0, 0, 0, 0], [8, 9, 10, 11], [0, 1, 2, 3], [4, 5, 6, 7]]
+
+
 def test_neuron_statistics_do_not_depend_on_the_loss_scale():
     """Taylor fitness (activation x gradient, recorded by a hook) is divided by the fp16 scale."""
     runs = []
