@@ -144,7 +144,8 @@ class TrainConfig:
     total_tokens: int = setting(10_000_000, gt=0)
     """Token target (target tokens trained on); sets the number of steps and the LR schedule."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """auto: fp32 on CPU; bf16 on GPUs with native bf16 (sm >= 8.0); else fp16 + GradScaler."""
+    """auto: fp32 on CPU; bf16 on GPUs with native bf16 (sm >= 8.0); else fp16 + GradScaler.
+    fp16 / bf16 also run on CPU through CPU autocast: correct but slow (to test the T4 path)."""
     seed: int = 1337
     """The run seed: model init, dropout and sampling, and every other section's seed left at
     None (morph, data, plasticity.neuron / heads / layers) is derived from it."""
@@ -155,7 +156,8 @@ class TrainConfig:
     compile: bool = False
     """Wrap the model in torch.compile (CUDA only)."""
     max_bad_steps: int = setting(20, ge=1)
-    """Consecutive steps with a non-finite loss or gradient (update skipped) before the run saves and stops."""
+    """Consecutive skipped steps (non-finite loss or gradient) before the run saves and stops; under
+    fp16 the run also stops when the loss scale backs off below 1 (nemoe/train_module.py)."""
 
     def check(self, cfg: Config) -> list[str]:
         rules = [

@@ -8,6 +8,7 @@ rank, so a resumed run's first row covers the same steps as an uninterrupted one
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +23,13 @@ class MetricsWindow:
     loss_ce: torch.Tensor       # () sum over micro-batches
     loss_lb: torch.Tensor
     loss_z: torch.Tensor
-    grad_norm: torch.Tensor     # () sum over steps
+    grad_norm: torch.Tensor     # () sum over the applied steps
     counts: torch.Tensor        # (L, E) token-choices per slot
     wall_start: float           # the run's training time when the window opened
     steps: int = 0
     micro: int = 0
     lr: float = 0.0
+    skipped: int = 0            # steps whose update was skipped (non-finite gradients)
 
     @classmethod
     def empty(cls, n_layers: int, n_slots: int, device, wall_start: float) -> "MetricsWindow":
@@ -43,13 +45,16 @@ class MetricsWindow:
             self.loss_z += m.loss_z
             self.counts += m.counts.to(self.counts.device)
         self.steps += 1
-        self.grad_norm += result.grad_norm.float()
+        if result.finite:   # a skipped step's norm is inf or nan: it is counted, not averaged
+            self.grad_norm += result.grad_norm.float()
+        else:
+            self.skipped += 1
         self.lr = result.lr
 
     def row(self, step: int, tokens: int, elapsed: float, tokens_per_step: int, world_size: int,
             moe_cfg, experts: list[int], loss_scale: float) -> dict:
         """One training_log.csv row of means over the window (a collective under DDP)."""
-        micro, steps = max(self.micro, 1), max(self.steps, 1)
+        micro, steps, applied = max(self.micro, 1), max(self.steps, 1), self.steps - self.skipped
         # Means over every rank's micro-batches (equal sizes), and every rank's routing counts.
         losses = dist.sum_over_ranks(torch.stack([self.loss_ce, self.loss_lb, self.loss_z]).double())
         loss_ce, loss_lb, loss_z = (losses / (micro * world_size)).tolist()
@@ -60,7 +65,8 @@ class MetricsWindow:
                "loss_z": loss_z, "loss_lb_scaled": moe_cfg.lb_coef * loss_lb,
                "loss_z_scaled": moe_cfg.z_coef * loss_z,
                "loss": loss_ce + moe_cfg.lb_coef * loss_lb + moe_cfg.z_coef * loss_z,
-               "lr": self.lr, "grad_norm": (self.grad_norm / steps).item(), "grad_scale": loss_scale,
+               "lr": self.lr, "grad_norm": (self.grad_norm / applied).item() if applied else math.nan,
+               "grad_scale": loss_scale, "skipped_steps": self.skipped,
                "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed, 3)}
         for i, n in enumerate(experts):
             p = share[i][share[i] > 0]

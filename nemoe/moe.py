@@ -95,7 +95,8 @@ class MoELayer(nn.Module):
         # Buffers, so they live in the state dict and follow .to(device).
         self.register_buffer("active", active)
         self.register_buffer("route_offset", torch.where(active, 0.0, -math.inf))
-        # Token-choices per slot since the controller last read them (usage).
+        # Token-choices per slot in this training step; ExpertMorphogenesis adds them to its
+        # interval counts when the step's update is applied and clears them after every step.
         self.register_buffer("usage_counts", torch.zeros(n_slots, dtype=torch.long))
 
     def route(self, x: torch.Tensor):

@@ -19,6 +19,7 @@ from nemoe import distributed as dist
 from nemoe.errors import UserError
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+SCALER_NOTE = {"fp16": " + GradScaler"}
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -34,16 +35,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
-    """(precision, why). fp32 on CPU; on CUDA bf16 only with native support (sm >= 8.0),
-    else fp16 + GradScaler.
+    """(precision, why). auto: fp32 on CPU; on CUDA bf16 only with native support (sm >= 8.0),
+    else fp16 + GradScaler. An explicit fp16 or bf16 also runs on CPU, through CPU autocast
+    (and the GradScaler for fp16): the T4 path, testable without a GPU.
 
     torch.cuda.is_bf16_supported() says True on a T4 (sm 7.5) because it counts
     emulation, so the compute capability decides.
     """
     if device.type != "cuda":
+        if name == "auto":
+            return "fp32", "CPU"
         if name in HALF:
-            raise UserError(f"train.precision={name} needs a CUDA GPU; this run is on {device}")
-        return "fp32", "CPU" if name == "auto" else "train.precision"
+            # Most CPUs have no native half-precision matmul: correct, but far slower than fp32.
+            return name, f"train.precision; CPU autocast{SCALER_NOTE.get(name, '')}, for testing (slow on CPU)"
+        return "fp32", "train.precision"
     major, minor = torch.cuda.get_device_capability(device)
     native_bf16 = major >= 8
     if name == "auto":
@@ -51,7 +56,7 @@ def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
             ("fp16", f"no native bf16 on sm {major}.{minor}: fp16 + GradScaler")
     if name == "bf16" and not native_bf16:
         raise UserError("train.precision=bf16 needs a GPU with compute capability >= 8.0; use fp16")
-    return name, "train.precision"
+    return name, f"train.precision{SCALER_NOTE.get(name, '')}"
 
 
 @contextlib.contextmanager

@@ -5,6 +5,16 @@ micro-batches into one update and returns a `StepResult`; the structural
 mechanisms see the step through two hooks (`observe` with the final gradients,
 `after_step` right after the update). Nothing here knows about logs, files or
 evaluation.
+
+Overflow policy. A step whose gradients are not finite is skipped: the optimizer
+never sees it (weights and AdamW moments stay bit-identical), `observe` is not
+called (its statistics do not count: usage counts, neuron and head fitness), and
+`after_step` still is (schedules such as routing ramps follow the step count, as
+the LR does). Under fp16 the GradScaler halves its scale at such a step and grows
+it again after 2000 clean ones; a few skipped steps at the start are its normal
+back-off from the initial 2^16. `divergence` tells that apart from a run that is
+really lost: `train.max_bad_steps` skipped steps in a row, or (fp16) the scale
+backed off below LOSS_SCALE_FLOOR, where gradients overflow even unscaled.
 """
 
 from __future__ import annotations
@@ -13,12 +23,19 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from nemoe import memory
 from nemoe.model import NemoeLM, split_block
 from nemoe.runtime import Runtime
+
+# fp16: a step that overflows after the GradScaler backed off below this scale overflows
+# even unscaled (fp16's largest value is 65504): real divergence, not the early back-off.
+LOSS_SCALE_FLOOR = 1.0
+ADVICE = "; the checkpoint holds the last finite weights. Lower train.lr or check the data."
 
 
 def lr_at(step: int, train_cfg, total_steps: int) -> float:
@@ -47,6 +64,7 @@ class StepResult:
     grad_norm: torch.Tensor     # () before clipping, on the device
     finite: bool                # False: the update was skipped
     lr: float
+    skip_note: str = ""         # why the update was skipped (a text-log line), "" when applied
 
     @property
     def loss_ce(self) -> torch.Tensor:
@@ -62,6 +80,9 @@ class TrainModule:
 
     def __init__(self, cfg, runtime: Runtime, total_steps: int):
         self.cfg, self.runtime, self.total_steps = cfg, runtime, total_steps
+        # CUDA: a step that cannot fit ends here (UserError), before the model takes the device's
+        # memory and before any file is written; the plan's figures go to the Start line.
+        self.memory_note = memory.guard(cfg, runtime)
         self.model = NemoeLM(cfg).to(runtime.device)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
@@ -72,6 +93,9 @@ class TrainModule:
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.uses_scaler)
         self.forward = self.ddp = self.model
         self.bad_steps = 0   # updates skipped in a row (non-finite gradients)
+        # Test seam: step -> factor on that step's loss before backward (e.g. inf forces an
+        # overflow at one step). None: the loss as computed.
+        self.loss_multiplier: Callable[[int], float] | None = None
 
     def start_fresh(self) -> list[str]:
         """A new run (never a resume): the weights of model.init_from, when set; notes for the log."""
@@ -122,6 +146,8 @@ class TrainModule:
                 with self.runtime.autocast():
                     out = self.forward(inputs, targets)
                 loss = out.loss_ce + cfg.moe.lb_coef * out.loss_lb + cfg.moe.z_coef * out.loss_z
+                if self.loss_multiplier is not None:
+                    loss = loss * self.loss_multiplier(step)
                 self.scaler.scale(loss / len(batches)).backward()
             micro.append(MicroBatchStats(out.loss_ce.detach(), out.loss_lb.detach(), out.loss_z.detach(),
                                          torch.stack(out.counts)))
@@ -130,21 +156,49 @@ class TrainModule:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         # One host sync per step: a non-finite gradient must not reach the weights.
         finite = bool(torch.isfinite(grad_norm))
-        if finite and hooks is not None:
-            hooks.observe(step)
-        if finite or self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # the GradScaler skips non-finite steps itself
+        if finite:
+            if hooks is not None:
+                hooks.observe(step, self.loss_scale)
+            self.scaler.step(self.optimizer)
+        scale_used = self.loss_scale if not finite else None   # before update() lowers it
         if hooks is not None:
             hooks.after_step(step)
-        self.scaler.update()
+        self.scaler.update()   # fp16: back off after an overflow (unscale_ recorded it), else grow
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps = 0 if finite else self.bad_steps + 1
-        return StepResult(micro, grad_norm.detach(), finite, lr)
+        note = "" if finite else self._skip_note(micro, scale_used)
+        return StepResult(micro, grad_norm.detach(), finite, lr, note)
+
+    def _skip_note(self, micro: list[MicroBatchStats], scale_used: float) -> str:
+        """The text-log line of a skipped step (host syncs here only happen on skipped steps)."""
+        loss_finite = all(bool(torch.isfinite(m.loss_ce)) for m in micro)
+        what = "gradient overflow" if loss_finite else "non-finite loss"
+        if self.scaler.is_enabled():
+            return (f"{what} at fp16 loss scale {scale_used:g}: update skipped, scale lowered to "
+                    f"{self.loss_scale:g} ({self.bad_steps} in a row)")
+        return f"{what}: update skipped ({self.bad_steps} in a row)"
 
     @property
-    def diverged(self) -> bool:
-        """train.max_bad_steps updates in a row were skipped."""
-        return self.bad_steps >= self.cfg.train.max_bad_steps
+    def divergence(self) -> str | None:
+        """Why the run must stop, None while it may go on (see the module docstring)."""
+        if self.bad_steps == 0:
+            return None
+        limit = self.cfg.train.max_bad_steps
+        if self.scaler.is_enabled():
+            scale = self.loss_scale
+            if scale < LOSS_SCALE_FLOOR:
+                return (f"the fp16 loss scale backed off to {scale:g}, below its floor {LOSS_SCALE_FLOOR:g}, "
+                        f"and the gradients still overflow ({self.bad_steps} steps in a row skipped): "
+                        f"real divergence, not the GradScaler's early back-off{ADVICE}")
+            if self.bad_steps >= limit:
+                return (f"{self.bad_steps} steps in a row overflowed in fp16 (train.max_bad_steps={limit}) "
+                        f"while the loss scale backed off to {scale:g}: more than the GradScaler's early "
+                        f"back-off, the run diverged{ADVICE}")
+            return None
+        if self.bad_steps >= limit:
+            return (f"{self.bad_steps} steps in a row had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={limit}){ADVICE}")
+        return None
 
     @property
     def loss_scale(self) -> float:
@@ -157,5 +211,7 @@ class TrainModule:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        # else: a checkpoint of an fp32 or bf16 run resumed in fp16: the scaler starts fresh
         self.bad_steps = state["bad_steps"]

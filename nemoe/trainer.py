@@ -101,10 +101,10 @@ class Trainer:
         params, t, rt, source = self.model.count_params(), self.cfg.train, self.runtime, self.cfg.model.init_from
         ranks = (f" | data-parallel: {self.world} ranks x {t.grad_accum} micro-batches x {t.batch_size} "
                  f"sequences" if rt.dist.enabled else "")
-        return (f"Start | device {rt.device} | precision {rt.precision} ({rt.precision_reason}) | params "
-                f"{params['total']:,} total, {params['active_per_token']:,} active per token | "
-                f"{self.tokens_per_step:,} tokens/step{ranks} | target {t.total_tokens:,} tokens "
-                f"({self.cfg.total_steps(self.world):,} steps){f' | initialised from {source}' if source else ''}")
+        return (f"Start | device {rt.device} | precision {rt.precision} ({rt.precision_reason})"
+                f"{self.train.memory_note} | params {params['total']:,} total, {params['active_per_token']:,} "
+                f"active per token | {self.tokens_per_step:,} tokens/step{ranks} | target {t.total_tokens:,} "
+                f"tokens ({self.cfg.total_steps(self.world):,} steps){f' | initialised from {source}' if source else ''}")
 
     # -- the loop ------------------------------------------------------------------- #
     def fit(self) -> None:
@@ -117,7 +117,7 @@ class Trainer:
         with on_stop_signal(self._request_stop):
             if self.step == 0:
                 self.evaluate()
-            while self.step < target and not (self.stop_requested or self.train.diverged):
+            while self.step < target and not (self.stop_requested or self.train.divergence):
                 started = time.perf_counter()
                 try:
                     result = self.train_step()
@@ -142,11 +142,9 @@ class Trainer:
             self._finish()
 
     def _finish(self) -> None:
-        if self.train.diverged:
+        if reason := self.train.divergence:
             self.save()
-            raise UserError(f"stopped at step {self.step}: {self.train.bad_steps} steps in a row had a "
-                            f"non-finite loss or gradient (train.max_bad_steps); the checkpoint holds "
-                            f"the last finite weights. Lower train.lr or check the data.")
+            raise UserError(f"stopped at step {self.step}: {reason}")
         if self.step < self.target_steps:
             self.write_metrics()
             self.save()
@@ -157,8 +155,7 @@ class Trainer:
             self.log.line(self.step, f"Done | {self.tokens:,} tokens in {self.elapsed:.1f}s")
 
     def close(self) -> None:
-        """Flush and close the logs, release the run. (The data stream closes at exit: closing
-        a parquet stream waits ~5 s for arrow's threads, see TokenStream.close.)"""
+        """Flush and close the logs, release the run (the data stream closes at exit: TokenStream.close)."""
         self.log.close()
         self.rundir.close()
 
@@ -170,9 +167,7 @@ class Trainer:
         batches = self.stream.next_batches(self.cfg.train.grad_accum, self.cfg.train.batch_size)
         result = self.train.train_batch(batches, self.step, self.plasticity)
         if not result.finite:
-            what = ("gradient overflow (fp16 loss scale lowered)" if self.train.scaler.is_enabled()
-                    else "non-finite loss or gradient")
-            self.log.warn(self.step + 1, f"{what}: update skipped ({self.train.bad_steps} in a row)")
+            self.log.warn(self.step + 1, result.skip_note)
         self.step, self.tokens = self.step + 1, self.tokens + self.tokens_per_step
         self.metrics.add(result)
         return result

@@ -198,7 +198,9 @@ def test_controller_events_and_bounds_over_many_intervals():
         model.train()
         block = torch.randint(0, 32, (4, 17), generator=gen)
         model(*split_block(block)).loss_ce.backward()
+        controller.observe(step - 1)    # as the trainer does: the step's usage counts ...
         opt.step()
+        controller.after_step(step - 1)  # ... and the per-step buffer cleared
         opt.zero_grad()
         events = act(controller, opt, step, step * 64)
         kinds |= {e.event for e in events}

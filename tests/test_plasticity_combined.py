@@ -87,15 +87,20 @@ def run_all(run_dir, *extra):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_exact_with_every_kind_of_event(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_is_bit_exact_with_every_kind_of_event(tmp_path, precision):
+    """Also the T4 path on CPU: fp16 autocast + GradScaler, its scale in the checkpoint (bf16:
+    tests/test_precision.py)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_all(straight, "--max-steps", "16") == 0
-    assert run_all(resumed, "--max-steps", "9") == 0
+    mode = ("--set", f"train.precision={precision}")
+    assert run_all(straight, "--max-steps", "16", *mode) == 0
+    assert run_all(resumed, "--max-steps", "9", *mode) == 0
     (resumed / "checkpoints" / "tiny" / "nemo_ckpt_step9.pt").unlink()   # back to step 5
-    assert run_all(resumed, "--resume", "--max-steps", "16") == 0
+    assert run_all(resumed, "--resume", "--max-steps", "16", *mode) == 0
     a_train, a_events, a_eval = logs(straight)
     b_train, b_events, b_eval = logs(resumed)
     assert b_train["loss_ce"].tolist() == a_train["loss_ce"].tolist()   # bit for bit
+    assert b_train["grad_scale"].tolist() == a_train["grad_scale"].tolist()
     pd.testing.assert_frame_equal(b_events, a_events)
     assert b_eval["loss"].tolist() == a_eval["loss"].tolist()
     after = a_events[a_events["step"] > 5]

@@ -30,33 +30,39 @@ N_KILLS = 20
 KILL_STEPS = 30  # = TINY's token target
 
 
-def kill_args(run_dir, data_dir):
+def kill_args(run_dir, data_dir, precision="fp32"):
     """A tiny run on two small local sources (fast start), a checkpoint every step."""
     args = [sys.executable, str(REPO / "train_nemoe.py"), "--config", "local", "--run-dir", str(run_dir),
             "--run-name", "tiny", "--max-steps", str(KILL_STEPS)]
     sources = (f"[{{name: web, kind: files, path: '{data_dir / 'web.parquet'}', weight: 0.7}}, "
                f"{{name: alpaca, kind: files, path: '{data_dir / 'alpaca.jsonl'}', format: alpaca, weight: 0.3}}]")
     for item in TINY + ["checkpoint.every_steps=1", "checkpoint.keep_last=2", "eval.every_steps=10",
-                        f"data.sources={sources}", "data.heldout_fraction=0.1"]:
+                        f"data.sources={sources}", "data.heldout_fraction=0.1", f"train.precision={precision}"]:
         args += ["--set", item]
     return args + ["--resume"]
 
 
-def test_random_sigkills_lose_nothing(tmp_path):
+# fp16 (autocast + GradScaler on CPU, the T4 path) too, with fewer kills: its steps are slower
+# (CPU half-precision matmuls), hence a longer time bound.
+@pytest.mark.parametrize("precision, n_kills, bound_s", [("fp32", N_KILLS, 600), ("fp16", N_KILLS // 2, 1200)])
+def test_random_sigkills_lose_nothing(tmp_path, precision, n_kills, bound_s):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     write_fineweb(data_dir / "web.parquet", n=400)
     write_alpaca(data_dir / "alpaca.jsonl", n=300)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert subprocess.run(kill_args(straight, data_dir), capture_output=True, timeout=300).returncode == 0
+    straight_run = subprocess.run(kill_args(straight, data_dir, precision), capture_output=True,
+                                  timeout=bound_s // 2)
+    assert straight_run.returncode == 0
 
     rng = random.Random(0)
     csv = killed / "logs" / "tiny" / "training_log.csv"
     kills = 0
     started = time.time()
     while True:
-        proc = subprocess.Popen(kill_args(killed, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < N_KILLS:
+        proc = subprocess.Popen(kill_args(killed, data_dir, precision), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        if kills < n_kills:
             # Mostly after training has resumed (so each life makes progress), sometimes at start-up.
             rows = len(csv.read_text().splitlines()) if csv.exists() else 0
             if rng.random() < 0.8:
@@ -70,15 +76,16 @@ def test_random_sigkills_lose_nothing(tmp_path):
                 kills += 1
             proc.wait()
             continue
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=bound_s // 2)
         assert proc.returncode == 0, err.decode()[-2000:]
         break
-    assert time.time() - started < 600
+    assert time.time() - started < bound_s
 
     a_train, a_events, a_eval = logs(straight)
     b_train, b_events, b_eval = logs(killed)
     assert list(b_train["step"]) == list(range(1, KILL_STEPS + 1)), "each step once, in order"
     assert b_train["loss_ce"].tolist() == a_train["loss_ce"].tolist(), "bit-exact losses"
+    assert b_train["grad_scale"].tolist() == a_train["grad_scale"].tolist()
     pd.testing.assert_frame_equal(b_events, a_events)
     assert b_eval["loss"].tolist() == a_eval["loss"].tolist()
     leftovers = [p for d in (killed / "logs" / "tiny", killed / "checkpoints" / "tiny")

@@ -141,7 +141,7 @@ def train_row(step: int, counts: list[int], loss: float | None = None) -> dict:
     # Every plotted column varies with the step, so a panel showing the wrong column fails.
     row = {"step": step, "tokens": 64 * step, "loss": loss, "loss_ce": loss, "loss_lb": 1.0 + 0.01 * step,
            "loss_z": 0.4 - 0.01 * step, "loss_lb_scaled": 0.0105, "loss_z_scaled": 0.0004,
-           "lr": 1e-3 * min(step, 4) / 4, "grad_norm": 0.9, "grad_scale": 1.0, "tokens_per_s": 900.0 + step,
+           "lr": 1e-3 * min(step, 4) / 4, "grad_norm": 0.9, "grad_scale": 1.0, "skipped_steps": 0, "tokens_per_s": 900.0 + step,
            "elapsed_s": 0.07 * step}
     for i, n in enumerate(counts):
         row |= {f"experts_L{i}": n, f"usage_entropy_L{i}": 0.6, f"max_load_L{i}": 1.3}

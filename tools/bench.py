@@ -50,7 +50,8 @@ from nemoe import schema
 from nemoe.config import config_from_dict, find_config, read_yaml
 from nemoe.data import TokenStream
 from nemoe.errors import UserError
-from nemoe.model import NemoeLM, split_block
+from nemoe.memory import plan_memory
+from nemoe.model import NemoeLM
 from nemoe.moe import MoELayer, mlp
 from nemoe.runtime import Runtime
 from nemoe.tokenizer import get_tokenizer
@@ -484,58 +485,20 @@ def t4_config(batch_size: int | None = None):
     return config_from_dict(raw)
 
 
-def activation_bytes(model: NemoeLM, batch_size: int, seq_len: int) -> int:
-    """Bytes of the tensors autograd keeps for backward in one training forward (fp32, CPU).
-
-    Counted through saved-tensor hooks, each storage once, parameters excluded:
-    this is the activation memory that grows with the micro-batch.
-    """
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    idx = torch.randint(0, model.tok_emb.num_embeddings, (batch_size, seq_len + 1))
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*split_block(idx))
-    del out
-    return sum(seen.values())
-
-
 def bench_memory(ctx) -> dict:
+    """nemoe.memory's plan (the trainer's memory guard) for configs/t4.yaml against the 15 GB cap."""
     cfg = t4_config()
-    torch.manual_seed(0)
-    model = NemoeLM(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    static = {"params": 4 * n_params, "grads": 4 * n_params, "adamw_state": 8 * n_params}   # fp32
-    b1, b2 = ctx.shapes.memory_batches
-    act1, act2 = (activation_bytes(model, b, cfg.model.seq_len) for b in (b1, b2))
-    per_sequence = (act2 - act1) / (b2 - b1)          # activations grow linearly with the micro-batch
-    fixed = act1 - per_sequence * b1
-    # Backward holds, on top, the gradient of the logits while the LM head's backward
-    # runs: one (B, T, V) fp32 tensor, the largest transient (stated, not measured).
-    transient_per_sequence = 4 * cfg.model.seq_len * cfg.model.vocab_size
-
-    def total(b: int) -> float:
-        return sum(static.values()) + fixed + b * (per_sequence + transient_per_sequence)
-
-    configured = cfg.train.batch_size
-    largest = int((MEMORY_CAP - sum(static.values()) - fixed) // (per_sequence + transient_per_sequence))
+    plan = plan_memory(cfg, "fp32", batches=ctx.shapes.memory_batches)
+    b = {**plan.static, "activations_at_micro_batch": plan.activations(),
+         "transient_at_micro_batch": plan.transient(), "total_at_micro_batch": plan.total()}
     return {"config": "configs/t4.yaml", "precision": "fp32 (an upper bound for fp16 autocast)",
             "method": "static: bytes per parameter; activations: saved-tensor hooks at two micro-batches, "
-                      "linear fit; + one (B, T, V) fp32 logits gradient",
-            "params": n_params, "bytes": {**static, "activations_at_micro_batch": fixed + configured * per_sequence,
-                                          "transient_at_micro_batch": configured * transient_per_sequence,
-                                          "total_at_micro_batch": total(configured)},
-            "activation_bytes_per_sequence": per_sequence, "measured_at": [b1, b2],
-            "activation_bytes_measured": [act1, act2], "micro_batch": configured,
-            "grad_accum": cfg.train.grad_accum, "cap_bytes": MEMORY_CAP, "largest_micro_batch": largest,
-            "fits": total(configured) <= MEMORY_CAP}
+                      "linear fit; + the (B, T, V) logits and two fp32 gradients of them (nemoe/memory.py)",
+            "params": plan.params, "bytes": b, "activation_bytes_per_sequence": plan.activation_bytes_per_sequence,
+            "measured_at": list(plan.measured_at),
+            "activation_bytes_measured": list(plan.activation_bytes_measured),
+            "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "cap_bytes": MEMORY_CAP,
+            "largest_micro_batch": plan.largest_micro_batch(MEMORY_CAP), "fits": plan.total() <= MEMORY_CAP}
 
 
 # --------------------------------------------------------------------------- #
@@ -687,7 +650,7 @@ def table_lines(results: dict) -> list[str]:
         r, b = results["memory"], results["memory"]["bytes"]
         add("memory", f"t4 params ({r['params']:,}) / grads / AdamW",
             f"{human_bytes(b['params'])} / {human_bytes(b['grads'])} / {human_bytes(b['adamw_state'])}")
-        add("memory", f"activations + logits grad at micro-batch {r['micro_batch']}",
+        add("memory", f"activations + logits transient at micro-batch {r['micro_batch']}",
             f"{human_bytes(b['activations_at_micro_batch'])} + {human_bytes(b['transient_at_micro_batch'])}")
         add("memory", "total / largest micro-batch under 15 GB",
             f"{human_bytes(b['total_at_micro_batch'])} / {r['largest_micro_batch']}")

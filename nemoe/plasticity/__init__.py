@@ -41,9 +41,9 @@ class Plasticity:
         return iter(self.mechanisms)
 
     # -- the step ------------------------------------------------------------------ #
-    def observe(self, step: int) -> None:
+    def observe(self, step: int, grad_scale: float = 1.0) -> None:
         for m in self.mechanisms:
-            m.observe(step)
+            m.observe(step, grad_scale)
 
     def after_step(self, step: int) -> None:
         for m in self.mechanisms:

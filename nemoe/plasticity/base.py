@@ -7,10 +7,12 @@ state (slot writes, never a rebuilt optimizer), reports each change as an
 (nemoe/plasticity/__init__.py) runs them; the trainer calls it at optimizer-step
 boundaries only:
 
-    observe(step)          after the step's gradients are final (unscaled and
+    observe(step, grad_scale)  after the step's gradients are final (unscaled and
                            clipped), before the optimizer applies them; skipped
-                           for a step whose gradients were not finite
-    after_step(step)       right after the optimizer step (every step)
+                           for a step whose gradients were not finite, so the
+                           statistics of a skipped step never count
+    after_step(step)       right after the optimizer step (every step, skipped or
+                           not), e.g. to reset per-step buffers
     due(step) / act(ctx)   after the optimizer step: decide and operate
     on_layer_shift(shift)  another mechanism moved whole blocks: records follow them
     on_events(events)      another mechanism's events of this step (e.g. a new expert)
@@ -134,11 +136,16 @@ class Mechanism:
     def config_section(cls, cfg):
         return getattr(cfg.plasticity, cls.config_key)
 
-    def observe(self, step: int) -> None:
-        """Accumulate fitness from this step's gradients (and recorded activations)."""
+    def observe(self, step: int, grad_scale: float = 1.0) -> None:
+        """Accumulate fitness from this step's gradients (and recorded activations).
+
+        grad_scale: the loss scale this step's backward ran under (the fp16 GradScaler's;
+        1.0 otherwise). Parameter gradients are already unscaled here; gradients a
+        mechanism records itself (hooks on activations) are not, and are divided by it."""
 
     def after_step(self, step: int) -> None:
-        """Called right after every optimizer step, before the gradients are cleared."""
+        """Called right after every optimizer step (also a skipped one), before the gradients
+        are cleared."""
 
     def due(self, step: int) -> bool:
         return self.section.enabled and step > 0 and step % self.section.interval == 0

@@ -23,7 +23,11 @@ Newborns enter with routing weight 0 (see moe.py) that opens linearly over
 `ramp_steps`, so a birth never changes the model's output. Decisions use only
 usage counts summed over ranks and the mechanism's own seeded generator, so every
 data-parallel rank takes the same decisions. The usage counts themselves are
-per-rank statistics (model buffers that DDP does not touch), checkpointed per rank.
+per-rank statistics, checkpointed per rank: the model's training forward counts a
+step's token-choices into `MoELayer.usage_counts` (a per-step buffer DDP does not
+touch), `observe` adds them to this mechanism's interval counts (steps whose update
+was applied only: a skipped step's traffic does not count), and `after_step`
+clears the buffer on every step.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import torch
 
 from nemoe.distributed import sum_over_ranks
 from nemoe.moe import MoELayer
-from nemoe.plasticity.base import ActContext, Event, LayerShift, Mechanism, add_relative_noise_, element_states
+from nemoe.plasticity.base import (ActContext, Event, LayerShift, Mechanism, add_relative_noise_, element_states,
+                                   shift_rows)
 
 
 @dataclass
@@ -200,6 +205,9 @@ class ExpertMorphogenesis(Mechanism):
         self.next_id = 0
         for _ in range(cfg.model.n_layers):
             self.records.append(self._founders())
+        # (L, E) this rank's token-choices per slot over the applied steps since the last decision.
+        self.usage_counts = torch.zeros(cfg.model.n_layers, cfg.moe.experts_max, dtype=torch.long,
+                                        device=self.layers[0].usage_counts.device)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -222,8 +230,18 @@ class ExpertMorphogenesis(Mechanism):
         return -1 if record is None else record.id
 
     # -- per step ----------------------------------------------------------- #
+    @torch.no_grad()
+    def observe(self, step: int, grad_scale: float = 1.0) -> None:
+        """The step's update is applied: its routing counts join the interval's."""
+        for li, layer in enumerate(self.layers):
+            self.usage_counts[li] += layer.usage_counts
+
+    @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """The optimizer step `step` is done: set the routing of step + 1's forward pass."""
+        """The optimizer step `step` is done (or skipped): clear the per-step counts and set
+        the routing of step + 1's forward pass."""
+        for layer in self.layers:
+            layer.usage_counts.zero_()
         self.update_routing(step + 1)
 
     @torch.no_grad()
@@ -263,9 +281,8 @@ class ExpertMorphogenesis(Mechanism):
 
     def _read_usage(self) -> list[list[float]]:
         """Usage share per slot over the interval, summed over ranks; resets the counters."""
-        counts = sum_over_ranks(torch.stack([layer.usage_counts for layer in self.layers]).double())  # (L, E)
-        for layer in self.layers:
-            layer.usage_counts.zero_()
+        counts = sum_over_ranks(self.usage_counts.double())  # (L, E)
+        self.usage_counts.zero_()
         totals = counts.sum(dim=1, keepdim=True).clamp_min(1)
         return (counts / totals).tolist()
 
@@ -298,6 +315,11 @@ class ExpertMorphogenesis(Mechanism):
         born at the shift's step."""
         old = self.records
         self.records = [old[src] for src in shift.sources]
+        # Interval counts follow their blocks as the blocks' buffers do: a copy inherits its
+        # parent's, a fresh block starts from none.
+        self.usage_counts = shift_rows(self.usage_counts, shift.sources)
+        if shift.parent < 0:
+            self.usage_counts[shift.newborn] = 0
         if shift.parent >= 0:
             row = []
             for r in old[shift.parent]:
@@ -313,12 +335,16 @@ class ExpertMorphogenesis(Mechanism):
         the last decision (summed over ranks only when the next decision reads them)."""
         return {"next_id": self.next_id, "generator": self.generator.get_state(),
                 "records": [[None if r is None else dataclasses.asdict(r) for r in row] for row in self.records],
-                "usage_counts": [layer.usage_counts.cpu() for layer in self.layers]}
+                "usage_counts": [row.cpu() for row in self.usage_counts]}
 
     def load_state_dict(self, state: dict) -> None:
         self.next_id = state["next_id"]
         self.generator.set_state(state["generator"])
         self.records = [[None if r is None else ExpertRecord(**{**r, "parents": tuple(r["parents"])})
                          for r in row] for row in state["records"]]
-        for layer, counts in zip(self.layers, state.get("usage_counts", [])):
-            layer.usage_counts.copy_(counts)
+        for row, counts in zip(self.usage_counts, state.get("usage_counts", [])):
+            row.copy_(counts)
+        for layer in self.layers:
+            # Zero at every step boundary; a checkpoint written before the interval counts
+            # moved here holds them in the model's buffers too (they would count twice).
+            layer.usage_counts.zero_()

@@ -163,7 +163,7 @@ class HeadPlasticity(Mechanism):
         return self.pruned_at < 0                                     # (L, nh) bool
 
     # -- every step ------------------------------------------------------------ #
-    def observe(self, step: int) -> None:
+    def observe(self, step: int, grad_scale: float = 1.0) -> None:
         if self.track_gate_grad:
             self._accumulate_gate_grads(step)
         self.last_observed = step

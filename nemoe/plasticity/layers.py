@@ -102,7 +102,7 @@ class LayerSenescence(Mechanism):
 
     # -- per step: newborn influence warm-up ------------------------------------ #
     @torch.no_grad()
-    def observe(self, step: int) -> None:
+    def observe(self, step: int, grad_scale: float = 1.0) -> None:
         """Set each newborn's influence for the next step's forward: linear 0 -> 1 ramp."""
         self.step = step + 1
         for i, block in enumerate(self.model.blocks):

@@ -206,10 +206,11 @@ class NeuronPlasticity(Mechanism):
             capture.recording = done > next_event - window
 
     @torch.no_grad()
-    def observe(self, step: int) -> None:
+    def observe(self, step: int, grad_scale: float = 1.0) -> None:
         uses_gradient = self.section.metric in ("gradient", "composite")
         for li, (layer, capture) in enumerate(zip(self.layers, self.captures)):
-            self.taylor[li] += capture.taylor
+            # dL/dh reached the hook scaled by the fp16 loss scale, which changes over a run.
+            self.taylor[li] += capture.taylor if grad_scale == 1.0 else capture.taylor / grad_scale
             self.tokens[li] += capture.tokens
             if self.gram is not None and capture.recording:
                 self.gram[li] += capture.gram
