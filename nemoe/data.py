@@ -95,6 +95,10 @@ def is_read_fault(err: BaseException) -> bool:
     return isinstance(err, OSError) or (aiohttp is not None and isinstance(err, aiohttp.ClientError))
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def _brief(err: BaseException) -> str:
     text = (str(err).strip().splitlines() or [""])[0]
     return f"{type(err).__name__}: {text[:300]}"
@@ -119,13 +123,13 @@ class _Backoff:
         where, left = source_of_error(err, self.sources), self.minutes * 60 - (now - self.since)
         if left <= 0:
             raise DataUnavailable(
-                f"reading the training data failed for {(now - self.since) / 60:.1f} min, longer than "
+                f"reading the training data failed for {_duration(now - self.since)}, longer than "
                 f"data.retry_minutes ({self.minutes:g}); last error from {where}: {_brief(err)}. The run "
                 "saves a checkpoint and stops: run the same command with --resume once the data is "
                 "reachable") from None
         delay = min(RETRY_FIRST_DELAY_S * 2 ** (self.attempt - 1), RETRY_MAX_DELAY_S, left)
-        self.note(f"data: {where}: {_brief(err)}; reopening the stream at its position in {delay:.0f} s "
-                  f"(attempt {self.attempt}, {left / 60:.1f} of {self.minutes:g} min left)")
+        self.note(f"data: {where}: {_brief(err)}; reopening the stream at its position in {delay:.1f} s "
+                  f"(attempt {self.attempt}; gives up in {_duration(left)}, data.retry_minutes {self.minutes:g})")
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:
             if self.stopped():
@@ -208,6 +212,7 @@ class _Reader:
         self.row_groups = True
         self.mixture = training_mixture(cfg)  # opened and checked now: errors a user can fix come first
         self.stale = False  # True: rebuild the mixture before reading (after a fault, or an abandoned reader)
+        self.opened_at: dict | None = None  # the state the open iterator started from, until it reads
 
     def open(self, dataset_state: dict):
         """An iterator over the mixture's documents from `dataset_state`."""
@@ -216,9 +221,16 @@ class _Reader:
             self.mixture = training_mixture(self.cfg, self.row_groups, strict=False)
             self.stale = False
         self.mixture.load_state_dict(dataset_state)
+        self.opened_at = dataset_state
         return iter(self.mixture)
 
+    def dataset_state(self) -> dict:
+        """The mixture's position. Until the open iterator has read a document, `datasets` still
+        reports the state from before load_state_dict, so the state it was opened at is the answer."""
+        return self.opened_at if self.opened_at is not None else self.mixture.state_dict()
+
     def read_document(self, documents) -> dict:
+        self.opened_at = None  # from here on the mixture's own state is the position
         group = []
         for _ in range(self.world_size):  # one document per rank
             doc = next(documents, None)
@@ -247,7 +259,7 @@ class _Reader:
                 documents = self.open(position.dataset)
                 while True:
                     batch, pending = self.pack(documents, position.pending, batch_size)
-                    position = Position(self.mixture.state_dict(), pending)
+                    position = Position(self.dataset_state(), pending)
                     backoff.reset()
                     yield batch, position
             except Exception as err:  # noqa: BLE001 -- sorted below
@@ -308,6 +320,7 @@ class TokenStream:
         """One optimizer step's `count` micro-batches. When the data stops, the stream goes back to
         the step's start (the checkpoint the trainer then saves holds no half step). Under data
         parallelism the ranks agree first, so no rank is left waiting in backward."""
+        self._settle()
         start, batches, stopped = self._position, [], None
         try:
             for _ in range(count):
@@ -324,13 +337,16 @@ class TokenStream:
 
     def next_document(self) -> dict:
         """This rank's next training document, {"text", "source"}, read on the calling thread
-        (inspection and tests; it moves the dataset position, not the pending tokens)."""
+        (inspection, tests, tools; it moves the dataset position, not the pending tokens)."""
         if self._documents is None:
             self._stop()
             self._documents = self.reader.open(self._position.dataset)
-        doc = self.reader.read_document(self._documents)
-        self._position = Position(self.reader.mixture.state_dict(), self._position.pending)
-        return doc
+        return self.reader.read_document(self._documents)
+
+    def _settle(self) -> None:
+        """After next_document(): the position is the mixture's (taken only when it is needed)."""
+        if self._documents is not None:
+            self._position = Position(self.reader.dataset_state(), self._position.pending)
 
     def _on_wait(self, notes: queue.SimpleQueue, waiting: bool) -> None:
         """The producer's notes go to the log; a stop signal ends a wait for data."""
@@ -354,6 +370,7 @@ class TokenStream:
 
     def _stop(self) -> None:
         if self._documents is not None:
+            self._settle()
             self._documents.close()
             self._documents = None
         if not self._source.stop():
@@ -367,6 +384,7 @@ class TokenStream:
 
     def state_dict(self) -> dict:
         """Plain python: the `datasets` mixture state, the pending tokens, the shard layout."""
+        self._settle()
         return {"sources": self.source_names, "dataset": self._position.dataset,
                 "pending_tokens": list(self._position.pending),
                 "shards": ROW_GROUP_SHARDS if self.reader.row_groups else "files"}

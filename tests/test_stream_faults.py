@@ -205,6 +205,27 @@ def test_read_ahead_checkpoints_the_consumers_position(folder, tok):
     assert same(batches(resumed, 10), batches(ahead, 10))
 
 
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_a_batch_of_leftover_tokens_keeps_the_loaded_position(folder, tok, prefetch):
+    """After load_state_dict, a batch made of pending tokens alone reads no document, and `datasets`
+    reports its pre-load state until it reads: the stream must keep the loaded position. (The
+    random-kill test found this: a resume at such a step restarted the data.)"""
+    cfg = local(folder, prefetch=prefetch)
+    first = TokenStream(cfg, tok, 16)
+    batches(first, 7)
+    state = {**first.state_dict(), "pending_tokens": [int(t) % 50000 for t in range(3 * 4 * 17 + 5)]}
+    straight = TokenStream(cfg, tok, 16)
+    straight.load_state_dict(state)
+    expected = batches(straight, 6)
+    hop = TokenStream(cfg, tok, 16)
+    hop.load_state_dict(state)
+    got = batches(hop, 1)   # from the pending tokens only
+    assert hop.state_dict()["dataset"] == state["dataset"]
+    again = TokenStream(cfg, tok, 16)
+    again.load_state_dict(hop.state_dict())
+    assert same(got + batches(again, 5), expected)
+
+
 def test_parquet_resume_skips_row_groups_and_old_states_keep_their_layout(tmp_path, tok, monkeypatch):
     """Resuming re-reads at most the formatting batch in progress (`datasets` replays a batched map
     from its batch's start, up to two batches back) and the row groups it spans, wherever the
