@@ -105,6 +105,23 @@ def truncate_text_log(path: Path, last_step: int) -> int:
     return len(lines) - len(kept)
 
 
+def start_line(runtime, params: dict, cfg, world: int) -> str:
+    """The text log's first line of a run (or of a resumed attempt): where and what it trains."""
+    t = cfg.train
+    ranks = (f" | data-parallel: {world} ranks x {t.grad_accum} micro-batches x {t.batch_size} "
+             f"sequences" if runtime.dist.enabled else "")
+    return (f"Start | device {runtime.device} | precision {runtime.precision} ({runtime.precision_reason}) | "
+            f"params {params['total']:,} total, {params['active_per_token']:,} active per token | "
+            f"{cfg.tokens_per_step(world):,} tokens/step{ranks} | target {t.total_tokens:,} tokens "
+            f"({cfg.total_steps(world):,} steps)")
+
+
+def step_text(tokens: int, loss_ce: float, loss_lb: float | None, lr: float) -> str:
+    """The part of a step's text line every training row and event shares."""
+    lb = f" | LossLB {loss_lb:.4f}" if loss_lb is not None else ""
+    return f"Tokens {tokens:,} | LossCE {loss_ce:.4f}{lb} | LR {lr:.2e}"
+
+
 class RunLogger:
     """training_log.txt, training_log.csv, events.csv, eval.csv and the console."""
 
@@ -202,6 +219,15 @@ class RunLogger:
             self._guard(log.sync)
         self._guard(os.fsync, self._text.fileno())
 
+    def fsync(self) -> None:
+        """fsync every log file, without flushing (each write flushes already): safe to call from
+        the checkpoint writer's thread while the training thread goes on writing."""
+        for fileno in [log._file.fileno for log in self._csv_logs] + [self._text.fileno]:
+            try:
+                os.fsync(fileno())
+            except (OSError, ValueError):  # a full disk is reported by the writes; closed: nothing to do
+                pass
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -223,4 +249,5 @@ class NullLogger:
     def eval_rows(self, rows: list[dict], text: str) -> None: ...
     def state_rows(self, rows: list[dict]) -> None: ...
     def sync(self) -> None: ...
+    def fsync(self) -> None: ...
     def close(self) -> None: ...
