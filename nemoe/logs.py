@@ -46,10 +46,6 @@ class CsvLog:
         self._writer.writerow({k: _fmt(v) for k, v in row.items()})
         self._file.flush()
 
-    def sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
     def close(self) -> None:
         self._file.close()
 
@@ -213,15 +209,10 @@ class RunLogger:
     def _csv_logs(self) -> list[CsvLog]:
         return [log for log in (self.train_csv, self.events_csv, self.eval_csv, self.state_csv) if log]
 
-    def sync(self) -> None:
-        """Push every log to disk (before a checkpoint claims these steps are done)."""
-        for log in self._csv_logs:
-            self._guard(log.sync)
-        self._guard(os.fsync, self._text.fileno())
-
     def fsync(self) -> None:
-        """fsync every log file, without flushing (each write flushes already): safe to call from
-        the checkpoint writer's thread while the training thread goes on writing."""
+        """Push every log to disk (before a checkpoint claims these steps are done). fsync only,
+        no flush (each write flushes already): safe on the checkpoint writer's thread while the
+        training thread goes on writing."""
         for fileno in [log._file.fileno for log in self._csv_logs] + [self._text.fileno]:
             try:
                 os.fsync(fileno())
@@ -248,6 +239,5 @@ class NullLogger:
     def event_row(self, row: dict, text: str) -> None: ...
     def eval_rows(self, rows: list[dict], text: str) -> None: ...
     def state_rows(self, rows: list[dict]) -> None: ...
-    def sync(self) -> None: ...
     def fsync(self) -> None: ...
     def close(self) -> None: ...

@@ -85,7 +85,8 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 # Faults over HTTP
 # --------------------------------------------------------------------------- #
 
-@pytest.mark.parametrize("prefetch", [0, 4])
+# slow: opening a stream over HTTP takes a few seconds; the fast loop keeps the read-ahead case.
+@pytest.mark.parametrize("prefetch", [pytest.param(0, marks=pytest.mark.slow), 4])
 def test_http_faults_are_retried_and_change_nothing(folder, tok, prefetch):
     expected = batches(TokenStream(local(folder), tok, 16), 40)
     plan = {("web.parquet", 3): "drop", ("web.parquet", 20): "500", ("alpaca.jsonl", 2): "drop",
@@ -147,6 +148,7 @@ def test_hf_source_reads_retry_injected_failures(folder, tok, monkeypatch, tmp_p
     assert "'web' (hf: org/web)" in notes[0]
 
 
+@pytest.mark.slow   # a stream over HTTP, reopened many times
 def test_outage_longer_than_retry_minutes_raises_then_the_stream_continues(folder, tok):
     expected = batches(TokenStream(local(folder), tok, 16), 30)
     server = serve(folder, fail_all_after=0)
@@ -167,6 +169,7 @@ def test_outage_longer_than_retry_minutes_raises_then_the_stream_continues(folde
     assert same(got, expected), "after the outage the stream goes on from its position"
 
 
+@pytest.mark.slow   # a stream over HTTP
 def test_stop_signal_ends_a_wait_for_data_at_the_step_start(folder, tok):
     server = serve(folder, fail_all_after=0)
     stop = {"now": False}
