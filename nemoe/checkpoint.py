@@ -6,7 +6,7 @@ or nothing. On resume the newest file that loads and looks like a nemoe
 checkpoint wins; a truncated or unreadable newer one is skipped with a warning.
 
 Off the critical path: `Checkpointer.save()` takes a snapshot at the step boundary
-(every tensor copied to CPU memory of its own, `snapshot()`) and hands it to a
+(every tensor copied to CPU memory of its own, `Snapshotter`) and hands it to a
 background thread that writes, fsyncs and renames while training goes on; the next
 save, the end of the run and a stop wait for that write (never two at once), and its
 failure counts like a synchronous one. A finished checkpoint then goes to the mirror
@@ -142,28 +142,54 @@ def load_latest(directory: Path, warn: Callable[[str], None],
     return None
 
 
-def snapshot(state):
-    """A copy of `state` that training cannot change: every tensor copied into CPU memory of its
-    own (from the GPU, or cloned on the CPU), containers rebuilt, other values deep-copied.
-    Tensors that share storage (tied embeddings) share it in the copy too, so the file keeps
-    its size. Peak extra host memory: the size of the tensors (about the checkpoint's size)."""
-    storages: dict = {}
+class Snapshotter:
+    """Copies of the training state that training cannot change, for a background write.
 
-    def copy_of(obj):
-        if isinstance(obj, torch.Tensor):
-            source = obj.untyped_storage()
-            key = (obj.device, source.data_ptr(), source.nbytes())
-            if key not in storages:
-                storages[key] = source.cpu() if obj.device.type != "cpu" else source.clone()
-            return torch.empty(0, dtype=obj.dtype).set_(storages[key], obj.storage_offset(), obj.size(), obj.stride())
-        if isinstance(obj, dict):
-            return {k: copy_of(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(copy_of(v) for v in obj)
-        if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-            return obj
-        return copy.deepcopy(obj)
-    return copy_of(state)
+    take(state) rebuilds the containers, deep-copies plain values and copies every tensor into
+    CPU memory of its own (from the GPU, or from CPU tensors). Tensors that share storage (tied
+    embeddings) share it in the copy too, so the file keeps its size. The CPU buffers are kept
+    and refilled by the next take(): parameters and optimizer moments keep their storage for the
+    whole run (expert slots never change shape), and copying into memory already mapped is
+    several times faster than allocating it again (615 MB at t4 shapes: 0.5 s against 1.7 s on a
+    loaded 2-core machine). The cost: host memory the size of the checkpoint's tensors, held from
+    the first save on. Call take() only once the previous snapshot has been written."""
+
+    def __init__(self):
+        self.buffers: dict = {}   # (device, data_ptr, nbytes) of a live storage -> its CPU copy
+
+    def take(self, state):
+        used: dict = {}
+
+        def copy_of(obj):
+            if isinstance(obj, torch.Tensor):
+                source = obj.untyped_storage()
+                key = (obj.device, source.data_ptr(), source.nbytes())
+                if key not in used:
+                    used[key] = self._copy(key, source)
+                return torch.empty(0, dtype=obj.dtype).set_(used[key], obj.storage_offset(), obj.size(), obj.stride())
+            if isinstance(obj, dict):
+                return {k: copy_of(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(copy_of(v) for v in obj)
+            if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+                return obj
+            return copy.deepcopy(obj)
+        copied = copy_of(state)
+        self.buffers = used   # storages gone from the state (none in a normal run) are let go
+        return copied
+
+    def _copy(self, key, source):
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            pinned = source.device.type == "cuda"   # page-locked: faster copies from the GPU
+            buffer = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+        buffer.copy_(source)
+        return buffer
+
+
+def snapshot(state):
+    """A one-off copy of `state` that training cannot change (see Snapshotter)."""
+    return Snapshotter().take(state)
 
 
 class _Write:
@@ -198,6 +224,7 @@ class Checkpointer:
         self.failures = 0
         self.last_save = self.last_success = time.monotonic()
         self.pending: _Write | None = None
+        self.snapshots = Snapshotter()
         self.step = 0  # the run's step at the last save: log lines about earlier writes carry it
         self.blocked_s: list[float] = []  # per save: time the training loop waited (snapshot + previous write)
 
@@ -211,7 +238,7 @@ class Checkpointer:
         started, self.step = time.perf_counter(), state["step"]
         self.wait()
         if self.info.is_main:
-            write = _Write(self._write, snapshot(state) if self.cfg.background else state)
+            write = _Write(self._write, self.snapshots.take(state) if self.cfg.background else state)
             if not self.cfg.background:
                 write.thread.join()
             self.pending = write

@@ -187,6 +187,8 @@ class _Prefetcher:
             try:
                 kind, value = self.items.get(timeout=0.1)
             except queue.Empty:
+                if not self.thread.is_alive() and self.items.empty():
+                    raise RuntimeError("the data thread ended without a batch or an error") from None
                 on_wait(self.notes, True)
                 continue
             on_wait(self.notes, False)
