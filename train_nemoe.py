@@ -5,6 +5,7 @@
     python train_nemoe.py --config t4.yaml                 # Colab T4, streamed web text
     python train_nemoe.py --config t4.yaml --resume        # after a disconnect
     python train_nemoe.py --init-from gpt2                 # upcycle a pretrained GPT-2 (configs/pretrained.yaml)
+    python train_nemoe.py --config t4.yaml --run-dir /content/nemoe --mirror-dir /content/drive/MyDrive/nemoe --resume
     torchrun --nproc_per_node 2 train_nemoe.py --config local.yaml   # data-parallel (DDP)
 """
 
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override one config key, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--run-name", default=None, help="run folder name (default: the config's name)")
     p.add_argument("--run-dir", default=".", help="where logs/ and checkpoints/ go (default: .)")
+    p.add_argument("--mirror-dir", default=None, metavar="DIR",
+                   help="also copy every checkpoint and the logs to DIR/checkpoints, DIR/logs in the background, "
+                        "verified (e.g. Google Drive; sets checkpoint.mirror_dir); --resume looks in both")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint of this run (none yet: start fresh)")
     p.add_argument("--allow-config-change", action="store_true",
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         # A run being resumed takes an imported model's shape from its own records, not from the source.
         resume = (Path(args.run_dir), args.run_name) if args.resume else None
         cfg = load_config(config, overrides_of(args), resume=resume)
+        if args.mirror_dir is not None:
+            cfg.checkpoint.mirror_dir = args.mirror_dir
         trainer = Trainer(cfg, RunPaths.of(Path(args.run_dir), args.run_name or cfg.name), resume=args.resume,
                           max_steps=args.max_steps, allow_config_change=args.allow_config_change)
         try:

@@ -25,7 +25,7 @@ import yaml
 
 from nemoe import configlib
 from nemoe.configlib import setting
-from nemoe.data import DataConfig
+from nemoe.sources import DataConfig
 from nemoe.errors import UserError
 
 @dataclass
@@ -202,6 +202,13 @@ class CheckpointConfig:
     """Checkpoints of this run to keep; older ones are deleted after a successful save."""
     max_failures: int = setting(3, ge=1)
     """Failed saves in a row (full disk, read-only folder) after which the run stops."""
+    background: bool = True
+    """Write checkpoints on a background thread: training waits only for a copy of the state in CPU
+    memory (and for the previous write, if still going). false: write on the training thread."""
+    mirror_dir: str | None = None
+    """A second folder (e.g. on Google Drive) that receives a verified copy of every checkpoint and of
+    the logs, in the background (`--mirror-dir`); --resume takes the newest valid checkpoint of the
+    run folder and the mirror. None: no mirror."""
 
 
 @dataclass

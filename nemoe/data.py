@@ -1,543 +1,414 @@
-"""Data: sources -> documents -> tokens -> packed blocks, with an exactly resumable state.
+"""Training batches: the source mixture (nemoe/sources.py) -> tokens -> packed blocks, read
+ahead of the GPU, at an exact position that survives read faults.
 
-Pipeline (DESIGN section 6), per source:
+`TokenStream` tokenizes documents with GPT-2 BPE, ends each with <|endoftext|> and cuts
+the concatenation into blocks of seq_len + 1 tokens; what is left of a document carries
+into the next block (no truncation). There is no shuffle buffer: its content would not
+be in `state_dict()`.
 
-    load (hf hub / local files / built-in corpus), streaming
-    -> documents {"text", "source"}      format: text field, alpaca template, wikitext articles
-    -> held-out rule                      the source's eval split, else a hash of the text
-    -> repeat forever (on_exhausted: cycle)
-then `interleave_datasets` draws each next document from a source chosen at random
-with the configured weights. `TokenStream` tokenizes documents with GPT-2 BPE, ends
-each with <|endoftext|> and cuts the concatenation into blocks of seq_len + 1
-tokens; what is left of a document carries into the next block (no truncation).
+Position. After every batch the stream records a `Position`: the `datasets` state
+(which example of which shard each source reached, the interleave's RNG) and the tokens
+read but not yet emitted. A new stream that loads it yields the same next batches, bit
+for bit. That one mechanism serves three purposes:
 
-There is no shuffle buffer: its content would not be in `state_dict()`. The stream's
-state is the `datasets` state (which example of which shard each source reached,
-the interleave's RNG) plus the tokens read but not yet emitted, so a new stream
-that loads it yields the same next batches, bit for bit.
+- checkpoints: `state_dict()` is the position after the last batch *training took*;
+- read-ahead: a bounded background thread (`data.prefetch_batches`) reads, formats,
+  tokenizes and packs the next batches while the model trains; each batch travels with
+  the position after it, so batches read ahead but not yet taken are not in a checkpoint;
+- faults: when a read fails (a dropped connection, HTTP 5xx / 429 once `datasets`' own
+  retries are spent, a storage mount gone), the producer rebuilds the mixture, reopens it
+  at the position after the last whole batch and reads that batch again, with back-off,
+  one log line per attempt, for up to `data.retry_minutes`. A recovered fault therefore
+  changes nothing in training. Past the limit the stream raises `DataUnavailable` and the
+  trainer saves a checkpoint, then exits 2.
 """
 
 from __future__ import annotations
 
-import codecs
-import glob
-import hashlib
-import logging
-import math
-import os
-import re
+import queue
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import Callable, Iterator
 
-import datasets
 import pyarrow
 import torch
-from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 
-from nemoe import configlib, distributed
-from nemoe.builtin_corpus import BUILTIN_CORPORA, builtin_corpus
-from nemoe.configlib import setting
+from nemoe import distributed
 from nemoe.errors import UserError
+from nemoe.sources import (DataConfig, SourceConfig, alpaca_document, builtin_corpus, heldout_batches, is_heldout,
+                           source_documents, source_of_error, training_mixture, wikitext_articles)
 
-FILE_LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
-DOC_FEATURES = Features({"text": Value("string"), "source": Value("string")})
+__all__ = ["DataConfig", "DataExhausted", "DataInterrupted", "DataStopped", "DataUnavailable", "Position",
+           "SourceConfig", "TokenStream", "alpaca_document", "builtin_corpus", "heldout_batches", "is_heldout",
+           "source_documents", "wikitext_articles"]   # the sources' names too: nemoe.data was their home
 
-# Reaching the Hub: attempts and the first back-off delay (doubling). Tests patch these.
-HUB_ATTEMPTS = 3
-HUB_BACKOFF_S = 2.0
-# Rows per batched formatting call. WikiText rows are lines and articles are grouped
-# within one call, so an article that straddles two calls becomes two documents:
-# larger calls cut fewer articles (WikiText-103 averages ~60 lines per article).
-MAP_BATCH_ROWS = 256
-WIKITEXT_BATCH_ROWS = 2048
+# Back-off between attempts to reopen a failed stream: doubling from the first delay up to the cap.
+RETRY_FIRST_DELAY_S = 2.0
+RETRY_MAX_DELAY_S = 120.0
+# A deliberately slow source for tests and tools/bench.py: seconds slept per document read. 0 in runs.
+DOCUMENT_DELAY_S = 0.0
+# How long a stop waits for the producer thread to finish its current read before abandoning it.
+STOP_TIMEOUT_S = 10.0
+# The "shards" entry of a state: parquet sources read as one shard per row group (sources.py).
+# States without it were written when a shard was a whole file; they load into that layout.
+ROW_GROUP_SHARDS = "row_groups"
 
 
+class DataStopped(UserError):
+    """The training data stopped. The trainer saves a checkpoint at the last whole step, then
+    ends the run: with exit code 2 when `fatal`, normally otherwise."""
 
-# --------------------------------------------------------------------------- #
-# Configuration
-# --------------------------------------------------------------------------- #
+    fatal = True
 
-@dataclass
-class SourceConfig:
-    name: str = ""
-    """Label of the source in logs and eval.csv; unique within data.sources."""
-    kind: Literal["hf", "files", "builtin"] = "hf"
-    """Where documents come from: hf (Hugging Face Hub), files (local files) or builtin."""
-    path: str = ""
-    """hf: dataset id; files: a file path or glob (.parquet, .jsonl/.json, or .txt whose blank-line
-    separated paragraphs are the documents); builtin: prose or code."""
-    config: str | None = None
-    """hf: the dataset's config name (e.g. sample-10BT, wikitext-103-raw-v1)."""
-    split: str = "train"
-    """hf: the split streamed for training."""
-    format: Literal["text", "alpaca", "wikitext"] = "text"
-    """text: one field per row; alpaca: instruction/input/output rows become one prompt-response
-    document; wikitext: rows are lines, grouped into articles at ' = Title = ' headings."""
-    text_field: str = "text"
-    """Column holding the document text (format text and wikitext; builtin ignores it)."""
-    weight: float = setting(1.0, gt=0, lt=math.inf)
-    """Relative share of documents drawn from this source (weights are normalised)."""
-    eval_split: str | None = None
-    """Held-out text of this source: hf, a split name (e.g. validation); files, a path or glob of
-    held-out files. The training stream then uses all of `split`/`path`. None: the hash rule."""
 
-
-def _default_sources() -> list[SourceConfig]:
-    return [SourceConfig(name="prose", kind="builtin", path="prose", weight=0.7),
-            SourceConfig(name="code", kind="builtin", path="code", weight=0.3)]
-
-
-@dataclass
-class DataConfig:
-    sources: list[SourceConfig] = setting(factory=_default_sources, unsafe=True)
-    """The mixture; each entry a SourceConfig (or a mapping with its keys)."""
-    heldout_fraction: float = setting(0.01, gt=0, lt=1, unsafe=True)
-    """Hash rule: the share of a source's documents held out for evaluation (sources without eval_split)."""
-    seed: int | None = setting(None, unsafe=True)
-    """Seed of the mixture's source choices. None (default): derived from train.seed when the Config
-    is built, so each run seed gives its own data order; an explicit value always wins. (A
-    DataConfig used on its own, outside a Config, mixes with seed 0 when this is None.)"""
-    on_exhausted: Literal["cycle", "stop"] = "cycle"
-    """When a source runs out: cycle (start it again) or stop (end training data with an error)."""
-
-    def __post_init__(self):
-        """Sources given as mappings (YAML shape) become SourceConfigs; a bad entry is a UserError."""
-        problems: list[str] = []
-        sources = configlib.coerce(self.sources, list[SourceConfig], "data.sources", problems)
-        if problems:
-            raise UserError("invalid data config:\n  - " + "\n  - ".join(problems))
-        self.sources = sources
-
-    def validate(self) -> list[str]:
-        """Every problem with this data config, one readable line each (empty when usable).
-
-        A Config validates its data section itself (config_from_dict); this is for a
-        DataConfig built on its own. TokenStream and heldout_batches do not validate.
-        """
-        return configlib.validate(self, "data")
-
-    def check(self, cfg=None) -> list[str]:
-        """The rules across fields: at least one source, unique names, each source's kind-specific rules."""
-        problems = []
-        if not self.sources:
-            problems.append("data.sources is empty: list at least one source "
-                            "(e.g. {name: prose, kind: builtin, path: prose})")
-        names = [s.name for s in self.sources]
-        for dup in sorted({n for n in names if names.count(n) > 1}):
-            problems.append(f"data.sources: the name {dup!r} is used more than once; names must be unique")
-        for i, src in enumerate(self.sources):
-            problems += _source_problems(src, f"data.sources[{i}] ({src.name or 'unnamed'})")
-        return problems
-
-
-def _source_problems(src: SourceConfig, where: str) -> list[str]:
-    """A source's rules beyond its field types and bounds: names, paths, what each kind allows."""
-    problems = []
-    if not src.name:
-        problems.append(f"{where}: name is empty; give every source a unique name")
-    if not src.text_field:
-        problems.append(f"{where}: text_field is empty")
-    if src.kind == "builtin":
-        if src.path not in BUILTIN_CORPORA:
-            problems.append(f"{where}: builtin path must be one of {', '.join(BUILTIN_CORPORA)}, got {src.path!r}")
-        if src.format != "text":
-            problems.append(f"{where}: builtin sources have format text, got {src.format!r}")
-        if src.eval_split is not None:
-            problems.append(f"{where}: builtin sources have no eval_split; the hash rule holds text out")
-    elif src.kind == "hf" and not src.path:
-        problems.append(f"{where}: path is empty; give the Hub dataset id (e.g. HuggingFaceFW/fineweb)")
-    elif src.kind == "files":
-        for role, pattern in (("path", src.path), ("eval_split", src.eval_split)):
-            if role == "path" or pattern is not None:
-                problems += [f"{where}: {role} {msg}" for msg in _file_problems(pattern)]
-    return problems
-
-
-def _file_problems(pattern: str) -> list[str]:
-    if not pattern:
-        return ["is empty; give a file path or glob"]
-    files = _matching_files(pattern)
-    if not files:
-        return [f"{pattern!r} matches no file (relative paths start at {os.getcwd()})"]
-    loaders = {_loader_for(f) for f in files}
-    if None in loaders:
-        return [f"{pattern!r} matches files of an unsupported type; use {', '.join(FILE_LOADERS)}"]
-    if len(loaders) > 1:
-        return [f"{pattern!r} mixes file types ({', '.join(sorted(loaders))}); use one type per source"]
-    return []
-
-
-def _matching_files(pattern: str) -> list[str]:
-    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-
-
-def _loader_for(path: str) -> str | None:
-    return FILE_LOADERS.get(Path(path).suffix.lower())
-
-
-def _weights(cfg: DataConfig) -> list[float]:
-    total = sum(s.weight for s in cfg.sources)
-    return [s.weight / total for s in cfg.sources]
-
-
-# --------------------------------------------------------------------------- #
-# Documents: formats and the held-out rule
-# --------------------------------------------------------------------------- #
-
-def is_heldout(text: str, fraction: float) -> bool:
-    """The hash rule: a stable 64-bit digest of the text, read as a number in [0, 1), is below `fraction`.
-
-    hashlib, not hash(): Python salts str hashes per process, which would move
-    documents between training and evaluation from one run (or resume) to the next.
-    """
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2.0**64
-
-
-def alpaca_document(instruction: str, input_text: str | None, output: str) -> str:
-    """One Alpaca row as a prompt-response document (the input section only when non-empty)."""
-    parts = [f"### Instruction:\n{(instruction or '').strip()}"]
-    if input_text and input_text.strip():
-        parts.append(f"### Input:\n{input_text.strip()}")
-    parts.append(f"### Response:\n{(output or '').strip()}")
-    return "\n\n".join(parts)
-
-
-# " = Valkyria Chronicles III = " opens an article; " = = Gameplay = = " is a section inside one.
-_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
-
-
-def wikitext_articles(lines: list[str]) -> list[str]:
-    """WikiText rows (one line each, blank rows between) grouped into article documents."""
-    articles, current = [], []
-    for line in lines:
-        if not isinstance(line, str) or not line.strip():
-            continue
-        if _WIKITEXT_TITLE.match(line.rstrip("\n")) and current:
-            articles.append(current)
-            current = []
-        current.append(line)
-    if current:
-        articles.append(current)
-    # Lines keep their own "\n"; joining with another gives the blank line between
-    # paragraphs that the raw WikiText files have.
-    return ["\n".join(article) for article in articles]
-
-
-def _format_batch(batch: dict, src: SourceConfig) -> dict:
-    """A batch of raw rows -> {"text": [...], "source": [...]}, empty documents dropped."""
-    if src.format == "alpaca":
-        inputs = batch.get("input") or [None] * len(batch["instruction"])
-        texts = [alpaca_document(i, x, o) for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
-    elif src.format == "wikitext":
-        texts = wikitext_articles(batch[_text_column(src)])
-    else:
-        texts = batch[_text_column(src)]
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    return {"text": texts, "source": [src.name] * len(texts)}
-
-
-def _text_column(src: SourceConfig) -> str:
-    return "text" if src.kind == "builtin" else src.text_field
-
-
-def _required_columns(src: SourceConfig) -> list[str]:
-    return ["instruction", "output"] if src.format == "alpaca" else [_text_column(src)]
-
-
-# --------------------------------------------------------------------------- #
-# Opening sources (errors a user can cause become UserErrors that name the source)
-# --------------------------------------------------------------------------- #
-
-def _describe(src: SourceConfig) -> str:
-    config = f", config {src.config}" if src.config else ""
-    return f"data source {src.name!r} ({src.kind}: {src.path}{config})"
-
-
-def _hub_failure_message(src: SourceConfig, err: Exception, kind: str) -> str:
-    what = "was not found or is not accessible" if kind == "not_found" else "cannot be reached"
-    hint = ("Check its path and config against huggingface.co (a gated dataset needs "
-            "`huggingface-cli login`). To train without it, " if kind == "not_found"
-            else "Without access to the Hugging Face Hub, ")
-    return (f"{_describe(src)} {what}: {type(err).__name__}: {err}\n{hint}train on the built-in corpus "
-            "with `--config local.yaml`, or point this source at local copies of the data with "
-            "`kind: files` and `path: <file or glob>`.")
-
-
-def _hub_error_kind(err: BaseException) -> str | None:
-    """'transient' (worth retrying), 'unreachable', 'not_found', or None (not a data access error)."""
-    if not isinstance(err, OSError):  # ConnectionError, TimeoutError and the Hub's HTTP errors are
-        return None
-    if datasets.config.HF_HUB_OFFLINE:
-        return "unreachable"
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, (FileNotFoundError, PermissionError)) or status in (401, 403, 404):
-        return "not_found"
-    return "transient"
-
-
-def _with_hub_retries(action, src: SourceConfig):
-    """Run `action()` for an hf source, retrying transient failures with a doubling back-off."""
-    for attempt in range(HUB_ATTEMPTS):
-        try:
-            return action()
-        except Exception as err:  # noqa: BLE001 -- classified below; anything else re-raises
-            kind = _hub_error_kind(err)
-            if kind is None:
-                raise
-            if kind == "transient" and attempt + 1 < HUB_ATTEMPTS:
-                delay = HUB_BACKOFF_S * 2**attempt
-                # A formatted string, not `err` itself: a log record holding the exception
-                # would keep every frame of its traceback (and their streams) alive.
-                logging.getLogger(__name__).warning(
-                    f"{_describe(src)}: {type(err).__name__}: {err}; retrying in {delay:.0f} s")
-                time.sleep(delay)
-                continue
-            raise UserError(_hub_failure_message(src, err, kind)) from None
-    raise AssertionError("unreachable")
-
-
-def _is_utf8(path: str, chunk: int = 1 << 20) -> bool:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                decoder.decode(block)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _load_raw(src: SourceConfig, part: str) -> IterableDataset:
-    """The source's raw rows, streaming; `part` is "train" or "heldout" (its eval split)."""
-    if src.kind == "builtin":
-        return builtin_corpus(src.path).to_iterable_dataset(num_shards=1)
-    if src.kind == "files":
-        pattern = src.eval_split if part == "heldout" and src.eval_split else src.path
-        files = _matching_files(pattern)
-        if not files:
-            raise UserError(f"{_describe(src)}: no file matches {pattern!r}")
-        loader = _loader_for(files[0])
-        options = {}
-        if loader == "text":
-            # Undecodable bytes become U+FFFD instead of ending the run; say which files have them.
-            options = {"sample_by": "paragraph", "encoding_errors": "replace"}
-            for path in files:
-                if not _is_utf8(path):
-                    print(f"warning: {_describe(src)}: {path} is not valid UTF-8; undecodable bytes "
-                          f"are read as U+FFFD", file=sys.stderr, flush=True)
-        try:
-            return load_dataset(loader, data_files=files, split="train", streaming=True, **options)
-        except (OSError, ValueError) as err:  # unreadable file (pyarrow's errors are ValueErrors)
-            raise UserError(f"{_describe(src)}: cannot read {pattern!r}: {type(err).__name__}: {err}") from None
-    split = src.eval_split if part == "heldout" and src.eval_split else src.split
-
-    def load():
-        try:
-            return load_dataset(src.path, src.config, split=split, streaming=True)
-        except ValueError as err:  # unknown config or split name
-            raise UserError(f"{_describe(src)}: {err}") from None
-    return _with_hub_retries(load, src)
-
-
-def _columns(raw: IterableDataset, src: SourceConfig) -> list[str]:
-    """Column names of a raw source, reading the first row when the loader does not declare them."""
-    if raw.column_names is not None:
-        return raw.column_names
-    first = _first_row(raw, src)
-    return list(first) if first is not None else _required_columns(src)
-
-
-def _first_row(ds: IterableDataset, src: SourceConfig) -> dict | None:
-    """The first row of `ds` (None when empty); access errors become UserErrors naming the source."""
-    def read():
-        rows = iter(ds)
-        try:
-            return next(rows, None)
-        finally:
-            rows.close()  # end the probe now rather than at garbage collection
-    if src.kind == "hf":
-        return _with_hub_retries(read, src)
-    try:
-        return read()
-    except (OSError, pyarrow.ArrowException) as err:  # an unreadable local file
-        raise UserError(f"{_describe(src)}: cannot read it: {type(err).__name__}: {err}") from None
-
-
-def source_documents(src: SourceConfig, cfg: DataConfig, part: str) -> IterableDataset:
-    """One source as a stream of {"text", "source"} documents; part "train" or "heldout"."""
-    raw = _load_raw(src, part)
-    columns = _columns(raw, src)
-    missing = [c for c in _required_columns(src) if c not in columns]
-    if missing:
-        raise UserError(f"{_describe(src)} has no column {', '.join(map(repr, missing))} "
-                        f"(format {src.format}); its columns are: {', '.join(columns)}. "
-                        "Set text_field to the column holding the text.")
-    docs = raw.map(_format_batch, batched=True, fn_kwargs={"src": src}, remove_columns=columns,
-                   batch_size=WIKITEXT_BATCH_ROWS if src.format == "wikitext" else MAP_BATCH_ROWS,
-                   features=DOC_FEATURES)
-    if src.eval_split is None:  # the hash rule splits this source's own stream
-        keep_heldout = part == "heldout"
-        docs = docs.filter(lambda doc: is_heldout(doc["text"], cfg.heldout_fraction) == keep_heldout)
-    return docs
-
-
-def training_mixture(cfg: DataConfig) -> IterableDataset:
-    """All sources' training documents interleaved by weight (a `datasets` IterableDataset)."""
-    parts = []
-    for src in cfg.sources:
-        docs = source_documents(src, cfg, "train")
-        if _first_row(docs, src) is None:
-            raise UserError(f"{_describe(src)} yields no training documents (is it empty, or all held out?)")
-        parts.append(docs.repeat(None) if cfg.on_exhausted == "cycle" else docs)
-    # With every source repeating forever, "first_exhausted" never triggers under "cycle";
-    # under "stop" it ends the mixture when any source runs out, keeping the proportions honest.
-    seed = 0 if cfg.seed is None else cfg.seed  # None only for a DataConfig used outside a Config
-    return interleave_datasets(parts, probabilities=_weights(cfg), seed=seed,
-                               stopping_strategy="first_exhausted")
-
-
-# --------------------------------------------------------------------------- #
-# Tokens and packing
-# --------------------------------------------------------------------------- #
-
-class DataExhausted(UserError):
+class DataExhausted(DataStopped):
     """The training mixture ran out (data.on_exhausted: stop)."""
+
+    fatal = False
+
+
+class DataUnavailable(DataStopped):
+    """Reading failed for longer than data.retry_minutes, or the data cannot be parsed."""
+
+
+class DataInterrupted(DataStopped):
+    """A stop signal (Ctrl-C, SIGTERM) arrived while the stream was waiting for data."""
+
+    fatal = False
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the stream stands between two batches (both parts are never mutated once made)."""
+
+    dataset: dict          # the `datasets` mixture state
+    pending: list[int]     # tokens read but not yet emitted: the packer's leftovers
+
+
+def is_read_fault(err: BaseException) -> bool:
+    """A failed read that may succeed later: retried. (OSError covers ConnectionError, TimeoutError,
+    the Hub's HTTP errors and arrow's I/O errors; aiohttp's errors come from fsspec's HTTP files.)"""
+    aiohttp = sys.modules.get("aiohttp")
+    return isinstance(err, OSError) or (aiohttp is not None and isinstance(err, aiohttp.ClientError))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _brief(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+class _Backoff:
+    """One outage's retries: a doubling delay, the deadline, one note per attempt."""
+
+    def __init__(self, minutes: float, sources: list[SourceConfig], note: Callable[[str], None],
+                 stopped: Callable[[], bool]):
+        self.minutes, self.sources, self.note, self.stopped = minutes, sources, note, stopped
+        self.reset()
+
+    def reset(self) -> None:
+        self.since, self.attempt = None, 0
+
+    def wait(self, err: BaseException) -> None:
+        """Sleep before the next attempt, or raise DataUnavailable once past the deadline."""
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        self.attempt += 1
+        where, left = source_of_error(err, self.sources), self.minutes * 60 - (now - self.since)
+        if left <= 0:
+            raise DataUnavailable(
+                f"reading the training data failed for {_duration(now - self.since)}, longer than "
+                f"data.retry_minutes ({self.minutes:g}); last error from {where}: {_brief(err)}. The run "
+                "saves a checkpoint and stops: run the same command with --resume once the data is "
+                "reachable") from None
+        delay = min(RETRY_FIRST_DELAY_S * 2 ** (self.attempt - 1), RETRY_MAX_DELAY_S, left)
+        self.note(f"data: {where}: {_brief(err)}; reopening the stream at its position in {delay:.1f} s "
+                  f"(attempt {self.attempt}; gives up in {_duration(left)}, data.retry_minutes {self.minutes:g})")
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if self.stopped():
+                raise DataInterrupted("stopped while waiting for the training data to come back")
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0)))
+
+
+class _Inline:
+    """Batches made on the calling (training) thread: data.prefetch_batches = 0."""
+
+    def __init__(self, generate):
+        self.batches = generate()
+
+    def get(self, on_wait) -> tuple[torch.Tensor, Position]:
+        return next(self.batches)
+
+    def stop(self) -> bool:
+        self.batches.close()
+        return True
+
+
+class _Prefetcher:
+    """A bounded producer: `generate(note, stopped)` runs on its own thread, `depth` batches ahead.
+    Its notes and its error (raised on the consumer's thread) arrive in order with the batches."""
+
+    def __init__(self, generate, depth: int):
+        self.items: queue.Queue = queue.Queue(maxsize=depth)
+        self.notes: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(generate,), name="nemoe-data", daemon=True)
+        self.thread.start()
+
+    def _run(self, generate) -> None:
+        batches = generate(self.notes.put, self.stopping.is_set)
+        try:
+            for item in batches:
+                if not self._put(("batch", item)):
+                    return
+        except BaseException as err:  # noqa: BLE001 -- handed to the consumer, raised there
+            self._put(("error", err))
+        finally:
+            batches.close()  # on this thread: the generator (and `datasets`' readers) end here
+
+    def _put(self, entry) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, on_wait) -> tuple[torch.Tensor, Position]:
+        while True:
+            try:
+                kind, value = self.items.get(timeout=0.1)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.items.empty():
+                    raise RuntimeError("the data thread ended without a batch or an error") from None
+                on_wait(self.notes, True)
+                continue
+            on_wait(self.notes, False)
+            if kind == "error":
+                raise value
+            return value
+
+    def stop(self) -> bool:
+        """Stop the producer; True when its thread ended (it finishes the read it is in)."""
+        self.stopping.set()
+        self.thread.join(STOP_TIMEOUT_S)
+        return not self.thread.is_alive()
+
+
+class _Reader:
+    """The reading side: the mixture, documents -> tokens -> blocks, and the fault-tolerant batch
+    generator. It runs on the producer's thread and holds no reference to its TokenStream, so an
+    abandoned stream is collected (its finalizer then stops the producer)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, block_len: int, rank: int, world_size: int):
+        self.cfg, self.tokenizer, self.block_len = cfg, tokenizer, block_len
+        self.rank, self.world_size = rank, world_size
+        self.row_groups = True
+        self.mixture = training_mixture(cfg)  # opened and checked now: errors a user can fix come first
+        self.stale = False  # True: rebuild the mixture before reading (after a fault, or an abandoned reader)
+        self.opened_at: dict | None = None  # the state the open iterator started from, until it reads
+
+    def open(self, dataset_state: dict):
+        """An iterator over the mixture's documents from `dataset_state`."""
+        if self.stale:
+            # A fresh mixture: the failed reader's threads may still be busy with the old one.
+            self.mixture = training_mixture(self.cfg, self.row_groups, strict=False)
+            self.stale = False
+        self.mixture.load_state_dict(dataset_state)
+        self.opened_at = dataset_state
+        return iter(self.mixture)
+
+    def dataset_state(self) -> dict:
+        """The mixture's position. Until the open iterator has read a document, `datasets` still
+        reports the state from before load_state_dict, so the state it was opened at is the answer."""
+        return self.opened_at if self.opened_at is not None else self.mixture.state_dict()
+
+    def read_document(self, documents) -> dict:
+        self.opened_at = None  # from here on the mixture's own state is the position
+        group = []
+        for _ in range(self.world_size):  # one document per rank
+            doc = next(documents, None)
+            if doc is None:
+                raise DataExhausted("the training data ran out: a source was exhausted and data.on_exhausted "
+                                    "is 'stop'; set data.on_exhausted: cycle or lower train.total_tokens")
+            group.append(doc)
+        if DOCUMENT_DELAY_S:
+            time.sleep(DOCUMENT_DELAY_S)
+        return group[self.rank]
+
+    def pack(self, documents, pending: list[int], batch_size: int) -> tuple[torch.Tensor, list[int]]:
+        need = batch_size * self.block_len
+        tokens = list(pending)
+        while len(tokens) < need:
+            tokens.extend(self.tokenizer.encode(self.read_document(documents)["text"]))
+            tokens.append(self.tokenizer.eot_id)
+        return torch.tensor(tokens[:need], dtype=torch.int64).view(batch_size, self.block_len), tokens[need:]
+
+    def generate(self, batch_size: int, start: Position, note, stopped) -> Iterator[tuple[torch.Tensor, Position]]:
+        """(batch, position after it), forever from `start`; a failed read reopens at the last whole batch."""
+        backoff, position = _Backoff(self.cfg.retry_minutes, self.cfg.sources, note, stopped), start
+        while True:
+            documents = None
+            try:
+                documents = self.open(position.dataset)
+                while True:
+                    batch, pending = self.pack(documents, position.pending, batch_size)
+                    position = Position(self.dataset_state(), pending)
+                    backoff.reset()
+                    yield batch, position
+            except Exception as err:  # noqa: BLE001 -- sorted below
+                if not is_read_fault(err):
+                    if isinstance(err, pyarrow.ArrowException):  # unparseable data: retrying cannot help
+                        raise DataUnavailable(f"the training data cannot be read ({source_of_error(err, self.cfg.sources)}: "
+                                              f"{_brief(err)}); fix the file, then --resume") from None
+                    raise
+                self.stale = True
+                backoff.wait(err)
+            finally:
+                if documents is not None:
+                    documents.close()
 
 
 class TokenStream:
     """Infinite stream of packed (B, seq_len+1) int64 blocks from the training mixture."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, seq_len: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, tokenizer, seq_len: int, rank: int = 0, world_size: int = 1,
+                 notify: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None):
         """rank / world_size: under data parallelism, rank r of W keeps documents r, r+W, r+2W, ...
         of the one mixture stream (the rule `datasets.distributed.split_dataset_by_node` applies
         when shards do not divide evenly, here always), so ranks train on disjoint documents and
         every rank sees the configured mixture. Each rank still reads (not tokenizes) every row.
+        notify(text): a line for the run's log (retries), called on the caller's thread.
+        should_stop(): True once a stop signal arrived; a wait for data then ends (one process only).
         `cfg` is taken as valid: a Config's data section is validated when it is built (a
         DataConfig made in code: see DataConfig.validate)."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rank, self.world_size = rank, world_size
         self.block_len = seq_len + 1
-        self.mixture = training_mixture(cfg)
-        self._documents = None  # opened on first use, so a loaded state applies
-        self._closer = None  # closes _documents: on close(), garbage collection or interpreter exit
-        self._loaded_state: dict | None = None  # dataset state loaded but not yet iterated from
-        self._pending: list[int] = []  # tokens read but not yet emitted: the packer's leftovers
+        self.notify = notify or (lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
+        self.should_stop = should_stop if world_size == 1 else None  # ranks must stop together
+        self.reader = _Reader(cfg, tokenizer, self.block_len, rank, world_size)
+        self._position = Position(self.reader.mixture.state_dict(), [])
+        self._batch_size: int | None = None
+        self._source = _Holder()  # the producer (or inline generator) of batches from self._position
+        self._documents = None    # next_document()'s own reader
+        weakref.finalize(self, self._source.stop)  # end the reader before interpreter shutdown
 
     @property
     def source_names(self) -> list[str]:
         return [s.name for s in self.cfg.sources]
 
-    def next_document(self) -> dict:
-        """This rank's next training document of the mixture: {"text": str, "source": name}."""
-        group = [self._read_document() for _ in range(self.world_size)]  # one document per rank
-        return group[self.rank]
-
-    def _read_document(self) -> dict:
-        if self._documents is None:
-            self._documents = iter(self.mixture)
-            self._loaded_state = None
-            # A generator left to interpreter shutdown is closed after the modules its clean-up
-            # needs are gone ("Exception ignored in ..."); a finalizer runs while they still exist.
-            self._closer = weakref.finalize(self, self._documents.close)
-        try:
-            return next(self._documents)
-        except StopIteration:
-            raise DataExhausted("the training data ran out: a source was exhausted and data.on_exhausted "
-                                "is 'stop'; set data.on_exhausted: cycle or lower train.total_tokens") from None
-        except (OSError, pyarrow.ArrowException) as err:  # a lost connection (after datasets' own
-            # retries) or a corrupt row in a local file
-            raise UserError(f"reading the training data failed ({type(err).__name__}: {err}); fix the file "
-                            "or, after a lost connection, run the same command with --resume") from None
-
+    # -- taking batches (the consumer: the training thread) ------------------------------- #
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next `batch_size` blocks, (B, seq_len+1) int64 on the CPU; inputs/targets are the trainer's shift."""
-        need = batch_size * self.block_len
-        while len(self._pending) < need:
-            self._pending.extend(self.tokenizer.encode(self.next_document()["text"]))
-            self._pending.append(self.tokenizer.eot_id)
-        flat, self._pending = self._pending[:need], self._pending[need:]
-        return torch.tensor(flat, dtype=torch.int64).view(batch_size, self.block_len)
+        if self._source.current is None or batch_size != self._batch_size:
+            self._start(batch_size)
+        try:
+            batch, self._position = self._source.current.get(self._on_wait)
+        except BaseException:
+            self._stop()  # the producer has ended; the next read starts one from self._position
+            raise
+        return batch
 
     def next_batches(self, count: int, batch_size: int) -> list[torch.Tensor]:
-        """One optimizer step's `count` micro-batches. Under data parallelism with
-        on_exhausted: stop, a rank whose data ran out must not leave the others waiting in
-        backward: the ranks agree, and all raise DataExhausted together."""
-        batches, exhausted = [], None
+        """One optimizer step's `count` micro-batches. When the data stops, the stream goes back to
+        the step's start (the checkpoint the trainer then saves holds no half step). Under data
+        parallelism the ranks agree first, so no rank is left waiting in backward."""
+        self._settle()
+        start, batches, stopped = self._position, [], None
         try:
             for _ in range(count):
                 batches.append(self.next_batch(batch_size))
-        except DataExhausted as err:
-            exhausted = err
-        if self.world_size > 1 and self.cfg.on_exhausted == "stop":
-            if distributed.any_rank([exhausted is not None])[0]:
-                raise exhausted or DataExhausted("another rank's training data ran out")
-        elif exhausted is not None:
-            raise exhausted
+        except DataStopped as err:
+            stopped = err
+        if self.world_size > 1 and distributed.any_rank([stopped is not None])[0] and stopped is None:
+            stopped = DataUnavailable("another rank's training data stopped; see its messages")
+        if stopped is not None:
+            self._stop()
+            self._position = start
+            raise stopped
         return batches
 
-    def close(self) -> None:
-        """Stop reading: ends the interleave's prefetch threads. The stream reopens on the next read.
+    def next_document(self) -> dict:
+        """This rank's next training document, {"text", "source"}, read on the calling thread
+        (inspection, tests, tools; it moves the dataset position, not the pending tokens)."""
+        if self._documents is None:
+            self._stop()
+            self._documents = self.reader.open(self._position.dataset)
+        return self.reader.read_document(self._documents)
 
-        With parquet sources this takes ~5 s: `datasets` sleeps on closing to let arrow's
-        threads finish (config.SLEEP_TIME_ON_THREADS_SHUTDOWN).
-        """
-        if self._closer is not None:
-            position = self.mixture.state_dict()
-            self._closer()
-            self.mixture.load_state_dict(position)  # so reopening continues from here
-            self._loaded_state = position
-        self._documents = self._closer = None
+    def _settle(self) -> None:
+        """After next_document(): the position is the mixture's (taken only when it is needed)."""
+        if self._documents is not None:
+            self._position = Position(self.reader.dataset_state(), self._position.pending)
+
+    def _on_wait(self, notes: queue.SimpleQueue, waiting: bool) -> None:
+        """The producer's notes go to the log; a stop signal ends a wait for data."""
+        while True:
+            try:
+                self.notify(notes.get_nowait())
+            except queue.Empty:
+                break
+        if waiting and self.should_stop is not None and self.should_stop():
+            raise DataInterrupted("stopped while waiting for training data")
+
+    def _start(self, batch_size: int) -> None:
+        self._stop()
+        self._batch_size, start, reader = batch_size, self._position, self.reader
+        if self.cfg.prefetch_batches > 0:  # the producer's thread must not hold the stream itself
+            self._source.current = _Prefetcher(lambda note, stopped: reader.generate(batch_size, start, note, stopped),
+                                               self.cfg.prefetch_batches)
+        else:
+            notify, should_stop = self.notify, self.should_stop or (lambda: False)
+            self._source.current = _Inline(lambda: reader.generate(batch_size, start, notify, should_stop))
+
+    def _stop(self) -> None:
+        if self._documents is not None:
+            self._settle()
+            self._documents.close()
+            self._documents = None
+        if not self._source.stop():
+            self.reader.stale = True  # a producer still busy with the old mixture: never share it
+
+    # -- state ------------------------------------------------------------------------------ #
+    def close(self) -> None:
+        """Stop reading (the producer thread ends; with parquet sources that takes ~5 s: `datasets`
+        sleeps on closing to let arrow's threads finish). Reading again continues from here."""
+        self._stop()
 
     def state_dict(self) -> dict:
-        """Plain python: the `datasets` mixture state and the pending tokens."""
-        dataset_state = self._loaded_state if self._loaded_state is not None else self.mixture.state_dict()
-        return {"sources": self.source_names, "dataset": dataset_state, "pending_tokens": list(self._pending)}
+        """Plain python: the `datasets` mixture state, the pending tokens, the shard layout."""
+        self._settle()
+        return {"sources": self.source_names, "dataset": self._position.dataset,
+                "pending_tokens": list(self._position.pending),
+                "shards": ROW_GROUP_SHARDS if self.reader.row_groups else "files"}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("sources") != self.source_names:
             raise UserError(f"the data state is for sources {state.get('sources')}, "
                             f"but data.sources are {self.source_names}")
-        self.close()
-        self.mixture.load_state_dict(state["dataset"])
-        self._loaded_state = state["dataset"]
-        self._pending = [int(t) for t in state["pending_tokens"]]
+        self._stop()
+        row_groups = state.get("shards") == ROW_GROUP_SHARDS
+        if row_groups != self.reader.row_groups:  # a state written before row-group shards: the old layout
+            self.reader.row_groups, self.reader.stale = row_groups, True
+        self._position = Position(state["dataset"], [int(t) for t in state["pending_tokens"]])
 
 
-def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int,
-                    batch_size: int) -> dict[str, list[torch.Tensor]]:
-    """Fixed evaluation batches per source name, each (B, seq_len+1), from that source's held-out text.
+class _Holder:
+    """The stream's current producer, in an object of its own so a finalizer can stop it
+    without keeping the stream alive."""
 
-    Deterministic: the first held-out documents of each source, packed like training
-    data. A source with too little held-out text gives fewer batches (at least one).
-    """
-    return {src.name: _source_heldout_batches(src, cfg, tokenizer, seq_len + 1, n_batches, batch_size)
-            for src in cfg.sources}
+    def __init__(self):
+        self.current = None
 
-
-def _source_heldout_batches(src: SourceConfig, cfg: DataConfig, tokenizer, block_len: int,
-                            n_batches: int, batch_size: int) -> list[torch.Tensor]:
-    batch_tokens = batch_size * block_len
-    documents = source_documents(src, cfg, "heldout")
-    tokens: list[int] = []
-    # The probe reads under the Hub retries/messages; the loop then reads from the start again.
-    if _first_row(documents, src) is not None:
-        for doc in documents:
-            tokens += tokenizer.encode(doc["text"])
-            tokens.append(tokenizer.eot_id)
-            if len(tokens) >= n_batches * batch_tokens:
-                break
-    n_full = min(n_batches, len(tokens) // batch_tokens)
-    if n_full == 0:
-        rule = f"split {src.eval_split!r}" if src.eval_split else f"heldout_fraction {cfg.heldout_fraction}"
-        raise UserError(f"{_describe(src)}: its held-out text ({rule}) has {len(tokens)} tokens, fewer than one "
-                        f"evaluation batch ({batch_size} x {block_len} = {batch_tokens}); raise "
-                        "data.heldout_fraction, give the source an eval_split, or lower eval.batch_size")
-    blocks = torch.tensor(tokens[:n_full * batch_tokens], dtype=torch.int64)
-    return list(blocks.view(n_full, batch_size, block_len).unbind(0))
-
+    def stop(self) -> bool:
+        current, self.current = self.current, None
+        return current.stop() if current is not None else True

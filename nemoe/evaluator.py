@@ -13,7 +13,7 @@ import math
 import torch
 
 from nemoe import distributed as dist
-from nemoe.data import heldout_batches
+from nemoe.sources import heldout_batches
 from nemoe.model import NemoeLM, split_block
 from nemoe.runtime import Runtime
 

@@ -46,10 +46,6 @@ class CsvLog:
         self._writer.writerow({k: _fmt(v) for k, v in row.items()})
         self._file.flush()
 
-    def sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
     def close(self) -> None:
         self._file.close()
 
@@ -103,6 +99,24 @@ def truncate_text_log(path: Path, last_step: int) -> int:
             and (m := TEXT_LINE.match(ln)) is not None and int(m.group(1)) <= last_step]
     atomic_write(path, "".join(kept))
     return len(lines) - len(kept)
+
+
+def start_line(runtime, params: dict, cfg, world: int, memory_note: str = "") -> str:
+    """The text log's first line of a run (or of a resumed attempt): where and what it trains."""
+    t = cfg.train
+    ranks = (f" | data-parallel: {world} ranks x {t.grad_accum} micro-batches x {t.batch_size} "
+             f"sequences" if runtime.dist.enabled else "")
+    source = f" | initialised from {cfg.model.init_from}" if cfg.model.init_from else ""
+    return (f"Start | device {runtime.device} | precision {runtime.precision} ({runtime.precision_reason})"
+            f"{memory_note} | params {params['total']:,} total, {params['active_per_token']:,} active per "
+            f"token | {cfg.tokens_per_step(world):,} tokens/step{ranks} | target {t.total_tokens:,} tokens "
+            f"({cfg.total_steps(world):,} steps){source}")
+
+
+def step_text(tokens: int, loss_ce: float, loss_lb: float | None, lr: float) -> str:
+    """The part of a step's text line every training row and event shares."""
+    lb = f" | LossLB {loss_lb:.4f}" if loss_lb is not None else ""
+    return f"Tokens {tokens:,} | LossCE {loss_ce:.4f}{lb} | LR {lr:.2e}"
 
 
 class RunLogger:
@@ -196,11 +210,15 @@ class RunLogger:
     def _csv_logs(self) -> list[CsvLog]:
         return [log for log in (self.train_csv, self.events_csv, self.eval_csv, self.state_csv) if log]
 
-    def sync(self) -> None:
-        """Push every log to disk (before a checkpoint claims these steps are done)."""
-        for log in self._csv_logs:
-            self._guard(log.sync)
-        self._guard(os.fsync, self._text.fileno())
+    def fsync(self) -> None:
+        """Push every log to disk (before a checkpoint claims these steps are done). fsync only,
+        no flush (each write flushes already): safe on the checkpoint writer's thread while the
+        training thread goes on writing."""
+        for fileno in [log._file.fileno for log in self._csv_logs] + [self._text.fileno]:
+            try:
+                os.fsync(fileno())
+            except (OSError, ValueError):  # a full disk is reported by the writes; closed: nothing to do
+                pass
 
     def close(self) -> None:
         if self.progress is not None:
@@ -222,5 +240,5 @@ class NullLogger:
     def event_row(self, row: dict, text: str) -> None: ...
     def eval_rows(self, rows: list[dict], text: str) -> None: ...
     def state_rows(self, rows: list[dict]) -> None: ...
-    def sync(self) -> None: ...
+    def fsync(self) -> None: ...
     def close(self) -> None: ...

@@ -1,9 +1,11 @@
 """A run's folder: one writer, leftovers of cut-off writes, which checkpoint to resume.
 
 `RunDir.open()` is the start-up policy: refuse to overwrite a run without
---resume, take the lock, remove temporaries left by a kill, choose the newest
-checkpoint that loads and fits this config (every data-parallel rank takes rank
-0's choice), and explain what it did in notes for the text log.
+--resume, take the lock, remove temporaries left by a kill (in the mirror too),
+choose the newest checkpoint that loads and fits this config, from the run folder
+or the mirror (a mirrored copy must match its manifest; every data-parallel rank
+takes rank 0's choice), bring the mirror's logs to an empty local folder, and
+explain what it did in notes for the text log.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from nemoe import checkpoint as ckpt
 from nemoe import distributed as dist
 from nemoe.config import config_changes, is_unsafe
 from nemoe.errors import UserError
+from nemoe import mirror as mirror_module
 from nemoe.files import remove_temporaries
 from nemoe.lock import RunLock
 from nemoe.schema import RunPaths, list_checkpoints
@@ -53,8 +56,10 @@ def change_notes(state: dict, cfg_dict: dict) -> tuple[list[str], bool]:
 
 
 class RunDir:
-    def __init__(self, paths: RunPaths, info: dist.DistInfo):
+    def __init__(self, paths: RunPaths, info: dist.DistInfo, mirror_dir: str | None = None):
+        """mirror_dir: checkpoint.mirror_dir (its run folders are RunPaths.of(mirror_dir, paths.name))."""
         self.paths, self.info = paths, info
+        self.mirror = RunPaths.of(mirror_dir, paths.name) if mirror_dir else None
         self.lock = RunLock(paths.log_dir)
 
     def open(self, resume: bool, reject) -> tuple[tuple[Path, dict] | None, list[str]]:
@@ -66,9 +71,12 @@ class RunDir:
         error, found, notes = None, None, []
         try:
             existing = list_checkpoints(self.paths.ckpt_dir)
-            if existing and not resume:
-                raise UserError(f"run folder {self.paths.ckpt_dir} already has checkpoints (newest: step "
-                                f"{existing[0][0]}); add --resume to continue it, or pick a new --run-name")
+            mirrored = list_checkpoints(self.mirror.ckpt_dir) if self.mirror else []
+            for folder, found_there in ((self.paths.ckpt_dir, existing), (self.mirror and self.mirror.ckpt_dir, mirrored)):
+                if found_there and not resume:
+                    raise UserError(f"run folder {folder} already has checkpoints (newest: step {found_there[0][0]}); "
+                                    "add --resume to continue it, or pick a new --run-name")
+            existing = existing + mirrored
             if self.info.is_main:
                 self.lock.acquire()
             try:
@@ -83,24 +91,33 @@ class RunDir:
 
     def _choose(self, resume: bool, existing: list, reject):
         notes = []
+        folders = [self.paths] + ([self.mirror] if self.mirror else [])
         if self.info.is_main:
-            for leftover in (remove_temporaries(self.paths.ckpt_dir) + remove_temporaries(self.paths.log_dir)):
-                notes.append(f"removed {leftover.name}, left by a write that was cut off")
+            for leftover in [p for f in folders for p in remove_temporaries(f.ckpt_dir) + remove_temporaries(f.log_dir)]:
+                where = "" if leftover.parent in (self.paths.ckpt_dir, self.paths.log_dir) else f" in {leftover.parent}"
+                notes.append(f"removed {leftover.name}{where}, left by a write that was cut off")
         if not resume:
             return None, notes
-        found = ckpt.load_latest(self.paths.ckpt_dir, warn=lambda m: notes.append(f"skipping {m}"), reject=reject)
+        also = (self.mirror.ckpt_dir, mirror_module.verify) if self.mirror else None
+        found = ckpt.load_latest(self.paths.ckpt_dir, warn=lambda m: notes.append(f"skipping {m}"), reject=reject,
+                                 also=also)
         # Every rank must continue from the same checkpoint: rank 0's choice holds.
-        chosen = dist.broadcast_object(None if found is None else found[0].name)
-        if (None if found is None else found[0].name) != chosen:
-            found = None if chosen is None else (self.paths.ckpt_dir / chosen,
-                                                 ckpt.load_checkpoint(self.paths.ckpt_dir / chosen))
+        chosen = dist.broadcast_object(None if found is None else str(found[0]))
+        if (None if found is None else str(found[0])) != chosen:
+            found = None if chosen is None else (Path(chosen), ckpt.load_checkpoint(Path(chosen)))
+        where = " and ".join(str(f.ckpt_dir) for f in folders)
         if found is None and existing:
             hint = ("\nTo resume under the changed settings anyway, add --allow-config-change "
                     "(parameter shapes must still match)." if any("config" in n for n in notes) else "")
-            raise UserError(f"--resume: none of the {len(existing)} checkpoints in {self.paths.ckpt_dir} "
+            raise UserError(f"--resume: none of the {len(existing)} checkpoints in {where} "
                             f"can be used; nothing was deleted:\n  - " + "\n  - ".join(notes) + hint)
         if found is None:
-            notes.append(f"--resume: no checkpoint in {self.paths.ckpt_dir} yet, starting fresh")
+            notes.append(f"--resume: no checkpoint in {where} yet, starting fresh")
+        elif self.mirror and found[0].parent == self.mirror.ckpt_dir:
+            notes.append(f"using the mirror's verified copy {found[0]} (the run folder has nothing newer that loads)")
+            if self.info.is_main:
+                for name in mirror_module.restore_logs(self.mirror, self.paths):
+                    notes.append(f"copied {name} from the mirror into the empty run folder")
         return found, notes
 
     def heartbeat(self) -> None:

@@ -12,6 +12,8 @@ from here, so a renamed column or file changes in one line.
         config.yaml                     the resolved config
         .lock                           the writer's lock (nemoe.lock)
     <run-dir>/checkpoints/<run-name>/   nemo_ckpt_step<step>.pt, the last checkpoint.keep_last
+    <mirror-dir>/logs/<run-name>/, <mirror-dir>/checkpoints/<run-name>/   the mirror (nemoe/mirror.py):
+                                        the same files, each checkpoint with its manifest .pt.json
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ _CHECKPOINT_NAME = re.compile(r"^nemo_ckpt_step(\d+)\.pt$")
 
 def checkpoint_name(step: int) -> str:
     return f"nemo_ckpt_step{step}.pt"
+
+
+def manifest_name(checkpoint: str) -> str:
+    """The mirror's manifest beside a verified copy (nemoe/mirror.py): size and SHA-256, as JSON."""
+    return f"{checkpoint}.json"
 
 
 def checkpoint_step(name: str) -> int | None:

@@ -21,11 +21,11 @@ import time
 from nemoe import distributed as dist
 from nemoe.checkpoint import Checkpointer, replicated
 from nemoe.config import Config, dump_config
-from nemoe.data import DataExhausted, TokenStream
+from nemoe.data import DataStopped, TokenStream
 from nemoe.errors import UserError
 from nemoe.evaluator import Evaluator
 from nemoe.files import atomic_write
-from nemoe.logs import NullLogger, RunLogger
+from nemoe.logs import NullLogger, RunLogger, start_line, step_text
 from nemoe.metrics import MetricsWindow
 from nemoe.plasticity import Plasticity
 from nemoe.rundir import RunDir, change_notes, incompatibility
@@ -54,7 +54,8 @@ class Trainer:
                             f"tokenizer's vocabulary ({self.tokenizer.n_vocab})")
         self.train = TrainModule(cfg, self.runtime, total_steps)
         self.model = self.train.model
-        self.stream = TokenStream(cfg.data, self.tokenizer, cfg.model.seq_len, info.rank, self.world)
+        self.stream = TokenStream(cfg.data, self.tokenizer, cfg.model.seq_len, info.rank, self.world,
+                                  lambda text: self.log.warn(self.step, text), lambda: self.stop_requested)
         self.evaluator = Evaluator(cfg, self.tokenizer, self.model, self.runtime)
         self.plasticity = Plasticity(cfg, self.model, self.evaluator.probe_batch)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
@@ -62,13 +63,14 @@ class Trainer:
         if info.rank > 0:
             # Same initial weights on every rank (seeded above), its own dropout stream.
             Runtime.seed(cfg.train.seed + info.rank)
-        self.rundir, self.log = RunDir(paths, info), NullLogger()
+        self.rundir = RunDir(paths, info, cfg.checkpoint.mirror_dir)
+        self.log = NullLogger()
         try:
             self._open(resume, allow_config_change)
         except BaseException:
             self.rundir.close()
             raise
-        self.checkpointer = Checkpointer(cfg.checkpoint, paths.ckpt_dir, info, self.log)
+        self.checkpointer = Checkpointer(cfg.checkpoint, paths, info, self.log)
         self.train.wrap()
 
     # -- start / resume ----------------------------------------------------------- #
@@ -93,18 +95,10 @@ class Trainer:
         self.log = RunLogger(self.paths.log_dir, self.cfg.model.n_layers, self.cfg.log.console,
                              self.cfg.train.total_tokens)
         atomic_write(self.paths.log_dir / CONFIG_YAML, dump_config(self.cfg))
-        self.log.line(self.step, self._start_line())
+        self.log.line(self.step, start_line(self.runtime, self.model.count_params(), self.cfg, self.world,
+                                               self.train.memory_note))
         for note in notes:
             self.log.line(self.step, f"Note | {note}")
-
-    def _start_line(self) -> str:
-        params, t, rt, source = self.model.count_params(), self.cfg.train, self.runtime, self.cfg.model.init_from
-        ranks = (f" | data-parallel: {self.world} ranks x {t.grad_accum} micro-batches x {t.batch_size} "
-                 f"sequences" if rt.dist.enabled else "")
-        return (f"Start | device {rt.device} | precision {rt.precision} ({rt.precision_reason})"
-                f"{self.train.memory_note} | params {params['total']:,} total, {params['active_per_token']:,} "
-                f"active per token | {self.tokens_per_step:,} tokens/step{ranks} | target {t.total_tokens:,} "
-                f"tokens ({self.cfg.total_steps(self.world):,} steps){f' | initialised from {source}' if source else ''}")
 
     # -- the loop ------------------------------------------------------------------- #
     def fit(self) -> None:
@@ -114,6 +108,7 @@ class Trainer:
             self.log.line(self.step, f"Note | nothing to do: step {self.step} already reached the target "
                                      f"({target} steps)")
             return
+        stopped = None   # a DataStopped: ran out, unreachable past data.retry_minutes, a signal while waiting
         with on_stop_signal(self._request_stop):
             if self.step == 0:
                 self.evaluate()
@@ -121,8 +116,9 @@ class Trainer:
                 started = time.perf_counter()
                 try:
                     result = self.train_step()
-                except DataExhausted as err:
+                except DataStopped as err:
                     self.log.line(self.step, f"Note | {err}")
+                    stopped = err
                     break
                 events = self.plasticity.act(self.train.optimizer, self.step, self.tokens,
                                              self.evaluator.probe_loss)
@@ -139,15 +135,19 @@ class Trainer:
                 if self._every(cfg.checkpoint.every_steps) or timed or self.step == target:
                     self.save()
                 self.rundir.heartbeat()
-            self._finish()
+            self._finish(stopped)
 
-    def _finish(self) -> None:
+    def _finish(self, stopped: DataStopped | None) -> None:
+        """Save where training stopped and wait for the write; a fatal data stop then raises (exit 2)."""
         if reason := self.train.divergence:
             self.save()
             raise UserError(f"stopped at step {self.step}: {reason}")
         if self.step < self.target_steps:
             self.write_metrics()
             self.save()
+        self.checkpointer.wait()
+        if stopped is not None and stopped.fatal:
+            raise stopped
         if self.stop_requested:
             self.log.line(self.step, "Note | stopped by signal after saving a checkpoint; "
                                      "rerun with --resume to continue")
@@ -155,7 +155,9 @@ class Trainer:
             self.log.line(self.step, f"Done | {self.tokens:,} tokens in {self.elapsed:.1f}s")
 
     def close(self) -> None:
-        """Flush and close the logs, release the run (the data stream closes at exit: TokenStream.close)."""
+        """Wait for the checkpoint write and mirror copy in flight, close the logs, release the run.
+        (The data stream closes at exit: closing a parquet stream waits ~5 s, see TokenStream.close.)"""
+        self.checkpointer.close()
         self.log.close()
         self.rundir.close()
 
@@ -177,7 +179,7 @@ class Trainer:
         if events:
             # The step's loss over all ranks (every rank has the same events, so all take part).
             mean_ce = dist.sum_over_ranks(result.loss_ce.double()).item() / self.world
-            text = self._step_text(mean_ce, None, self.metrics.lr)
+            text = step_text(self.tokens, mean_ce, None, self.metrics.lr)
             for e in events:
                 self.log.event_row(e.as_row(), f"{text} | {e.describe()}")
             if any(e.granularity == "expert" for e in events):
@@ -193,16 +195,12 @@ class Trainer:
         experts = self.plasticity.experts.expert_counts()
         row = self.metrics.row(self.step, self.tokens, self.elapsed, self.tokens_per_step, self.world,
                                self.cfg.moe, experts, self.train.loss_scale)
-        self.log.train_row(row, f"{self._step_text(row['loss_ce'], row['loss_lb'], row['lr'])} | GradNorm "
+        self.log.train_row(row, f"{step_text(self.tokens, row['loss_ce'], row['loss_lb'], row['lr'])} | GradNorm "
                                 f"{row['grad_norm']:.3f} | Tok/s {row['tokens_per_s']:,.0f} | Experts "
                                 f"{'/'.join(map(str, experts))}", experts="/".join(map(str, experts)))
         self.metrics = self._new_window()
         if states := self.plasticity.snapshot():
             self.log.state_rows([{"step": self.step, "tokens": self.tokens, **row} for row in states])
-
-    def _step_text(self, loss_ce: float, loss_lb: float | None, lr: float) -> str:
-        lb = f" | LossLB {loss_lb:.4f}" if loss_lb is not None else ""
-        return f"Tokens {self.tokens:,} | LossCE {loss_ce:.4f}{lb} | LR {lr:.2e}"
 
     def _new_window(self) -> MetricsWindow:
         return MetricsWindow.empty(self.cfg.model.n_layers, self.cfg.moe.experts_max, self.runtime.device, self.elapsed)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import nemoe.builtin_corpus
-from nemoe import data
+from nemoe import data, sources
 from nemoe.config import config_from_dict
 from nemoe.data import (DataConfig, DataExhausted, SourceConfig, TokenStream, alpaca_document,
                         builtin_corpus, heldout_batches, is_heldout, source_documents)
@@ -318,7 +318,7 @@ def offline(monkeypatch):
     # Both libraries read the variables at import time.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(data, "HUB_BACKOFF_S", 0.0)
+    monkeypatch.setattr(sources, "HUB_BACKOFF_S", 0.0)
 
 
 def test_unreachable_hub_is_one_clear_user_error(offline, tok):
@@ -338,33 +338,33 @@ def test_transient_hub_errors_are_retried(monkeypatch, tmp_path, tok):
 
     def flaky_load(*args, **kwargs):
         calls.append(args)
-        if len(calls) < data.HUB_ATTEMPTS:
+        if len(calls) < sources.HUB_ATTEMPTS:
             raise ConnectionError("temporary failure in name resolution")
         return datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True)
 
-    monkeypatch.setattr(data, "HUB_BACKOFF_S", 0.0)
+    monkeypatch.setattr(sources, "HUB_BACKOFF_S", 0.0)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data, "load_dataset", flaky_load)
+    monkeypatch.setattr(sources, "load_dataset", flaky_load)
     cfg = DataConfig(sources=[SourceConfig(name="web", kind="hf", path="org/web")])
     assert TokenStream(cfg, tok, 16).next_batch(2).shape == (2, 17)
-    assert len(calls) == data.HUB_ATTEMPTS
+    assert len(calls) == sources.HUB_ATTEMPTS
 
     def dead_load(*args, **kwargs):
         calls.append(args)
         raise ConnectionError("network is unreachable")
 
     calls.clear()
-    monkeypatch.setattr(data, "load_dataset", dead_load)
+    monkeypatch.setattr(sources, "load_dataset", dead_load)
     with pytest.raises(UserError, match=r"'web' \(hf: org/web\) cannot be reached"):
         TokenStream(cfg, tok, 16)
-    assert len(calls) == data.HUB_ATTEMPTS
+    assert len(calls) == sources.HUB_ATTEMPTS
 
     def missing_load(*args, **kwargs):
         calls.append(args)
         raise datasets.exceptions.DatasetNotFoundError("Dataset 'org/web' doesn't exist on the Hub")
 
     calls.clear()
-    monkeypatch.setattr(data, "load_dataset", missing_load)
+    monkeypatch.setattr(sources, "load_dataset", missing_load)
     with pytest.raises(UserError, match=r"'web' \(hf: org/web\) was not found(.|\n)*local.yaml"):
         TokenStream(cfg, tok, 16)
     assert len(calls) == 1  # retrying cannot make it exist

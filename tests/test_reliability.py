@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import torch
 
 from nemoe import checkpoint as ckpt
 from nemoe import lock as lock_module
+from nemoe import mirror
 from nemoe.config import load_config
 from tests.conftest import REPO
 from tests.fixtures_data import write_alpaca, write_fineweb
@@ -28,12 +30,16 @@ pytestmark = pytest.mark.slow
 
 N_KILLS = 20
 KILL_STEPS = 30  # = TINY's token target
+# Every background checkpoint write and mirror copy pauses this long halfway (tests/fault_launcher.py),
+# so the random kills often land inside one.
+WRITE_PAUSE_S = 0.15
 
 
 def kill_args(run_dir, data_dir, precision="fp32"):
-    """A tiny run on two small local sources (fast start), a checkpoint every step."""
-    args = [sys.executable, str(REPO / "train_nemoe.py"), "--config", "local", "--run-dir", str(run_dir),
-            "--run-name", "tiny", "--max-steps", str(KILL_STEPS)]
+    """A tiny run on two small local sources (fast start), a checkpoint every step, a mirror."""
+    args = [sys.executable, str(REPO / "tests" / "fault_launcher.py"), f"slow:{WRITE_PAUSE_S}",
+            str(run_dir / "unused-marker"), "--", "--config", "local", "--run-dir", str(run_dir),
+            "--run-name", "tiny", "--max-steps", str(KILL_STEPS), "--mirror-dir", str(run_dir / "mirror")]
     sources = (f"[{{name: web, kind: files, path: '{data_dir / 'web.parquet'}', weight: 0.7}}, "
                f"{{name: alpaca, kind: files, path: '{data_dir / 'alpaca.jsonl'}', format: alpaca, weight: 0.3}}]")
     for item in TINY + ["checkpoint.every_steps=1", "checkpoint.keep_last=2", "eval.every_steps=10",
@@ -51,6 +57,8 @@ def test_random_sigkills_lose_nothing(tmp_path, precision, n_kills, bound_s):
     write_fineweb(data_dir / "web.parquet", n=400)
     write_alpaca(data_dir / "alpaca.jsonl", n=300)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir()
+    killed.mkdir()
     straight_run = subprocess.run(kill_args(straight, data_dir, precision), capture_output=True,
                                   timeout=bound_s // 2)
     assert straight_run.returncode == 0
@@ -88,14 +96,21 @@ def test_random_sigkills_lose_nothing(tmp_path, precision, n_kills, bound_s):
     assert b_train["grad_scale"].tolist() == a_train["grad_scale"].tolist()
     pd.testing.assert_frame_equal(b_events, a_events)
     assert b_eval["loss"].tolist() == a_eval["loss"].tolist()
-    leftovers = [p for d in (killed / "logs" / "tiny", killed / "checkpoints" / "tiny")
-                 for p in d.iterdir() if ".tmp" in p.name or p.name == ".lock"]
+    folders = [killed / "logs" / "tiny", killed / "checkpoints" / "tiny",
+               killed / "mirror" / "logs" / "tiny", killed / "mirror" / "checkpoints" / "tiny"]
+    leftovers = [p for d in folders for p in d.iterdir() if ".tmp" in p.name or p.name == ".lock"]
     assert leftovers == []
+    copies = ckpt.list_checkpoints(killed / "mirror" / "checkpoints" / "tiny")
+    assert copies[0][0] == KILL_STEPS and all(mirror.verify(p) is None for _, p in copies)
     text = (killed / "logs" / "tiny" / "training_log.txt").read_text()
-    cut_writes = text.count("left by a write that was cut off")
-    print(f"{kills} kills survived; {cut_writes} of them cut a write short; "
-          f"{text.count('resumed from')} resumes")
-    assert cut_writes >= 1, "some kills should land inside a checkpoint or log write"
+    cut = re.findall(r"Note \| removed \.(\S+)\.tmp\d+( in \S+)?, left by a write that was cut off", text)
+    cut_checkpoints = sum(1 for name, where in cut if name.startswith("nemo_ckpt") and not where)
+    cut_copies = sum(1 for name, where in cut if name.startswith("nemo_ckpt") and where)
+    print(f"{kills} kills survived; {len(cut)} of them cut a write short ({cut_checkpoints} background checkpoint "
+          f"writes, {cut_copies} mirror copies); {text.count('resumed from')} resumes, "
+          f"{text.count('using the mirror')} from the mirror")
+    assert cut_checkpoints >= 1, "some kills should land inside a background checkpoint write"
+    assert cut_copies >= 1, "some kills should land inside a mirror copy"
 
 
 # --------------------------------------------------------------------------- #
@@ -179,7 +194,8 @@ def test_repeated_checkpoint_failures_stop_the_run(tmp_path, capsys, monkeypatch
                "--max-steps", "20") == 2
     err = capsys.readouterr().err
     assert "3 checkpoint saves in a row failed" in err
-    assert list(logs(tmp_path)[0]["step"]) == [1, 2, 3]
+    # Writes run in the background: the third failure (step 3's) is learned at the next save, step 4's.
+    assert list(logs(tmp_path)[0]["step"]) == [1, 2, 3, 4]
 
 
 def test_failed_log_writes_are_reported_and_training_goes_on(tmp_path, capsys, monkeypatch):

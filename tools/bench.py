@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Benchmark: throughput, MFU, MoE dispatch, morphogenesis overhead, checkpoints, data, memory.
+"""Benchmark: throughput, MFU, MoE dispatch, morphogenesis overhead, checkpoints, data, memory, I/O faults.
 
     python tools/bench.py                          # the full run on this machine (CPU: a few minutes)
     python tools/bench.py --quick                  # tiny shapes, seconds (what the test runs)
     python tools/bench.py --only moe_layer,data --json bench.json
     python tools/bench.py --device cuda            # on a GPU: also fp16 + GradScaler, 15 GB cap, compile
+    python tools/bench.py --only parquet --parquet-mb 2048   # parquet resume on a 2 GB file
 
 Everything runs in one process on one device and measures the real code paths:
 nemoe.model.NemoeLM with AdamW over `param_groups`, the real Trainer (built-in
@@ -18,8 +19,12 @@ Sections (`--only` takes a comma list):
   mfu         model FLOPs utilisation against this device's measured fp32 matmul peak
   moe_layer   the MoE layer alone (forward + backward) for E in {2, 4, 8}, k in {1, 2}, per dispatch
   morph       share of wall time in controller work (decide, surgery, probe batches)
-  checkpoint  save / load time and size of the t4 model; resume to the first step
+  checkpoint  save / load time and size of the t4 model; resume to the first step; the loop's blocked
+              time per save, synchronous and in the background; snapshot memory; a mirror copy
   data        text -> packed blocks tokens/s against the trainer's consumption
+  prefetch    training tokens/s with a slow source (5 ms per document), read-ahead off and on
+  parquet     resume time of a parquet source 90 % into a --parquet-mb MB file, row-group shards vs
+              one shard per file (tools/bench_unattended.py has these three)
   memory      t4 memory plan: parameters, gradients, AdamW state, activations, largest micro-batch
   gpu         (CUDA only) t4 tokens/s and peak memory under fp16 + GradScaler, capped to 15 GB;
               the largest micro-batch that fits; torch.compile speedup
@@ -57,8 +62,9 @@ from nemoe.runtime import Runtime
 from nemoe.tokenizer import get_tokenizer
 from nemoe.train_module import TrainModule
 from tools._common import guard, note, resolve_device
+from tools.bench_unattended import bench_parquet, bench_prefetch, measure_saves
 
-SECTIONS = ("throughput", "mfu", "moe_layer", "morph", "checkpoint", "data", "memory", "gpu")
+SECTIONS = ("throughput", "mfu", "moe_layer", "morph", "checkpoint", "data", "memory", "gpu", "prefetch", "parquet")
 NEEDS = {"mfu": ("throughput",), "data": ("throughput",)}   # sections that read another's figures
 MEMORY_CAP = 15e9          # bytes: a T4's usable memory, with a little room (15 GB, not GiB)
 T4_MORPH_INTERVAL = 1000   # configs/t4.yaml morph.interval, the interval the overhead target is for
@@ -428,9 +434,7 @@ def bench_checkpoint(ctx) -> dict:
     trainer = get_trainer(ctx)
     if trainer.step == 0:
         trainer.train_step()   # so the checkpoint holds AdamW state, as every real one does
-    save_s = []
-    for _ in range(1 if ctx.quick else 3):
-        save_s.append(timed(trainer.save, ctx.device))
+    saves = measure_saves(trainer, ctx.device, 1 if ctx.quick else 3, ctx.run_dir / "mirror")
     path = schema.list_checkpoints(trainer.paths.ckpt_dir)[0][1]
     load_s = statistics.median(timed(lambda: ckpt.load_checkpoint(path), ctx.device)
                                for _ in range(1 if ctx.quick else 3))
@@ -447,8 +451,7 @@ def bench_checkpoint(ctx) -> dict:
     resumed_at = resumed.step - 1
     close_trainer(resumed)
     params = sum(p.numel() for p in resumed.model.parameters())
-    return {"model_params": params, "size_bytes": path.stat().st_size, "save_s": statistics.median(save_s),
-            "load_s": load_s, "resume_open_s": opened, "resume_to_first_step_s": to_first_step,
+    return {"model_params": params, "size_bytes": path.stat().st_size, **saves, "load_s": load_s, "resume_open_s": opened, "resume_to_first_step_s": to_first_step,
             "saved_step": step, "resumed_step": resumed_at, "path_on": str(ctx.run_dir)}
 
 
@@ -590,9 +593,10 @@ def targets(results: dict) -> list[dict]:
               ("MoE layer: sorted vs seed-style, E=4 k=1", e4k1(), ">=", 3.0),
               ("morph overhead share at interval 1000", get("morph", "share_at_t4_interval"), "<", 0.01),
               ("data pipeline / trainer consumption", get("data", "ratio"), ">=", 10.0),
-              ("checkpoint save (s)", get("checkpoint", "save_s"), "<", 2.0),
+              ("checkpoint: loop blocked per save (s)", get("checkpoint", "blocked_s"), "<", 0.5),
               ("resume to first step (s)", get("checkpoint", "resume_to_first_step_s"), "<", 10.0),
-              ("t4 micro-batch fits 15 GB (plan)", get("memory", "fits"), "==", True)]
+              ("t4 micro-batch fits 15 GB (plan)", get("memory", "fits"), "==", True),
+              ("slow source, read-ahead: tokens/s vs no delay", get("prefetch", "slow_vs_fast_prefetch_8"), ">=", 0.95)]
     rows = []
     for name, value, op, bar in checks:
         met = None if value is None else {">=": value >= bar, "<": value < bar, "==": value == bar}[op]
@@ -639,13 +643,36 @@ def table_lines(results: dict) -> list[str]:
     if "checkpoint" in results:
         r = results["checkpoint"]
         add("checkpoint", f"size ({r['model_params']:,} params + AdamW)", human_bytes(r["size_bytes"]))
-        add("checkpoint", "save / load", f"{r['save_s']:.2f} s / {r['load_s']:.2f} s")
+        add("checkpoint", "save on the loop (synchronous) / load", f"{r['save_s']:.2f} s / {r['load_s']:.2f} s")
+        add("checkpoint", "loop blocked per background save (first) / its write",
+            f"{r['blocked_s']:.2f} s ({r['blocked_s_first_save']:.2f} s) / {r['background_write_s']:.2f} s")
+        peak = r["peak_extra_rss_bytes"]
+        add("checkpoint", "snapshot size / peak extra resident memory",
+            f"{human_bytes(r['snapshot_bytes'])} / {human_bytes(peak) if peak is not None else 'n/a'}")
+        during = r["step_s_during_write"]
+        add("checkpoint", f"step quiet / during a write ({r['steps_during_write']} steps)",
+            f"{r['step_s_quiet']:.2f} s / " + (f"{during:.2f} s" if during is not None else "-"))
+        add("checkpoint", "mirror copy + read-back verification", f"{r['mirror_copy_verify_s']:.2f} s")
         add("checkpoint", "resume to first step (open + restore + step)", f"{r['resume_to_first_step_s']:.2f} s")
     if "data" in results:
         r = results["data"]
         add("data", "text -> packed blocks tokens/s",
             f"{r['tokens_per_s']:,.0f} (start-up {r['startup_s']:.2f} s)")
         add("data", "data / trainer consumption", f"{r['ratio']:,.0f}x")
+    if "prefetch" in results:
+        r = results["prefetch"]
+        t = r["tokens_per_s"]
+        for depth in (0, 8):
+            add("prefetch", f"read-ahead {depth}: tokens/s, {r['delay_s'] * 1e3:.0f} ms/doc vs none "
+                            f"({r['documents_per_step']:.1f} docs/step)",
+                f"{t[f'prefetch_{depth}_slow']:,.0f} vs {t[f'prefetch_{depth}']:,.0f} "
+                f"({r[f'slow_vs_fast_prefetch_{depth}']:.3f}x)")
+    if "parquet" in results:
+        r = results["parquet"]
+        add("parquet", f"file: {human_bytes(r['bytes'])}, {r['rows']:,} rows, {r['row_groups']} row groups",
+            f"written in {r['write_s']:.0f} s")
+        add("parquet", f"resume at row {r['position_rows']:,}: row-group shards / per file",
+            f"{r['resume_s_row_groups']:.2f} s / {r['resume_s_files']:.2f} s")
     if "memory" in results:
         r, b = results["memory"], results["memory"]["bytes"]
         add("memory", f"t4 params ({r['params']:,}) / grads / AdamW",
@@ -687,14 +714,16 @@ def cpu_name() -> str:
 
 
 class Context:
-    def __init__(self, shapes: Shapes, device: torch.device, quick: bool, run_dir: Path):
+    def __init__(self, shapes: Shapes, device: torch.device, quick: bool, run_dir: Path, parquet_mb: int = 4):
         self.shapes, self.device, self.quick, self.run_dir = shapes, device, quick, run_dir
+        self.parquet_mb = parquet_mb
         self.results: dict = {}
         self.trainer, self.trainer_raw = None, None
 
 
 RUNNERS = {"throughput": bench_throughput, "mfu": bench_mfu, "moe_layer": bench_moe_layer, "morph": bench_morph,
-           "checkpoint": bench_checkpoint, "data": bench_data, "memory": bench_memory, "gpu": bench_gpu}
+           "checkpoint": bench_checkpoint, "data": bench_data, "memory": bench_memory, "gpu": bench_gpu,
+           "prefetch": bench_prefetch, "parquet": bench_parquet}
 
 
 def parse_args(argv):
@@ -705,6 +734,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice, one per core); on a shared "
                         "machine 1 avoids waiting at every parallel region for a descheduled thread")
+    p.add_argument("--parquet-mb", type=int, default=None, metavar="MB",
+                   help="size of the parquet file the parquet section writes (default 2048; --quick: 4)")
     p.add_argument("--only", default=",".join(SECTIONS), metavar="A,B",
                    help=f"comma list of sections ({', '.join(SECTIONS)}); those they need run too")
     return p.parse_args(argv)
@@ -737,7 +768,8 @@ def main(argv=None) -> int:
     print(f"nemoe bench | {header['device']} ({header['device_name']}, {header['threads']} threads) | "
           f"torch {header['torch']} | {header['date']}{' | quick' if args.quick else ''}", flush=True)
     with tempfile.TemporaryDirectory(prefix="nemoe-bench-") as tmp:
-        ctx = Context(shapes, device, args.quick, Path(tmp))
+        parquet_mb = args.parquet_mb or (4 if args.quick else 2048)
+        ctx = Context(shapes, device, args.quick, Path(tmp), parquet_mb)
         try:
             for name in sections:
                 start = time.perf_counter()

@@ -1,0 +1,506 @@
+"""Data sources: configuration, loading, formats, the held-out rule and the mixture.
+
+Pipeline (DESIGN section 6), per source:
+
+    load (hf hub / local or http(s) files / built-in corpus), streaming
+    -> documents {"text", "source"}      format: text field, alpaca template, wikitext articles
+    -> held-out rule                      the source's eval split, else a hash of the text
+    -> repeat forever (on_exhausted: cycle)
+then `interleave_datasets` draws each next document from a source chosen at random
+with the configured weights. `nemoe.data.TokenStream` turns the mixture into packed
+token blocks.
+
+Parquet sources are split into one `datasets` shard per row group
+(`IterableDataset.reshard()`), so a stream state that points into the middle of a
+large file resumes by opening that row group, not by reading every row before it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import datasets
+import pyarrow
+import torch
+from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
+
+from nemoe import configlib
+from nemoe.builtin_corpus import BUILTIN_CORPORA, builtin_corpus
+from nemoe.configlib import setting
+from nemoe.errors import UserError
+
+FILE_LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+DOC_FEATURES = Features({"text": Value("string"), "source": Value("string")})
+
+# Reaching the Hub: attempts and the first back-off delay (doubling). Tests patch these.
+HUB_ATTEMPTS = 3
+HUB_BACKOFF_S = 2.0
+# Rows per batched formatting call. WikiText rows are lines and articles are grouped
+# within one call, so an article that straddles two calls becomes two documents:
+# larger calls cut fewer articles (WikiText-103 averages ~60 lines per article).
+MAP_BATCH_ROWS = 256
+WIKITEXT_BATCH_ROWS = 2048
+
+
+
+# --------------------------------------------------------------------------- #
+# Configuration
+# --------------------------------------------------------------------------- #
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    """Label of the source in logs and eval.csv; unique within data.sources."""
+    kind: Literal["hf", "files", "builtin"] = "hf"
+    """Where documents come from: hf (Hugging Face Hub), files (local files) or builtin."""
+    path: str = ""
+    """hf: dataset id; files: a file path or glob, or an http(s):// URL of one file (.parquet,
+    .jsonl/.json, or .txt whose blank-line separated paragraphs are the documents); builtin: prose
+    or code."""
+    config: str | None = None
+    """hf: the dataset's config name (e.g. sample-10BT, wikitext-103-raw-v1)."""
+    split: str = "train"
+    """hf: the split streamed for training."""
+    format: Literal["text", "alpaca", "wikitext"] = "text"
+    """text: one field per row; alpaca: instruction/input/output rows become one prompt-response
+    document; wikitext: rows are lines, grouped into articles at ' = Title = ' headings."""
+    text_field: str = "text"
+    """Column holding the document text (format text and wikitext; builtin ignores it)."""
+    weight: float = setting(1.0, gt=0, lt=math.inf)
+    """Relative share of documents drawn from this source (weights are normalised)."""
+    eval_split: str | None = None
+    """Held-out text of this source: hf, a split name (e.g. validation); files, a path or glob of
+    held-out files. The training stream then uses all of `split`/`path`. None: the hash rule."""
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [SourceConfig(name="prose", kind="builtin", path="prose", weight=0.7),
+            SourceConfig(name="code", kind="builtin", path="code", weight=0.3)]
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = setting(factory=_default_sources, unsafe=True)
+    """The mixture; each entry a SourceConfig (or a mapping with its keys)."""
+    heldout_fraction: float = setting(0.01, gt=0, lt=1, unsafe=True)
+    """Hash rule: the share of a source's documents held out for evaluation (sources without eval_split)."""
+    seed: int | None = setting(None, unsafe=True)
+    """Seed of the mixture's source choices. None (default): derived from train.seed when the Config
+    is built, so each run seed gives its own data order; an explicit value always wins. (A
+    DataConfig used on its own, outside a Config, mixes with seed 0 when this is None.)"""
+    on_exhausted: Literal["cycle", "stop"] = "cycle"
+    """When a source runs out: cycle (start it again) or stop (end training data with an error)."""
+    retry_minutes: float = setting(30.0, ge=0)
+    """A read that fails mid-run (connection dropped, HTTP 5xx / 429 after `datasets`' own retries,
+    a Drive mount gone) reopens the stream at its exact position and retries with back-off for up
+    to this many minutes; past that the run saves a checkpoint and exits 2."""
+    prefetch_batches: int = setting(8, ge=0)
+    """Micro-batches a background thread reads, tokenizes and packs ahead of training (0: read on
+    the training thread). The checkpointed position is the last batch training took, not the
+    producer's, so resume stays exact."""
+
+    def __post_init__(self):
+        """Sources given as mappings (YAML shape) become SourceConfigs; a bad entry is a UserError."""
+        problems: list[str] = []
+        sources = configlib.coerce(self.sources, list[SourceConfig], "data.sources", problems)
+        if problems:
+            raise UserError("invalid data config:\n  - " + "\n  - ".join(problems))
+        self.sources = sources
+
+    def validate(self) -> list[str]:
+        """Every problem with this data config, one readable line each (empty when usable).
+
+        A Config validates its data section itself (config_from_dict); this is for a
+        DataConfig built on its own. TokenStream and heldout_batches do not validate.
+        """
+        return configlib.validate(self, "data")
+
+    def check(self, cfg=None) -> list[str]:
+        """The rules across fields: at least one source, unique names, each source's kind-specific rules."""
+        problems = []
+        if not self.sources:
+            problems.append("data.sources is empty: list at least one source "
+                            "(e.g. {name: prose, kind: builtin, path: prose})")
+        names = [s.name for s in self.sources]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"data.sources: the name {dup!r} is used more than once; names must be unique")
+        for i, src in enumerate(self.sources):
+            problems += _source_problems(src, f"data.sources[{i}] ({src.name or 'unnamed'})")
+        return problems
+
+
+def _source_problems(src: SourceConfig, where: str) -> list[str]:
+    """A source's rules beyond its field types and bounds: names, paths, what each kind allows."""
+    problems = []
+    if not src.name:
+        problems.append(f"{where}: name is empty; give every source a unique name")
+    if not src.text_field:
+        problems.append(f"{where}: text_field is empty")
+    if src.kind == "builtin":
+        if src.path not in BUILTIN_CORPORA:
+            problems.append(f"{where}: builtin path must be one of {', '.join(BUILTIN_CORPORA)}, got {src.path!r}")
+        if src.format != "text":
+            problems.append(f"{where}: builtin sources have format text, got {src.format!r}")
+        if src.eval_split is not None:
+            problems.append(f"{where}: builtin sources have no eval_split; the hash rule holds text out")
+    elif src.kind == "hf" and not src.path:
+        problems.append(f"{where}: path is empty; give the Hub dataset id (e.g. HuggingFaceFW/fineweb)")
+    elif src.kind == "files":
+        for role, pattern in (("path", src.path), ("eval_split", src.eval_split)):
+            if role == "path" or pattern is not None:
+                problems += [f"{where}: {role} {msg}" for msg in _file_problems(pattern)]
+    return problems
+
+
+def is_url(pattern: str) -> bool:
+    """An http(s) URL (read through `datasets`' fsspec support) rather than a local path or glob."""
+    return urlparse(pattern).scheme in ("http", "https")
+
+
+def _file_problems(pattern: str) -> list[str]:
+    if not pattern:
+        return ["is empty; give a file path or glob"]
+    if "://" in pattern and not is_url(pattern):
+        return [f"{pattern!r}: only http:// and https:// URLs are read (or a local path or glob)"]
+    files = _matching_files(pattern)
+    if not files:
+        return [f"{pattern!r} matches no file (relative paths start at {os.getcwd()})"]
+    loaders = {_loader_for(f) for f in files}
+    if None in loaders:
+        return [f"{pattern!r} matches files of an unsupported type; use {', '.join(FILE_LOADERS)}"]
+    if len(loaders) > 1:
+        return [f"{pattern!r} mixes file types ({', '.join(sorted(loaders))}); use one type per source"]
+    return []
+
+
+def _matching_files(pattern: str) -> list[str]:
+    if is_url(pattern):
+        return [pattern]  # one file; checked when it is opened
+    return sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+
+
+def _loader_for(path: str) -> str | None:
+    return FILE_LOADERS.get(Path(urlparse(path).path if is_url(path) else path).suffix.lower())
+
+
+def _weights(cfg: DataConfig) -> list[float]:
+    total = sum(s.weight for s in cfg.sources)
+    return [s.weight / total for s in cfg.sources]
+
+
+# --------------------------------------------------------------------------- #
+# Documents: formats and the held-out rule
+# --------------------------------------------------------------------------- #
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """The hash rule: a stable 64-bit digest of the text, read as a number in [0, 1), is below `fraction`.
+
+    hashlib, not hash(): Python salts str hashes per process, which would move
+    documents between training and evaluation from one run (or resume) to the next.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2.0**64
+
+
+def alpaca_document(instruction: str, input_text: str | None, output: str) -> str:
+    """One Alpaca row as a prompt-response document (the input section only when non-empty)."""
+    parts = [f"### Instruction:\n{(instruction or '').strip()}"]
+    if input_text and input_text.strip():
+        parts.append(f"### Input:\n{input_text.strip()}")
+    parts.append(f"### Response:\n{(output or '').strip()}")
+    return "\n\n".join(parts)
+
+
+# " = Valkyria Chronicles III = " opens an article; " = = Gameplay = = " is a section inside one.
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def wikitext_articles(lines: list[str]) -> list[str]:
+    """WikiText rows (one line each, blank rows between) grouped into article documents."""
+    articles, current = [], []
+    for line in lines:
+        if not isinstance(line, str) or not line.strip():
+            continue
+        if _WIKITEXT_TITLE.match(line.rstrip("\n")) and current:
+            articles.append(current)
+            current = []
+        current.append(line)
+    if current:
+        articles.append(current)
+    # Lines keep their own "\n"; joining with another gives the blank line between
+    # paragraphs that the raw WikiText files have.
+    return ["\n".join(article) for article in articles]
+
+
+def _format_batch(batch: dict, src: SourceConfig) -> dict:
+    """A batch of raw rows -> {"text": [...], "source": [...]}, empty documents dropped."""
+    if src.format == "alpaca":
+        inputs = batch.get("input") or [None] * len(batch["instruction"])
+        texts = [alpaca_document(i, x, o) for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
+    elif src.format == "wikitext":
+        texts = wikitext_articles(batch[_text_column(src)])
+    else:
+        texts = batch[_text_column(src)]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    return {"text": texts, "source": [src.name] * len(texts)}
+
+
+def _text_column(src: SourceConfig) -> str:
+    return "text" if src.kind == "builtin" else src.text_field
+
+
+def _required_columns(src: SourceConfig) -> list[str]:
+    return ["instruction", "output"] if src.format == "alpaca" else [_text_column(src)]
+
+
+# --------------------------------------------------------------------------- #
+# Opening sources (errors a user can cause become UserErrors that name the source)
+# --------------------------------------------------------------------------- #
+
+def _describe(src: SourceConfig) -> str:
+    config = f", config {src.config}" if src.config else ""
+    return f"data source {src.name!r} ({src.kind}: {src.path}{config})"
+
+
+def _hub_failure_message(src: SourceConfig, err: Exception, kind: str) -> str:
+    what = "was not found or is not accessible" if kind == "not_found" else "cannot be reached"
+    hint = ("Check its path and config against huggingface.co (a gated dataset needs "
+            "`huggingface-cli login`). To train without it, " if kind == "not_found"
+            else "Without access to the Hugging Face Hub, ")
+    return (f"{_describe(src)} {what}: {type(err).__name__}: {err}\n{hint}train on the built-in corpus "
+            "with `--config local.yaml`, or point this source at local copies of the data with "
+            "`kind: files` and `path: <file or glob>`.")
+
+
+def _hub_error_kind(err: BaseException) -> str | None:
+    """'transient' (worth retrying), 'unreachable', 'not_found', or None (not a data access error)."""
+    if not isinstance(err, OSError):  # ConnectionError, TimeoutError and the Hub's HTTP errors are
+        return None
+    if datasets.config.HF_HUB_OFFLINE:
+        return "unreachable"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, (FileNotFoundError, PermissionError)) or status in (401, 403, 404):
+        return "not_found"
+    return "transient"
+
+
+def _with_hub_retries(action, src: SourceConfig):
+    """Run `action()` for an hf source, retrying transient failures with a doubling back-off."""
+    for attempt in range(HUB_ATTEMPTS):
+        try:
+            return action()
+        except Exception as err:  # noqa: BLE001 -- classified below; anything else re-raises
+            kind = _hub_error_kind(err)
+            if kind is None:
+                raise
+            if kind == "transient" and attempt + 1 < HUB_ATTEMPTS:
+                delay = HUB_BACKOFF_S * 2**attempt
+                # A formatted string, not `err` itself: a log record holding the exception
+                # would keep every frame of its traceback (and their streams) alive.
+                logging.getLogger(__name__).warning(
+                    f"{_describe(src)}: {type(err).__name__}: {err}; retrying in {delay:.0f} s")
+                time.sleep(delay)
+                continue
+            raise UserError(_hub_failure_message(src, err, kind)) from None
+    raise AssertionError("unreachable")
+
+
+def source_of_error(err: BaseException, sources: list[SourceConfig]) -> str:
+    """Which source a read error came from, for the retry log line ("the training data" when unknown).
+
+    The error's traceback (and those of its causes) passes through the `datasets` loader
+    that was reading: its local `file` (or `files`) names the file or URL, which belongs
+    to one source's path (a `files` pattern's matches, or the Hub id inside an hf:// path).
+    """
+    for name in _files_in_traceback(err):
+        for src in sources:
+            if src.kind == "hf" and src.path and src.path in name:
+                return _describe(src)
+            if src.kind == "files":
+                patterns = [p for p in (src.path, src.eval_split) if p]
+                if any(name == f or os.path.abspath(name) == os.path.abspath(f)
+                       for p in patterns for f in _matching_files(p)):
+                    return _describe(src)
+    return "the training data"
+
+
+def _files_in_traceback(err: BaseException) -> list[str]:
+    names, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        tb = err.__traceback__
+        while tb is not None:
+            local = tb.tb_frame.f_locals
+            file, files = local.get("file"), local.get("files")
+            if isinstance(file, str):
+                names.append(file)
+            elif isinstance(files, (list, tuple)) and files and isinstance(files[0], str):
+                names.append(files[0])
+            tb = tb.tb_next
+        err = err.__cause__ or err.__context__
+    return names[::-1]  # innermost first
+
+
+def _is_utf8(path: str, chunk: int = 1 << 20) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool = True) -> IterableDataset:
+    """The source's raw rows, streaming; `part` is "train" or "heldout" (its eval split).
+
+    reshard: parquet files become one shard per row group (a no-op for other formats), so
+    resuming skips whole row groups instead of reading them; False gives the layout that
+    stream states written before row-group shards (no "shards" key) point into.
+    strict (start-up): errors a user can cause become UserErrors naming the source and Hub
+    failures are retried here; False (a reopen after a read fault): errors propagate as they
+    are, for the caller's retries.
+    """
+    if src.kind == "builtin":
+        return builtin_corpus(src.path).to_iterable_dataset(num_shards=1)
+    if src.kind == "files":
+        pattern = src.eval_split if part == "heldout" and src.eval_split else src.path
+        files = _matching_files(pattern)
+        if not files:
+            raise UserError(f"{_describe(src)}: no file matches {pattern!r}")
+        loader = _loader_for(files[0])
+        options = {}
+        if loader == "text":
+            # Undecodable bytes become U+FFFD instead of ending the run; say which files have them.
+            options = {"sample_by": "paragraph", "encoding_errors": "replace"}
+            for path in files if strict else ():
+                if not is_url(path) and not _is_utf8(path):
+                    print(f"warning: {_describe(src)}: {path} is not valid UTF-8; undecodable bytes "
+                          f"are read as U+FFFD", file=sys.stderr, flush=True)
+        try:
+            raw = load_dataset(loader, data_files=files, split="train", streaming=True, **options)
+            return raw.reshard() if reshard else raw
+        except (OSError, ValueError) as err:
+            if not strict:
+                raise  # unreadable file (pyarrow's errors are ValueErrors)
+            raise UserError(f"{_describe(src)}: cannot read {pattern!r}: {type(err).__name__}: {err}") from None
+    split = src.eval_split if part == "heldout" and src.eval_split else src.split
+
+    def load():
+        try:
+            raw = load_dataset(src.path, src.config, split=split, streaming=True)
+            return raw.reshard() if reshard else raw
+        except ValueError as err:  # unknown config or split name
+            raise UserError(f"{_describe(src)}: {err}") from None
+    return _with_hub_retries(load, src) if strict else load()
+
+
+def _columns(raw: IterableDataset, src: SourceConfig, strict: bool = True) -> list[str]:
+    """Column names of a raw source, reading the first row when the loader does not declare them."""
+    if raw.column_names is not None:
+        return raw.column_names
+    first = _first_row(raw, src, strict)
+    return list(first) if first is not None else _required_columns(src)
+
+
+def _first_row(ds: IterableDataset, src: SourceConfig, strict: bool = True) -> dict | None:
+    """The first row of `ds` (None when empty); access errors become UserErrors naming the source
+    (strict), or propagate as they are (not strict)."""
+    def read():
+        rows = iter(ds)
+        try:
+            return next(rows, None)
+        finally:
+            rows.close()  # end the probe now rather than at garbage collection
+    if not strict:
+        return read()
+    if src.kind == "hf":
+        return _with_hub_retries(read, src)
+    try:
+        return read()
+    except (OSError, pyarrow.ArrowException) as err:  # an unreadable local file
+        raise UserError(f"{_describe(src)}: cannot read it: {type(err).__name__}: {err}") from None
+
+
+def source_documents(src: SourceConfig, cfg: DataConfig, part: str, reshard: bool = True,
+                     strict: bool = True) -> IterableDataset:
+    """One source as a stream of {"text", "source"} documents; part "train" or "heldout"
+    (reshard, strict: see _load_raw)."""
+    raw = _load_raw(src, part, reshard, strict)
+    columns = _columns(raw, src, strict)
+    missing = [c for c in _required_columns(src) if c not in columns]
+    if missing:
+        raise UserError(f"{_describe(src)} has no column {', '.join(map(repr, missing))} "
+                        f"(format {src.format}); its columns are: {', '.join(columns)}. "
+                        "Set text_field to the column holding the text.")
+    docs = raw.map(_format_batch, batched=True, fn_kwargs={"src": src}, remove_columns=columns,
+                   batch_size=WIKITEXT_BATCH_ROWS if src.format == "wikitext" else MAP_BATCH_ROWS,
+                   features=DOC_FEATURES)
+    if src.eval_split is None:  # the hash rule splits this source's own stream
+        keep_heldout = part == "heldout"
+        docs = docs.filter(lambda doc: is_heldout(doc["text"], cfg.heldout_fraction) == keep_heldout)
+    return docs
+
+
+def training_mixture(cfg: DataConfig, reshard: bool = True, strict: bool = True) -> IterableDataset:
+    """All sources' training documents interleaved by weight (a `datasets` IterableDataset).
+    strict: also check that every source yields a training document (see _load_raw)."""
+    parts = []
+    for src in cfg.sources:
+        docs = source_documents(src, cfg, "train", reshard, strict)
+        if strict and _first_row(docs, src) is None:
+            raise UserError(f"{_describe(src)} yields no training documents (is it empty, or all held out?)")
+        parts.append(docs.repeat(None) if cfg.on_exhausted == "cycle" else docs)
+    # With every source repeating forever, "first_exhausted" never triggers under "cycle";
+    # under "stop" it ends the mixture when any source runs out, keeping the proportions honest.
+    seed = 0 if cfg.seed is None else cfg.seed  # None only for a DataConfig used outside a Config
+    return interleave_datasets(parts, probabilities=_weights(cfg), seed=seed,
+                               stopping_strategy="first_exhausted")
+
+
+def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int,
+                    batch_size: int) -> dict[str, list[torch.Tensor]]:
+    """Fixed evaluation batches per source name, each (B, seq_len+1), from that source's held-out text.
+
+    Deterministic: the first held-out documents of each source, packed like training
+    data. A source with too little held-out text gives fewer batches (at least one).
+    """
+    return {src.name: _source_heldout_batches(src, cfg, tokenizer, seq_len + 1, n_batches, batch_size)
+            for src in cfg.sources}
+
+
+def _source_heldout_batches(src: SourceConfig, cfg: DataConfig, tokenizer, block_len: int,
+                            n_batches: int, batch_size: int) -> list[torch.Tensor]:
+    batch_tokens = batch_size * block_len
+    documents = source_documents(src, cfg, "heldout")
+    tokens: list[int] = []
+    # The probe reads under the Hub retries/messages; the loop then reads from the start again.
+    if _first_row(documents, src) is not None:
+        for doc in documents:
+            tokens += tokenizer.encode(doc["text"])
+            tokens.append(tokenizer.eot_id)
+            if len(tokens) >= n_batches * batch_tokens:
+                break
+    n_full = min(n_batches, len(tokens) // batch_tokens)
+    if n_full == 0:
+        rule = f"split {src.eval_split!r}" if src.eval_split else f"heldout_fraction {cfg.heldout_fraction}"
+        raise UserError(f"{_describe(src)}: its held-out text ({rule}) has {len(tokens)} tokens, fewer than one "
+                        f"evaluation batch ({batch_size} x {block_len} = {batch_tokens}); raise "
+                        "data.heldout_fraction, give the source an eval_split, or lower eval.batch_size")
+    blocks = torch.tensor(tokens[:n_full * batch_tokens], dtype=torch.int64)
+    return list(blocks.view(n_full, batch_size, block_len).unbind(0))
+
