@@ -16,6 +16,7 @@ from nemoe import lock as lock_module
 from nemoe.config import load_config
 from tests.conftest import REPO
 from tests.fixtures_data import write_alpaca, write_fineweb
+from tests.test_tensorboard import assert_tensorboard_matches_csv
 from tests.test_trainer import TINY, logs, run
 from train_nemoe import main
 
@@ -89,6 +90,9 @@ def test_random_sigkills_lose_nothing(tmp_path):
     print(f"{kills} kills survived; {cut_writes} of them cut a write short; "
           f"{text.count('resumed from')} resumes")
     assert cut_writes >= 1, "some kills should land inside a checkpoint or log write"
+    # TensorBoard too: each step once (also as stored, for readers that ignore purge markers),
+    # every scalar equal to the CSV's value at the same step.
+    assert_tensorboard_matches_csv(killed / "logs" / "tiny")
 
 
 # --------------------------------------------------------------------------- #
