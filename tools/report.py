@@ -138,7 +138,8 @@ def lineage_text(log_dir: Path) -> str:
     """The lineage tree as tools/lineage.py prints it, coloured, as inline-styled HTML."""
     from rich.console import Console
     layers, end_step, _ = lineage.load(str(log_dir), None)
-    console = Console(record=True, width=120, file=io.StringIO(), highlight=False, color_system="truecolor")
+    console = Console(record=True, width=120, file=io.StringIO(), highlight=False, color_system="truecolor",
+                      force_jupyter=False)   # in a notebook, rich would display it as well
     lineage.print_tree(layers, end_step, console=console)
     return console.export_html(inline_styles=True, code_format="<pre>{code}</pre>")
 
