@@ -160,3 +160,9 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--help"])
+    assert exit_info.value.code == 0 and "self-contained HTML" in capsys.readouterr().out

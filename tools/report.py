@@ -43,7 +43,7 @@ table.events { font-size: 12.5px; } table.events td { white-space: nowrap; }
 figure { margin: 18px 0 26px; } figure img { max-width: 100%; border: 1px solid #e3e6ea; }
 figcaption { color: #5b6573; font-size: 13.5px; margin-top: 4px; }
 pre { background: #f6f8fa; border: 1px solid #dde1e6; padding: 10px 12px; overflow: auto; font-size: 12.5px;
-      line-height: 1.35; max-height: 640px; }
+      line-height: 1.35; }
 .note { color: #5b6573; font-style: italic; }
 """
 
