@@ -170,7 +170,8 @@ class RunLogger:
         from nemoe.config import dump_config
         from nemoe.tensorboard_log import TensorBoardLog
         try:
-            return TensorBoardLog(self.log_dir / TENSORBOARD_DIR, start_step, dump_config(cfg))
+            plasticity = {name for name, section in vars(cfg.plasticity).items() if section.enabled}
+            return TensorBoardLog(self.log_dir / TENSORBOARD_DIR, start_step, dump_config(cfg), plasticity)
         except Exception as err:  # noqa: BLE001 -- TensorBoard is a view: the run goes on without it
             self._tensorboard_failed(err)
             return None

@@ -48,11 +48,22 @@ LAYOUT = {
         "usage entropy per layer": ["Multiline", [r"moe/usage_entropy/L\d+"]],
         "max load per layer": ["Multiline", [r"moe/max_load/L\d+"]],
     },
-    "plasticity": {
-        "head gates": ["Multiline", [r"plasticity/head/gate/.*"]],
-        "layer vitality": ["Multiline", [r"plasticity/layer/vitality/.*"]],
-    },
 }
+# Charts of the plasticity mechanisms, by config section, shown when the section is on.
+PLASTICITY_LAYOUT = {
+    "neuron": {"neuron deaths per layer": ["Multiline", [r"plasticity/neuron/deaths/.*"]],
+               "neuron fitness (mean) per layer": ["Multiline", [r"plasticity/neuron/fitness_mean/.*"]]},
+    "heads": {"head gates": ["Multiline", [r"plasticity/head/gate/.*"]],
+              "head attention entropy": ["Multiline", [r"plasticity/head/entropy/.*"]]},
+    "layers": {"layer vitality": ["Multiline", [r"plasticity/layer/vitality/.*"]],
+               "layer importance": ["Multiline", [r"plasticity/layer/importance/.*"]]},
+}
+
+
+def layout(plasticity: set[str]) -> dict:
+    """The custom-scalars layout for a run whose enabled plasticity sections are `plasticity`."""
+    charts = {title: chart for name in sorted(plasticity) for title, chart in PLASTICITY_LAYOUT.get(name, {}).items()}
+    return LAYOUT | ({"plasticity": charts} if charts else {})
 
 
 class TensorBoardLog:
@@ -61,7 +72,8 @@ class TensorBoardLog:
 
     FLUSH_SECS = 15
 
-    def __init__(self, directory: Path, start_step: int, config_text: str):
+    def __init__(self, directory: Path, start_step: int, config_text: str, plasticity: set[str] = frozenset()):
+        """`plasticity`: the enabled plasticity sections (their charts join the layout)."""
         from torch.utils.tensorboard import SummaryWriter   # ~1 s of imports: only when on
         from torch.utils.tensorboard.summary import custom_scalars
 
@@ -69,7 +81,7 @@ class TensorBoardLog:
         directory.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(directory), purge_step=start_step + 1, max_queue=200,
                                     flush_secs=self.FLUSH_SECS)
-        self.writer.file_writer.add_summary(custom_scalars(LAYOUT), start_step)
+        self.writer.file_writer.add_summary(custom_scalars(layout(plasticity)), start_step)
         self.writer.add_text(TB_CONFIG_TAG, _code_block(config_text), start_step)
         self.writer.flush()
 

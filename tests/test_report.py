@@ -87,19 +87,28 @@ def with_plasticity(log_dir):
     return log_dir
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    """One page with every plot, rendered once (six figures: several seconds)."""
-    tmp_path = tmp_path_factory.mktemp("report")
+def render(tmp_path, draw: bool = True):
+    """(log folder, page) of a hand-written run with head and layer plasticity; `draw` False
+    leaves the pixels out (drawing six figures takes seconds)."""
     log_dir = with_plasticity(write_logs(tmp_path / "logs" / "hand"))
     out = tmp_path / "report.html"
-    assert report.main([str(log_dir), "-o", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        if not draw:
+            import matplotlib.pyplot as plt
+            patch.setattr(report, "png", lambda fig: plt.close(fig) or "data:image/png;base64,")
+        assert report.main([str(log_dir), "-o", str(out)]) == 0
     return log_dir, out.read_text(encoding="utf-8")
 
 
-def test_report_is_self_contained_and_every_image_decodes(page):
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    return render(tmp_path_factory.mktemp("report"), draw=False)
+
+
+@pytest.mark.slow
+def test_report_is_self_contained_and_every_image_decodes(tmp_path):
     from PIL import Image
-    _, text = page
+    _, text = render(tmp_path)
     html = Page(text)
     # experts, training, lineage, head gate and entropy, layer vitality
     assert len(html.images) == 6
@@ -118,6 +127,7 @@ def test_report_is_self_contained_and_every_image_decodes(page):
 def test_report_numbers_equal_the_csvs(page):
     log_dir, text = page
     html = Page(text)
+    assert len(html.images) == 6 and all(link.startswith("#") for link in html.links)
     # The summary table is tools/summary.py's, row for row.
     assert [tuple(r) for r in html.tables["summary"]] == [(k, v) for k, v in summary.rows(log_dir)]
     # Held-out loss: a row per evaluation, a column per source (mixed last).
@@ -145,8 +155,9 @@ def test_report_numbers_equal_the_csvs(page):
 
 
 def test_report_of_a_run_without_plasticity_or_events(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
     drawn = []
-    monkeypatch.setattr(report, "png", lambda fig: drawn.append(fig) or "data:image/png;base64,")  # no pixels
+    monkeypatch.setattr(report, "png", lambda fig: drawn.append(fig) or plt.close(fig) or "data:image/png;base64,")
     log_dir = write_logs(tmp_path / "logs" / "quiet", events=[])
     out = tmp_path / "r.html"
     assert report.main([str(log_dir), "-o", str(out)]) == 0

@@ -256,6 +256,14 @@ def test_tensorboard_that_cannot_open_leaves_the_run_alone(tmp_path, capsys):
     assert pd.read_csv(log_dir / "training_log.csv")["step"].tolist() == [1, 2, 3]
 
 
+def test_layout_shows_plasticity_charts_of_the_mechanisms_that_are_on():
+    from nemoe.tensorboard_log import layout
+    assert set(layout(set())) == {"nemoe"}
+    assert "experts per layer" in layout(set())["nemoe"] and "held-out loss per source" in layout(set())["nemoe"]
+    assert set(layout({"heads", "layers"})["plasticity"]) == {"head gates", "head attention entropy",
+                                                             "layer vitality", "layer importance"}
+
+
 def test_every_training_column_has_a_group():
     tags = [tensorboard_tag(c) for c in train_columns(3)]
     assert tags[0] is None and None not in tags[1:], "step is the x axis, every other column a scalar"

@@ -32,7 +32,8 @@ body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 48px; background: #fff; }
 h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 34px 0 10px;
      border-bottom: 1px solid #dde1e6; padding-bottom: 4px; }
-.sub { color: #5b6573; margin: 0 0 18px; } nav a { margin-right: 14px; color: #2457a6; text-decoration: none; }
+.sub { color: #5b6573; margin: 0 0 18px; }
+nav a { margin-right: 14px; color: #2457a6; text-decoration: none; white-space: nowrap; }
 table { border-collapse: collapse; font-size: 13.5px; }
 th, td { border: 1px solid #dde1e6; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #eef1f5; } tr:nth-child(even) td { background: #fafbfc; }
@@ -45,6 +46,7 @@ figcaption { color: #5b6573; font-size: 13.5px; margin-top: 4px; }
 pre { background: #f6f8fa; border: 1px solid #dde1e6; padding: 10px 12px; overflow: auto; font-size: 12.5px;
       line-height: 1.35; }
 .note { color: #5b6573; font-style: italic; }
+pre.config { columns: 2 340px; column-gap: 28px; }
 """
 
 
@@ -175,7 +177,7 @@ def config_text(log_dir: Path) -> str:
     path = log_dir / schema.CONFIG_YAML
     if not path.is_file():
         return f'<p class="note">No {schema.CONFIG_YAML} in the log folder.</p>'
-    return f"<pre>{esc(path.read_text(encoding='utf-8', errors='replace'))}</pre>"
+    return f"<pre class=\"config\">{esc(path.read_text(encoding='utf-8', errors='replace'))}</pre>"
 
 
 def tensorboard_line(log_dir: Path) -> str:
