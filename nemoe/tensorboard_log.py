@@ -62,7 +62,8 @@ PLASTICITY_LAYOUT = {
 
 def layout(plasticity: set[str]) -> dict:
     """The custom-scalars layout for a run whose enabled plasticity sections are `plasticity`."""
-    charts = {title: chart for name in sorted(plasticity) for title, chart in PLASTICITY_LAYOUT.get(name, {}).items()}
+    charts = {title: chart for name in sorted(plasticity)
+              for title, chart in PLASTICITY_LAYOUT.get(name, {}).items()}
     return LAYOUT | ({"plasticity": charts} if charts else {})
 
 
@@ -87,7 +88,7 @@ class TensorBoardLog:
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Several scalars of one step as one event: one record and one queue item instead of one
-        per tag (a quarter of add_scalar's time per value), read back like add_scalar's."""
+        per tag (a fifth of add_scalar's time per value), read back like add_scalar's."""
         from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard.summary import scalar
         summary = Summary(value=[v for tag, x in values.items() for v in scalar(tag, float(x)).value])
@@ -102,8 +103,8 @@ class TensorBoardLog:
         self.scalars(rows[0]["step"], values)
 
     def state_rows(self, rows: list[dict]) -> None:
-        self.scalars(rows[0]["step"], {state_tag(r["granularity"], r["name"], r["layer"], str(r["unit"])): r["value"]
-                                       for r in rows})
+        values = {state_tag(r["granularity"], r["name"], r["layer"], str(r["unit"])): r["value"] for r in rows}
+        self.scalars(rows[0]["step"], values)
 
     def events(self, step: int, rows: list[dict]) -> None:
         """All of one step's events as one markdown table (one text per tag and step)."""

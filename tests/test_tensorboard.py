@@ -61,8 +61,8 @@ def table_rows(markdown: str) -> list[dict]:
 
 
 def assert_tensorboard_matches_csv(log_dir: Path) -> None:
-    """Every training_log.csv column, eval.csv value and events.csv step is in TensorBoard at
-    the same steps (each once) with the same values (float32, TensorBoard's scalar type)."""
+    """Every training_log.csv column, eval.csv value, plasticity.csv row and events.csv step is in
+    TensorBoard at the same steps (each once) with the same values (float32, TensorBoard's type)."""
     tb_dir = log_dir / TENSORBOARD_DIR
     acc = accumulator(tb_dir)
     train = pd.read_csv(log_dir / "training_log.csv")
@@ -90,6 +90,13 @@ def assert_tensorboard_matches_csv(log_dir: Path) -> None:
         logged = events[events["step"] == step]
         assert shown == list(zip(logged["granularity"], logged["event"], logged["layer"], logged["unit"],
                                  logged["n_after"])), step
+    if (log_dir / "plasticity.csv").exists():
+        state = pd.read_csv(log_dir / "plasticity.csv", dtype={"unit": str}, keep_default_na=False)
+        for (granularity, name, layer, unit), rows in state.groupby(["granularity", "name", "layer", "unit"]):
+            points = acc.Scalars(state_tag(granularity, name, layer, unit))
+            assert [p.step for p in points] == rows["step"].tolist(), (granularity, name, layer, unit)
+            assert np.array_equal(np.array([p.value for p in points], dtype=np.float32),
+                                  pd.to_numeric(rows["value"]).to_numpy(dtype=np.float32), equal_nan=True)
     stored = raw_tag_steps(tb_dir)
     repeated = {key: n for key, n in stored.items() if n > 1}
     assert not repeated, f"(tag, step) stored more than once: {sorted(repeated)[:5]}"
