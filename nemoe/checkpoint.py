@@ -238,6 +238,7 @@ class Checkpointer:
         started, self.step = time.perf_counter(), state["step"]
         self.wait()
         if self.info.is_main:
+            self.log.flush_views()
             write = _Write(self._write, self.snapshots.take(state) if self.cfg.background else state)
             if not self.cfg.background:
                 write.thread.join()

@@ -180,6 +180,9 @@ class LogConfig:
     """Prompt of the generated sample."""
     sample_tokens: int = setting(32, ge=0)
     """New tokens in a generated sample."""
+    tensorboard: bool = True
+    """TensorBoard event files in <log dir>/tensorboard (the main process writes them, at log
+    intervals and events only; `tensorboard --logdir <run-dir>/logs`)."""
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""All run output in one place: training_log.txt, the CSV logs and the console.
+"""All run output in one place: training_log.txt, the CSV logs, TensorBoard and the console.
 
 Every text-log line starts with `[time] Step N |`, and every CSV row with its
 step, so on resume everything after the restored step can be dropped and the
-files read as one uninterrupted run.
+files read as one uninterrupted run; TensorBoard's event files are cut back the
+same way (nemoe/tensorboard_log.py). Nothing here runs per step: rows at log
+intervals, events, evaluations, and a flush before each checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from nemoe.files import atomic_write
 from nemoe.schema import (CSV_LOGS, EVAL_COLUMNS, EVAL_CSV, EVENT_COLUMNS, EVENTS_CSV, LEGACY_EVENT_RENAMES,
-                          STATE_COLUMNS, STATE_CSV, TEXT_LINE, TEXT_LOG, TRAIN_CSV, train_columns)
+                          STATE_COLUMNS, STATE_CSV, TENSORBOARD_DIR, TEXT_LINE, TEXT_LOG, TRAIN_CSV,
+                          layer_column, train_columns)
 
 
 def _fmt(value) -> str:
@@ -113,23 +116,26 @@ def start_line(runtime, params: dict, cfg, world: int, memory_note: str = "") ->
             f"({cfg.total_steps(world):,} steps){source}")
 
 
-def step_text(tokens: int, loss_ce: float, loss_lb: float | None, lr: float) -> str:
-    """The part of a step's text line every training row and event shares."""
-    lb = f" | LossLB {loss_lb:.4f}" if loss_lb is not None else ""
-    return f"Tokens {tokens:,} | LossCE {loss_ce:.4f}{lb} | LR {lr:.2e}"
-
-
 class RunLogger:
-    """training_log.txt, training_log.csv, events.csv, eval.csv and the console."""
+    """training_log.txt, training_log.csv, events.csv, eval.csv, plasticity.csv, TensorBoard
+    (log.tensorboard) and the console.
 
-    def __init__(self, log_dir: Path, n_layers: int, console: str, total_tokens: int):
+    `start_step`: the step the run starts or resumes at; `target_tokens`: where it stops
+    (the progress bar's total and the ETA's aim).
+    """
+
+    def __init__(self, log_dir: Path, cfg, start_step: int, target_tokens: int):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir, self.write_failures = log_dir, 0
-        self.train_csv = CsvLog(log_dir / TRAIN_CSV, train_columns(n_layers))
+        self.train_csv = CsvLog(log_dir / TRAIN_CSV, train_columns(cfg.model.n_layers))
         self.events_csv = CsvLog(log_dir / EVENTS_CSV, EVENT_COLUMNS, LEGACY_EVENT_RENAMES)
         self.eval_csv = CsvLog(log_dir / EVAL_CSV, EVAL_COLUMNS)
         self.state_csv: CsvLog | None = None   # plasticity.csv, opened by the first state row
         self._text = open(log_dir / TEXT_LOG, "a", encoding="utf-8")
+        self.n_layers, self.target_tokens, self.last_step = cfg.model.n_layers, target_tokens, start_step
+        self._last_row: tuple[float, int] | None = None   # (time, tokens) of the last training row
+        self.tensorboard = self._open_tensorboard(cfg, start_step) if cfg.log.tensorboard else None
+        console = cfg.log.console
         use_rich = console == "rich" or (console == "auto" and sys.stdout.isatty())
         self.console = Console()
         self.progress = None
@@ -139,16 +145,22 @@ class RunLogger:
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
                 TextColumn("experts {task.fields[experts]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=self.console, transient=False)
-            self._task = self.progress.add_task("train", total=total_tokens, tokens="", loss="-",
+            self._task = self.progress.add_task("train", total=target_tokens, tokens="", loss="-",
                                                 speed="-", experts="-")
             self.progress.start()
 
     @staticmethod
     def truncate_after(log_dir: Path, step: int) -> int:
-        """On resume: drop every row and line after `step`; returns how many went."""
+        """On resume: drop every row, line and TensorBoard record after `step`; returns how many went."""
+        from nemoe.tensorboard_log import truncate_tensorboard
         dropped = 0
         for name in CSV_LOGS:
             dropped += truncate_csv(log_dir / name, step)
+        try:
+            dropped += truncate_tensorboard(log_dir / TENSORBOARD_DIR, step)
+        except Exception as err:  # noqa: BLE001 -- TensorBoard is a view; the run must not fail on it
+            print(f"warning: cannot cut the TensorBoard files in {log_dir / TENSORBOARD_DIR} back to step "
+                  f"{step} ({err!r}); TensorBoard's purge marker hides the later steps", file=sys.stderr)
         return dropped + truncate_text_log(log_dir / TEXT_LOG, step)
 
     # -- writing ---------------------------------------------------------------- #
@@ -162,12 +174,45 @@ class RunLogger:
                 print(f"warning: cannot write the logs in {self.log_dir} ({err}); training goes on "
                       f"({self.write_failures} failed writes)", file=sys.stderr, flush=True)
 
+    def _open_tensorboard(self, cfg, start_step: int):
+        from nemoe.config import dump_config
+        from nemoe.tensorboard_log import TensorBoardLog
+        try:
+            plasticity = {name for name, section in vars(cfg.plasticity).items() if section.enabled}
+            return TensorBoardLog(self.log_dir / TENSORBOARD_DIR, start_step, dump_config(cfg), plasticity)
+        except Exception as err:  # noqa: BLE001 -- TensorBoard is a view: the run goes on without it
+            self._tensorboard_failed(err)
+            return None
+
+    def _tb(self, write) -> None:
+        """A TensorBoard write (when it is open); a failure is reported once and ends TensorBoard
+        output for this process (the CSV logs go on; --resume opens it again)."""
+        if self.tensorboard is None:
+            return
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001 -- any failure of the view must leave training alone
+            writer, self.tensorboard = self.tensorboard, None
+            self._tensorboard_failed(err)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 -- already reported
+                pass
+
+    def _tensorboard_failed(self, err: Exception) -> None:
+        self.write_failures += 1
+        print(f"warning: cannot write TensorBoard files in {self.log_dir / TENSORBOARD_DIR} ({err!r}); "
+              f"TensorBoard output stops at step {self.last_step}, training and the CSV logs go on",
+              file=sys.stderr, flush=True)
+        self.line(self.last_step, f"Warning | TensorBoard output stopped ({err!r})", echo=False)
+
     def _write_text(self, line: str) -> None:
         self._text.write(line + "\n")
         self._text.flush()
 
     def line(self, step: int, text: str, echo: bool = True) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.last_step = step
         full = f"[{stamp}] Step {step} | {text}"
         self._guard(self._write_text, full)
         if echo:
@@ -182,21 +227,52 @@ class RunLogger:
     def warn(self, step: int, text: str) -> None:
         self.line(step, f"Warning | {text}")
 
-    def train_row(self, row: dict, summary: str, experts: str) -> None:
+    def train_row(self, row: dict) -> None:
+        """A training_log.csv row, its text line (with the ETA and experts per layer), TensorBoard."""
+        experts = "/".join(str(row[layer_column("experts", i)]) for i in range(self.n_layers))
+        self.last_step = row["step"]
         self._guard(self.train_csv.write, row)
-        self.line(row["step"], summary, echo=self.progress is None)
+        self._tb(lambda: self.tensorboard.train_row(row))
+        text = (f"{step_text(row['tokens'], row['loss_ce'], row['lr'], row['loss_lb'])} | GradNorm "
+                f"{row['grad_norm']:.3f} | Tok/s {row['tokens_per_s']:,.0f} | Experts {experts} | "
+                f"ETA {duration(self._eta(row))}")
+        self.line(row["step"], text, echo=self.progress is None)
         if self.progress is not None:
             self.progress.update(self._task, completed=row["tokens"], tokens=f"{row['tokens']:,}",
                                  loss=f"{row['loss_ce']:.4f}", speed=f"{row['tokens_per_s']:,.0f}",
                                  experts=experts)
 
-    def event_row(self, row: dict, text: str) -> None:
-        self._guard(self.events_csv.write, row)
-        self.line(row["step"], text)
+    def _eta(self, row: dict) -> float:
+        """Seconds to the target at the wall-clock rate since the previous row (evaluations and
+        checkpoints included); the first row of a process uses its training tokens/s."""
+        now, tokens = time.monotonic(), row["tokens"]
+        rate = row["tokens_per_s"]
+        if self._last_row is not None and now > self._last_row[0] and tokens > self._last_row[1]:
+            rate = (tokens - self._last_row[1]) / (now - self._last_row[0])
+        self._last_row = (now, tokens)
+        return max(self.target_tokens - tokens, 0) / rate if rate > 0 else float("nan")
+
+    def events(self, step: int, tokens: int, loss_ce: float, lr: float, events: list,
+               expert_counts: list[int]) -> None:
+        """One step's structural events (nemoe.plasticity.Event): events.csv rows, a text line each,
+        one TensorBoard table; after expert events, the experts per layer."""
+        rows = [e.as_row() for e in events]
+        for e, row in zip(events, rows):
+            self._guard(self.events_csv.write, row)
+            self.line(step, f"{step_text(tokens, loss_ce, lr)} | {e.describe()}")
+        self._tb(lambda: self.tensorboard.events(step, rows))
+        if any(e.granularity == "expert" for e in events):
+            self.line(step, f"Experts | {' '.join(map(str, expert_counts))}", echo=False)
+
+    def usage(self, step: int, usage: list[list[float]] | None) -> None:
+        """Expert usage shares per layer at a morph decision (None: no decision at this step)."""
+        if usage is not None:
+            self._tb(lambda: self.tensorboard.usage(step, usage))
 
     def eval_rows(self, rows: list[dict], text: str) -> None:
         for row in rows:
             self._guard(self.eval_csv.write, row)
+        self._tb(lambda: self.tensorboard.eval_rows(rows))
         self.line(rows[0]["step"], text)
 
     def state_rows(self, rows: list[dict]) -> None:
@@ -205,6 +281,7 @@ class RunLogger:
             self.state_csv = CsvLog(self.log_dir / STATE_CSV, STATE_COLUMNS)
         for row in rows:
             self._guard(self.state_csv.write, row)
+        self._tb(lambda: self.tensorboard.state_rows(rows))
 
     @property
     def _csv_logs(self) -> list[CsvLog]:
@@ -220,12 +297,37 @@ class RunLogger:
             except (OSError, ValueError):  # a full disk is reported by the writes; closed: nothing to do
                 pass
 
+    def flush_views(self) -> None:
+        """Hand TensorBoard's queued records to the file (on the training thread, before a checkpoint
+        claims their steps: after a kill, the steps up to it are in TensorBoard as in the CSVs)."""
+        self._tb(lambda: self.tensorboard.flush())
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
         for log in self._csv_logs:
             log.close()
         self._text.close()
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.close()
+            except Exception as err:  # noqa: BLE001
+                print(f"warning: cannot close the TensorBoard files ({err!r})", file=sys.stderr)
+
+
+def step_text(tokens: int, loss_ce: float, lr: float, loss_lb: float | None = None) -> str:
+    """The start of a training or event line: `Tokens 1,024 | LossCE 5.1234 | LR 1.00e-03`."""
+    lb = f" | LossLB {loss_lb:.4f}" if loss_lb is not None else ""
+    return f"Tokens {tokens:,} | LossCE {loss_ce:.4f}{lb} | LR {lr:.2e}"
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1:02:05', 65 -> '1:05'; '?' when unknown."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class NullLogger:
@@ -236,9 +338,11 @@ class NullLogger:
     def line(self, step: int, text: str, echo: bool = True) -> None: ...
     def print(self, text: str) -> None: ...
     def warn(self, step: int, text: str) -> None: ...
-    def train_row(self, row: dict, summary: str, experts: str) -> None: ...
-    def event_row(self, row: dict, text: str) -> None: ...
+    def train_row(self, row: dict) -> None: ...
+    def events(self, step, tokens, loss_ce, lr, events, expert_counts) -> None: ...
+    def usage(self, step: int, usage) -> None: ...
     def eval_rows(self, rows: list[dict], text: str) -> None: ...
     def state_rows(self, rows: list[dict]) -> None: ...
     def fsync(self) -> None: ...
+    def flush_views(self) -> None: ...
     def close(self) -> None: ...

@@ -10,6 +10,7 @@ from here, so a renamed column or file changes in one line.
         eval.csv                        EVAL_COLUMNS: held-out loss per source and "all"
         plasticity.csv                  STATE_COLUMNS: per-unit mechanism state (long format)
         config.yaml                     the resolved config
+        tensorboard/                    TensorBoard event files (tensorboard_tag() names the scalars)
         .lock                           the writer's lock (nemoe.lock)
     <run-dir>/checkpoints/<run-name>/   nemo_ckpt_step<step>.pt, the last checkpoint.keep_last
     <mirror-dir>/logs/<run-name>/, <mirror-dir>/checkpoints/<run-name>/   the mirror (nemoe/mirror.py):
@@ -35,6 +36,7 @@ STATE_CSV = "plasticity.csv"
 CONFIG_YAML = "config.yaml"
 LOCK_FILE = ".lock"
 CSV_LOGS = (TRAIN_CSV, EVENTS_CSV, EVAL_CSV, STATE_CSV)
+TENSORBOARD_DIR = "tensorboard"     # in the log folder: `tensorboard --logdir <run-dir>/logs`
 
 
 @dataclass(frozen=True)
@@ -144,3 +146,38 @@ STATE_NUMERIC = ["step", "tokens", "layer", "value"]
 
 # Every line of training_log.txt starts like this; on resume, lines after the restored step go.
 TEXT_LINE = re.compile(r"^\[[^\]]*\] Step (\d+) \|")
+
+
+# --------------------------------------------------------------------------- #
+# TensorBoard tags (the event files in <log_dir>/tensorboard; nemoe.tensorboard_log writes them)
+# --------------------------------------------------------------------------- #
+
+# training_log.csv column -> scalar tag; per-layer columns go to moe/<prefix>/L<i>.
+TB_TRAIN_TAGS = {"tokens": "progress/tokens", "elapsed_s": "progress/elapsed_s",
+                 "loss": "loss/total", "loss_ce": "loss/ce", "loss_lb": "loss/load_balance",
+                 "loss_z": "loss/router_z", "loss_lb_scaled": "loss/load_balance_scaled",
+                 "loss_z_scaled": "loss/router_z_scaled", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
+                 "grad_scale": "optim/grad_scale", "tokens_per_s": "speed/tokens_per_s"}
+TB_EVENTS_TAG = "events"            # text: one table per step, events.csv's columns
+TB_CONFIG_TAG = "config"            # text: the resolved config at each start (fresh or resumed)
+TB_USAGE_TAG = "usage"              # histograms usage/L<i>: expert usage shares at each morph decision
+_TB_LAYER_TAG = re.compile(r"^(%s)_L(\d+)$" % "|".join(LAYER_COLUMNS))
+
+
+def tensorboard_tag(column: str) -> str | None:
+    """The scalar tag of a training_log.csv column (None for `step`, TensorBoard's x axis)."""
+    if column in TB_TRAIN_TAGS:
+        return TB_TRAIN_TAGS[column]
+    m = _TB_LAYER_TAG.match(column)
+    return f"moe/{m.group(1)}/L{m.group(2)}" if m else None
+
+
+def eval_tag(kind: str, source: str) -> str:
+    """eval.csv's loss or ppl of one source ("all" = the mixture) as a scalar tag."""
+    return f"heldout/{kind}/{source}"
+
+
+def state_tag(granularity: str, name: str, layer: int, unit: str) -> str:
+    """A plasticity.csv row as a scalar tag, e.g. plasticity/head/gate/L0.h2, plasticity/layer/vitality/L3."""
+    where = f"L{layer}" if unit in ("", f"L{layer}") else f"L{layer}.{unit}"
+    return f"plasticity/{granularity}/{name}/{where}"

@@ -8,7 +8,7 @@
     Plasticity    experts, neurons, heads, layers: observe/act        (plasticity/)
     MetricsWindow the open log interval                               (metrics.py)
     Checkpointer  when and how to save                                (checkpoint.py)
-    RunLogger     text, CSV and console output                        (logs.py)
+    RunLogger     text, CSV, TensorBoard and console output           (logs.py)
 
 The checkpoint is the components' states by name plus step, tokens and training time;
 restoring it and continuing gives the same per-step losses, bit for bit on CPU in fp32, as never having stopped.
@@ -25,7 +25,7 @@ from nemoe.data import DataStopped, TokenStream
 from nemoe.errors import UserError
 from nemoe.evaluator import Evaluator
 from nemoe.files import atomic_write
-from nemoe.logs import NullLogger, RunLogger, start_line, step_text
+from nemoe.logs import NullLogger, RunLogger, start_line
 from nemoe.metrics import MetricsWindow
 from nemoe.plasticity import Plasticity
 from nemoe.rundir import RunDir, change_notes, incompatibility
@@ -92,8 +92,7 @@ class Trainer:
             return
         # A fresh start keeps no rows, not even step-0 rows of an attempt killed before its first checkpoint.
         RunLogger.truncate_after(self.paths.log_dir, self.step if found is not None else -1)
-        self.log = RunLogger(self.paths.log_dir, self.cfg.model.n_layers, self.cfg.log.console,
-                             self.cfg.train.total_tokens)
+        self.log = RunLogger(self.paths.log_dir, self.cfg, self.step, self.target_steps * self.tokens_per_step)
         atomic_write(self.paths.log_dir / CONFIG_YAML, dump_config(self.cfg))
         self.log.line(self.step, start_line(self.runtime, self.model.count_params(), self.cfg, self.world,
                                                self.train.memory_note))
@@ -179,12 +178,9 @@ class Trainer:
         if events:
             # The step's loss over all ranks (every rank has the same events, so all take part).
             mean_ce = dist.sum_over_ranks(result.loss_ce.double()).item() / self.world
-            text = step_text(self.tokens, mean_ce, None, self.metrics.lr)
-            for e in events:
-                self.log.event_row(e.as_row(), f"{text} | {e.describe()}")
-            if any(e.granularity == "expert" for e in events):
-                counts = self.plasticity.experts.expert_counts()
-                self.log.line(self.step, f"Experts | {' '.join(map(str, counts))}", echo=False)
+            self.log.events(self.step, self.tokens, mean_ce, self.metrics.lr, events,
+                            self.plasticity.experts.expert_counts())
+        self.log.usage(self.step, self.plasticity.experts.decision_usage(self.step))   # None off morph steps
         if self._every(self.cfg.log.every_steps):
             self.write_metrics()
 
@@ -195,9 +191,7 @@ class Trainer:
         experts = self.plasticity.experts.expert_counts()
         row = self.metrics.row(self.step, self.tokens, self.elapsed, self.tokens_per_step, self.world,
                                self.cfg.moe, experts, self.train.loss_scale)
-        self.log.train_row(row, f"{step_text(self.tokens, row['loss_ce'], row['loss_lb'], row['lr'])} | GradNorm "
-                                f"{row['grad_norm']:.3f} | Tok/s {row['tokens_per_s']:,.0f} | Experts "
-                                f"{'/'.join(map(str, experts))}", experts="/".join(map(str, experts)))
+        self.log.train_row(row)
         self.metrics = self._new_window()
         if states := self.plasticity.snapshot():
             self.log.state_rows([{"step": self.step, "tokens": self.tokens, **row} for row in states])

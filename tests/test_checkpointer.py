@@ -30,6 +30,9 @@ class RecordingLog:
     def fsync(self):
         pass
 
+    def flush_views(self):
+        pass
+
 
 def config(**kw):
     return types.SimpleNamespace(**{"every_minutes": 0, "keep_last": 2, "max_failures": 3, "background": True,

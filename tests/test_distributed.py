@@ -24,8 +24,10 @@ from nemoe.config import load_config
 from nemoe.data import TokenStream
 from nemoe.tokenizer import get_tokenizer
 from nemoe.schema import RunPaths
+from nemoe.tensorboard_log import event_files
 from nemoe.trainer import Trainer
 from tests.conftest import REPO
+from tests.test_tensorboard import assert_tensorboard_matches_csv
 from tests.test_trainer import TINY, logs
 from train_nemoe import main
 
@@ -150,6 +152,13 @@ def test_sigkill_and_resume_under_torchrun(ddp_run, tmp_path):
     assert first.exists(), proc.stdout.read()[-3000:]
     torchrun(tmp_path, "ddp", "--max-steps", str(STEPS), "--resume")
     assert_same_logs(logs(ddp_run, "ddp"), logs(tmp_path, "ddp"))
+    assert_tensorboard_matches_csv(tmp_path / "logs" / "ddp")
+
+
+def test_only_rank_0_writes_tensorboard(ddp_run):
+    # One writer (rank 0: one event file); every scalar equals the CSV's at its step.
+    assert len(event_files(ddp_run / "logs" / "ddp" / "tensorboard")) == 1
+    assert_tensorboard_matches_csv(ddp_run / "logs" / "ddp")
 
 
 def test_resume_with_another_world_size_is_refused(ddp_run, capsys):

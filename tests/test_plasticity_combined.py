@@ -7,6 +7,7 @@ import torch
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity import Plasticity
 from tests.conftest import tiny_config
+from tests.test_tensorboard import assert_tensorboard_matches_csv
 from tests.test_trainer import logs, run, set_args
 
 LAYERS = {"enabled": True, "interval": 4, "min_age": 4, "trigger": 100.0, "warmup_steps": 3,
@@ -107,3 +108,4 @@ def test_resume_is_bit_exact_with_every_kind_of_event(tmp_path, precision):
     assert {"expert", "neuron", "head", "layer"} <= set(after["granularity"]), after["granularity"].value_counts()
     state = lambda d: pd.read_csv(d / "logs" / "tiny" / "plasticity.csv")  # noqa: E731
     pd.testing.assert_frame_equal(state(resumed), state(straight))
+    assert_tensorboard_matches_csv(resumed / "logs" / "tiny")   # plasticity.csv rows too

@@ -18,6 +18,7 @@ from nemoe import mirror
 from nemoe.config import load_config
 from tests.conftest import REPO
 from tests.fixtures_data import write_alpaca, write_fineweb
+from tests.test_tensorboard import assert_tensorboard_matches_csv
 from tests.test_trainer import TINY, logs, run
 from train_nemoe import main
 
@@ -111,6 +112,9 @@ def test_random_sigkills_lose_nothing(tmp_path, precision, n_kills, bound_s):
           f"{text.count('using the mirror')} from the mirror")
     assert cut_checkpoints >= 1, "some kills should land inside a background checkpoint write"
     assert cut_copies >= 1, "some kills should land inside a mirror copy"
+    # TensorBoard too: each step once (also as stored, for readers that ignore purge markers),
+    # every scalar equal to the CSV's value at the same step.
+    assert_tensorboard_matches_csv(killed / "logs" / "tiny")
 
 
 # --------------------------------------------------------------------------- #

@@ -155,11 +155,12 @@ def describe(e: Expert) -> str:
     return " · ".join(parts)
 
 
-def print_tree(layers: dict[int, dict[int, Expert]], end_step: int) -> None:
+def print_tree(layers: dict[int, dict[int, Expert]], end_step: int, console=None) -> None:
+    """The tree on stdout, or on `console` (a rich Console: tools/report.py records one)."""
     from rich.console import Console
     from rich.tree import Tree
 
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     for layer in sorted(layers):
         experts = layers[layer]
         births = sum(e.origin != "founder" for e in experts.values())

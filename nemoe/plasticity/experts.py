@@ -203,6 +203,7 @@ class ExpertMorphogenesis(Mechanism):
         self.generator = torch.Generator().manual_seed(cfg.morph.seed)
         self.records: list[list[ExpertRecord | None]] = []
         self.next_id = 0
+        self.last_decision: tuple[int, list[list[float]]] | None = None   # for the logs, not checkpointed
         for _ in range(cfg.model.n_layers):
             self.records.append(self._founders())
         # (L, E) this rank's token-choices per slot over the applied steps since the last decision.
@@ -224,6 +225,13 @@ class ExpertMorphogenesis(Mechanism):
 
     def expert_counts(self) -> list[int]:
         return [sum(r is not None for r in row) for row in self.records]
+
+    def decision_usage(self, step: int) -> list[list[float]] | None:
+        """Per layer, the usage share of each expert that was live when the controller decided at
+        `step` (over the interval that just ended); None when it did not decide at `step`."""
+        if self.last_decision is None or self.last_decision[0] != step:
+            return None
+        return self.last_decision[1]
 
     def expert_id(self, layer: int, slot: int) -> int:
         record = self.records[layer][slot]
@@ -257,6 +265,8 @@ class ExpertMorphogenesis(Mechanism):
     def act(self, ctx: ActContext) -> list[Event]:
         """Read usage, decide and operate on every layer; returns the events."""
         usage = self._read_usage()
+        self.last_decision = (ctx.step, [[usage[li][s] for s, r in enumerate(row) if r is not None]
+                                         for li, row in enumerate(self.records)])
         events: list[Event] = []
         for li, (layer, row) in enumerate(zip(self.layers, self.records)):
             for slot, r in enumerate(row):
