@@ -65,6 +65,14 @@ class MoEConfig:
     """Weight of the Switch load-balance loss (equals 1.0 under perfectly even routing)."""
     z_coef: float = setting(0.001, ge=0)
     """Weight of the router z-loss (mean squared log-sum-exp of router logits)."""
+    balance: Literal["aux_loss", "bias", "both"] = setting("aux_loss", unsafe=True)
+    """How expert load is balanced: aux_loss (the Switch load-balance loss, weight lb_coef), bias
+    (auxiliary-loss-free, DeepSeek-V3: a per-expert bias added to the router logits for top-k
+    selection only, moved by bias_rate after each step against the expert's load; lb_coef is
+    ignored) or both. Unsafe on resume: the bias is part of what the router's choices mean."""
+    bias_rate: float = setting(0.001, ge=0)
+    """bias / both: the bias update per optimizer step, b_i += bias_rate * sign(mean load - load_i)
+    (DeepSeek-V3's u), in logit units (e^u: the factor an update changes an expert's odds by)."""
 
     def check(self, cfg: Config) -> list[str]:
         rules = [
@@ -77,6 +85,16 @@ class MoEConfig:
              f"moe.top_k ({self.top_k}) must be <= moe.experts_min ({self.experts_min})"),
         ]
         return [message for ok, message in rules if not ok]
+
+    @property
+    def uses_bias(self) -> bool:
+        """The router carries a selection bias (balance: bias or both)."""
+        return self.balance != "aux_loss"
+
+    @property
+    def aux_coef(self) -> float:
+        """The load-balance loss weight the optimizer sees: lb_coef, or 0 under balance: bias."""
+        return 0.0 if self.balance == "bias" else self.lb_coef
 
 
 @dataclass
@@ -480,8 +498,17 @@ def dump_config(cfg: Config) -> str:
 # --------------------------------------------------------------------------- #
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, new value) for every key that differs; `name` and retired keys are ignored."""
-    return configlib.changes(saved, now, ignore=("name", *RETIRED_KEYS))
+    """(key, saved value, new value) for every key that differs; `name` and retired keys are ignored.
+    A key the saved config lacks (a setting added to nemoe after it was written) counts at its
+    default, which is what that run did: its checkpoints stay resumable."""
+    return configlib.changes(_with_defaults(saved, Config().to_dict()), now, ignore=("name", *RETIRED_KEYS))
+
+
+def _with_defaults(saved, defaults):
+    """`saved` with the keys it lacks taken from `defaults` (sections merged, values kept)."""
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
 
 
 def is_unsafe(key: str) -> bool:

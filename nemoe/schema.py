@@ -92,8 +92,10 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 # --------------------------------------------------------------------------- #
 
 # training_log.csv: one row per log interval (means over it), then three columns per layer.
+# loss_lb: the load-balance loss as the objective has it (n_live * sum f_i P_i, a ramping newborn
+# counted as a full expert); balance: the same over the experts that can take traffic, 1.0 = even.
 TRAIN_COLUMNS = ["step", "tokens", "loss", "loss_ce", "loss_lb", "loss_z", "loss_lb_scaled",
-                 "loss_z_scaled", "lr", "grad_norm", "grad_scale", "tokens_per_s", "elapsed_s"]
+                 "loss_z_scaled", "lr", "grad_norm", "grad_scale", "tokens_per_s", "elapsed_s", "balance"]
 LAYER_COLUMNS = ("experts", "usage_entropy", "max_load")   # experts_L0, usage_entropy_L0, ...
 
 
