@@ -178,7 +178,7 @@ class MoELayer(nn.Module):
         """
         open_ = self.route_offset == 0
         load = counts.to(self.select_bias.device, torch.float64)
-        mean = load[open_].mean() if bool(open_.any()) else load.new_zeros(())
+        mean = (load * open_).sum() / open_.sum().clamp_min(1)     # no host sync (GPU)
         step = (rate * torch.sign(mean - load)).to(self.select_bias.dtype)
         self.select_bias += torch.where(open_, step, torch.zeros_like(step))
 

@@ -266,3 +266,57 @@ def test_balance_equals_the_trained_loss_without_newborns():
     layer = biased_layer(2)
     _, aux = layer(torch.randn(2, 8, 16))
     assert aux.balance.item() == aux.lb_loss.item()
+
+
+# --------------------------------------------------------------------------- #
+# Trainer runs: exact resume and function-preserving births under balance: bias
+# --------------------------------------------------------------------------- #
+
+BIAS = ["--set", "moe.balance=bias", "--set", "moe.bias_rate=0.01"]
+
+
+@pytest.fixture(scope="module")
+def bias_straight(tmp_path_factory):
+    from tests.test_trainer import run
+    run_dir = tmp_path_factory.mktemp("bias_straight")
+    assert run(run_dir, "--max-steps", "24", *BIAS) == 0
+    return run_dir
+
+
+def saved_bias(run_dir, step: int) -> torch.Tensor:
+    from nemoe import checkpoint as ckpt
+    state = ckpt.load_checkpoint(run_dir / "checkpoints" / "tiny" / f"nemo_ckpt_step{step}.pt")
+    model = state["train_module"]["model"]
+    return torch.stack([model[f"blocks.{i}.moe.select_bias"] for i in range(2)])
+
+
+@pytest.mark.slow
+def test_resume_under_bias_is_bit_exact(bias_straight, tmp_path):
+    """The bias is checkpointed (not as zeros): stop at 13, lose that checkpoint, resume from 10."""
+    import pandas as pd
+    from tests.test_trainer import logs, run
+    assert run(tmp_path, "--max-steps", "13", *BIAS) == 0
+    (tmp_path / "checkpoints" / "tiny" / "nemo_ckpt_step13.pt").unlink()
+    assert saved_bias(tmp_path, 10).abs().sum() > 0, "the checkpoint holds the bias, not zeros"
+    assert run(tmp_path, "--resume", "--max-steps", "24", *BIAS) == 0
+    (a_train, a_events, a_eval), (b_train, b_events, b_eval) = logs(bias_straight), logs(tmp_path)
+    assert b_train["loss_ce"].tolist() == a_train["loss_ce"].tolist()
+    assert b_train["grad_norm"].tolist() == a_train["grad_norm"].tolist()
+    pd.testing.assert_frame_equal(a_events, b_events)
+    assert a_eval["loss"].tolist() == b_eval["loss"].tolist()
+    assert torch.equal(saved_bias(tmp_path, 24), saved_bias(bias_straight, 24))
+    assert a_events["step"].min() < 10 < a_events["step"].max(), "events before and after the resume point"
+
+
+@pytest.mark.slow
+def test_births_under_bias_keep_probe_loss_and_balance_reads_routable_experts(bias_straight):
+    from tests.test_trainer import logs
+    train, events, _ = logs(bias_straight)
+    births = events[events["event"].isin(["split", "crossover"])]
+    assert len(births) > 0
+    assert (births["probe_loss_after"] == births["probe_loss_before"]).all(), "a birth changes nothing"
+    # loss_lb is measured but not trained on: `loss` is CE + z-loss only.
+    assert (train["loss"] - train["loss_ce"] - train["loss_z_scaled"]).abs().max() < 1e-6
+    assert (train["loss_lb_scaled"] == 0).all()
+    after_birth = train[train["step"].isin(births["step"] + 1)]
+    assert (after_birth["balance"] < after_birth["loss_lb"]).all(), "a just-born expert is not counted"
