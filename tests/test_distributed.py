@@ -111,6 +111,9 @@ class UnionStream:
     def next_batch(self, batch_size):
         return torch.cat([s.next_batch(batch_size // 2) for s in self.ranks])
 
+    def next_batches(self, count, batch_size):   # the Trainer reads a step's micro-batches at once
+        return [self.next_batch(batch_size) for _ in range(count)]
+
     def state_dict(self):
         return [s.state_dict() for s in self.ranks]
 
