@@ -160,10 +160,11 @@ class MoELayer(nn.Module):
         """How many experts can take traffic, a ramping newborn counted by its routing weight:
         (sum w)^2 / sum w^2 with w = exp(offset) (1 open, r ramping, 0 free or just born).
 
-        The reported balance is this times sum f_i P_i, so routing that is even except for the
-        ramps reads exactly 1.0 (n_live would read 3/2 with a newborn at r = 0 beside two
-        even experts); with no newborn it equals n_live, and the reported value the trained one.
-        The objective keeps n_live (lb_loss), so aux_loss runs train exactly as before.
+        The reported balance is this times sum f_i P_i: it reads 1.0 when token shares and mean
+        probabilities are both w_i / sum w (the ramps the only preference), e.g. two even experts
+        beside a newborn at r = 0 (n_live reads 3/2 there). With no newborn it equals n_live
+        exactly, and the reported value the trained one. The objective keeps n_live (lb_loss),
+        so aux_loss runs train exactly as before.
         """
         w = self.route_offset.exp()
         return w.sum().pow(2) / w.pow(2).sum()

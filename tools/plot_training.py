@@ -99,7 +99,7 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
         # loss_lb as trained counts a ramping newborn as a full expert (reads ~1.5 at even routing
         # right after a birth); `balance` counts the experts that can take traffic, so 1 = even.
         axes[1, 0].lines[0].set_label("as trained (newborns count fully)")
-        axes[1, 0].plot(train["step"], train["balance"], color="tab:olive", lw=1.0, ls="--",
+        axes[1, 0].plot(train["step"], train["balance"], color="tab:brown", lw=1.0, ls="-.",
                         label="over routable experts")
     axes[1, 0].axhline(1.0, color="gray", lw=0.8, ls=":", label="perfect balance = 1")
     axes[1, 0].legend(fontsize=9)
