@@ -73,6 +73,14 @@ class MoEConfig:
     """Weight of the Switch load-balance loss (equals 1.0 under perfectly even routing)."""
     z_coef: float = setting(0.001, ge=0)
     """Weight of the router z-loss (mean squared log-sum-exp of router logits)."""
+    balance: Literal["aux_loss", "bias", "both"] = setting("aux_loss", unsafe=True)
+    """How expert load is balanced: aux_loss (the Switch load-balance loss, weight lb_coef), bias
+    (auxiliary-loss-free, DeepSeek-V3: a per-expert bias added to the router logits for top-k
+    selection only, moved by bias_rate after each step against the expert's load; lb_coef is
+    ignored) or both. Unsafe on resume: the bias is part of what the router's choices mean."""
+    bias_rate: float = setting(0.001, ge=0)
+    """bias / both: the bias update per optimizer step, b_i += bias_rate * sign(mean load - load_i)
+    (DeepSeek-V3's u), in logit units (e^u: the factor an update changes an expert's odds by)."""
 
     def check(self, cfg: Config) -> list[str]:
         rules = [
@@ -85,6 +93,16 @@ class MoEConfig:
              f"moe.top_k ({self.top_k}) must be <= moe.experts_min ({self.experts_min})"),
         ]
         return [message for ok, message in rules if not ok]
+
+    @property
+    def uses_bias(self) -> bool:
+        """The router carries a selection bias (balance: bias or both)."""
+        return self.balance != "aux_loss"
+
+    @property
+    def aux_coef(self) -> float:
+        """The load-balance loss weight the optimizer sees: lb_coef, or 0 under balance: bias."""
+        return 0.0 if self.balance == "bias" else self.lb_coef
 
 
 @dataclass

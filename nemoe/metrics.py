@@ -30,6 +30,11 @@ class MetricsWindow:
     micro: int = 0
     lr: float = 0.0
     skipped: int = 0            # steps whose update was skipped (non-finite gradients)
+    balance: torch.Tensor | None = None  # () sum over micro-batches of the reported balance
+
+    def __post_init__(self):
+        if self.balance is None:  # a window checkpointed before the column existed
+            self.balance = torch.zeros((), device=self.loss_ce.device)
 
     @classmethod
     def empty(cls, n_layers: int, n_slots: int, device, wall_start: float) -> "MetricsWindow":
@@ -43,6 +48,8 @@ class MetricsWindow:
             self.loss_ce += m.loss_ce
             self.loss_lb += m.loss_lb
             self.loss_z += m.loss_z
+            if m.balance is not None:
+                self.balance += m.balance
             self.counts += m.counts.to(self.counts.device)
         self.steps += 1
         if result.finite:   # a skipped step's norm is inf or nan: it is counted, not averaged
@@ -56,15 +63,17 @@ class MetricsWindow:
         """One training_log.csv row of means over the window (a collective under DDP)."""
         micro, steps, applied = max(self.micro, 1), max(self.steps, 1), self.steps - self.skipped
         # Means over every rank's micro-batches (equal sizes), and every rank's routing counts.
-        losses = dist.sum_over_ranks(torch.stack([self.loss_ce, self.loss_lb, self.loss_z]).double())
-        loss_ce, loss_lb, loss_z = (losses / (micro * world_size)).tolist()
+        losses = dist.sum_over_ranks(torch.stack([self.loss_ce, self.loss_lb, self.loss_z, self.balance]).double())
+        loss_ce, loss_lb, loss_z, balance = (losses / (micro * world_size)).tolist()
         tokens_per_s = steps * tokens_per_step / max(elapsed - self.wall_start, 1e-9)
         counts = dist.sum_over_ranks(self.counts.double()).cpu()
         share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        # loss_lb is measured under every balance mode; it enters `loss` with the weight the
+        # optimizer gave it (moe.aux_coef: 0 under balance: bias).
         row = {"step": step, "tokens": tokens, "loss_ce": loss_ce, "loss_lb": loss_lb,
-               "loss_z": loss_z, "loss_lb_scaled": moe_cfg.lb_coef * loss_lb,
+               "loss_z": loss_z, "loss_lb_scaled": moe_cfg.aux_coef * loss_lb,
                "loss_z_scaled": moe_cfg.z_coef * loss_z,
-               "loss": loss_ce + moe_cfg.lb_coef * loss_lb + moe_cfg.z_coef * loss_z,
+               "loss": loss_ce + moe_cfg.aux_coef * loss_lb + moe_cfg.z_coef * loss_z, "balance": balance,
                "lr": self.lr, "grad_norm": (self.grad_norm / applied).item() if applied else math.nan,
                "grad_scale": loss_scale, "skipped_steps": self.skipped,
                "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed, 3)}

@@ -89,12 +89,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model, n_heads, dropout, d_expert, n_slots, n_active, top_k, activation="gelu"):
+    def __init__(self, d_model, n_heads, dropout, d_expert, n_slots, n_active, top_k, activation="gelu",
+                 select_bias=False):
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.ln_moe = nn.LayerNorm(d_model)
-        self.moe = MoELayer(d_model, d_expert, n_slots, n_active, top_k, activation)
+        self.moe = MoELayer(d_model, d_expert, n_slots, n_active, top_k, activation, select_bias)
         self.moe_drop = nn.Dropout(dropout)
         # Influence s scales both residual branches (layer senescence: a newborn enters
         # at s = 0, where the block is the identity). 1.0 is exact: s * y == y.
@@ -104,7 +105,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor):
         x = x + self.influence * self.attn(self.ln_attn(x))
         y, aux = self.moe(self.ln_moe(x))
-        return x + self.influence * self.moe_drop(y), aux.lb_loss, aux.z_loss, aux.counts
+        return x + self.influence * self.moe_drop(y), aux.lb_loss, aux.z_loss, aux.counts, aux.balance
 
 
 def _fill_senescence_buffers(block, state_dict, prefix, *args) -> None:
@@ -129,6 +130,7 @@ class ModelOutput:
     loss_lb: torch.Tensor       # () load-balance loss, mean over layers
     loss_z: torch.Tensor        # () router z-loss, mean over layers
     counts: list[torch.Tensor]  # per layer (E,) token-choices per slot
+    balance: torch.Tensor | None = None  # () reported load balance, mean over layers (MoEAux.balance)
 
 
 class NemoeLM(nn.Module):
@@ -145,7 +147,8 @@ class NemoeLM(nn.Module):
         self.drop = nn.Dropout(m.dropout)
         self.blocks = nn.ModuleList(
             Block(m.d_model, m.n_heads, m.dropout, cfg.d_expert, e.experts_max, e.experts_init, e.top_k,
-                  m.activation) for _ in range(m.n_layers))
+                  m.activation, e.uses_bias)
+            for _ in range(m.n_layers))
         if cfg.plasticity.heads.enabled:
             for block in self.blocks:
                 block.attn.enable_head_gates()
@@ -170,13 +173,13 @@ class NemoeLM(nn.Module):
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))          # (B, T, C)
-        lb, z, counts = [], [], []
+        lb, z, counts, balance = [], [], [], []
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x, lb_i, z_i, c_i = checkpoint(block, x, use_reentrant=False)
+                x, lb_i, z_i, c_i, b_i = checkpoint(block, x, use_reentrant=False)
             else:
-                x, lb_i, z_i, c_i = block(x)
-            lb.append(lb_i), z.append(z_i), counts.append(c_i)
+                x, lb_i, z_i, c_i, b_i = block(x)
+            lb.append(lb_i), z.append(z_i), counts.append(c_i), balance.append(b_i)
         if self.training:
             # Usage is counted here, outside any checkpointed region, so activation
             # recomputation never counts a token twice; eval and probe passes don't count.
@@ -187,7 +190,8 @@ class NemoeLM(nn.Module):
         loss_ce = None
         if targets is not None:
             loss_ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return ModelOutput(logits, loss_ce, torch.stack(lb).mean(), torch.stack(z).mean(), counts)
+        return ModelOutput(logits, loss_ce, torch.stack(lb).mean(), torch.stack(z).mean(), counts,
+                           torch.stack(balance).mean())
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay matrices; not biases, norms, or the position table.

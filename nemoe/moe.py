@@ -12,6 +12,25 @@ so a newborn at birth (r = 0) has exactly zero probability and the layer's
 function is unchanged; its share grows only as training adapts to it. Which
 slots are live is the `active` buffer (a newborn at birth is live with offset
 -inf, so the offset alone cannot say it).
+
+Balancing (moe.balance). `aux_loss`: the Switch load-balance loss below, weighted
+by moe.lb_coef in the objective. `bias` (auxiliary-loss-free, DeepSeek-V3, Liu et
+al. 2024, sec. 2.1.2): a per-slot fp32 buffer `select_bias` b is added to the
+router logits for the top-k *selection* only,
+
+    chosen = topk(logits + offset + b)      gates = the router's own p_i (no b)
+
+so b decides which experts a token goes to, never how much their outputs weigh,
+and no gradient flows through it. After every applied optimizer step the train
+module moves it against the load of the step (`update_select_bias`, counts
+summed over micro-batches and data-parallel ranks, so every rank moves it the
+same way): b_i += u * sign(mean load - load_i), over the fully open experts only.
+Free slots and ramping newborns keep their b: a free slot has offset -inf (no b
+can select it) and a newborn's low traffic is the ramp's doing, not a reason to
+push it. `both` = the loss and the bias. What a slot's b is after morphogenesis
+(nemoe/plasticity/experts.py): a split child copies its parent's b, a crossover
+child gets the blend alpha*b_a + (1-alpha)*b_b, a freed slot 0; a newborn's
+offset is -inf at birth, so whatever its b, the birth leaves the output unchanged.
 """
 
 from __future__ import annotations
@@ -28,9 +47,10 @@ import torch.nn.functional as F
 class MoEAux:
     """What one MoE layer reports besides its output (returned, never stored globally)."""
 
-    lb_loss: torch.Tensor   # () Switch load-balance loss, 1.0 at perfect balance
+    lb_loss: torch.Tensor   # () Switch load-balance loss as trained (n_live * sum f_i P_i)
     z_loss: torch.Tensor    # () router z-loss
     counts: torch.Tensor    # (E,) token-choices routed to each slot in this batch
+    balance: torch.Tensor   # () the same measure over the experts that can take traffic: 1.0 = even
 
 
 # model.activation -> F.gelu's `approximate`: exact GELU, or the tanh approximation the released
@@ -84,7 +104,9 @@ def mlp(x: torch.Tensor, w_in, b_in, w_out, b_out, capture=None, slot: int = 0,
 
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, d_hidden: int, n_slots: int, n_active: int, top_k: int,
-                 activation: str = "gelu"):
+                 activation: str = "gelu", select_bias: bool = False):
+        """activation: model.activation; select_bias: carry the auxiliary-loss-free selection bias
+        (moe.balance: bias or both)."""
         super().__init__()
         self.n_slots, self.top_k = n_slots, top_k
         self.router = nn.Linear(d_model, n_slots, bias=False)
@@ -98,6 +120,19 @@ class MoELayer(nn.Module):
         # Token-choices per slot in this training step; ExpertMorphogenesis adds them to its
         # interval counts when the step's update is applied and clears them after every step.
         self.register_buffer("usage_counts", torch.zeros(n_slots, dtype=torch.long))
+        # (E,) fp32 selection bias (balance: bias / both); a None buffer is not in the state
+        # dict, so with balance: aux_loss the model, its checkpoints and its numbers are as before.
+        self.register_buffer("select_bias", torch.zeros(n_slots) if select_bias else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of an aux_loss run has no bias: it starts at 0. One with a bias loaded
+        # into a model without (balance changed with --allow-config-change): the bias is dropped.
+        key = prefix + "select_bias"
+        if self.select_bias is not None and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.select_bias)
+        elif self.select_bias is None:
+            state_dict.pop(key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def route(self, x: torch.Tensor):
         """Router in fp32. x: (N, C) -> top-k slots (N, k), gates (N, k), aux losses."""
@@ -105,7 +140,12 @@ class MoELayer(nn.Module):
             logits = F.linear(x.float(), self.router.weight.float())     # (N, E)
             logits = logits + self.route_offset                           # free slots -> -inf
             probs = logits.softmax(dim=-1)                                # (N, E), 0 on free slots
-            top_logits, top_idx = logits.topk(self.top_k, dim=-1)        # (N, k)
+            if self.select_bias is None:
+                top_logits, top_idx = logits.topk(self.top_k, dim=-1)    # (N, k)
+            else:
+                # The bias picks the experts, the gates below stay the router's (selection only).
+                top_idx = (logits + self.select_bias).topk(self.top_k, dim=-1).indices
+                top_logits = logits.gather(1, top_idx)                    # (N, k)
             if self.top_k == 1:
                 # Switch Transformer (Fedus et al. 2021, eq. 2): gate = p_i, so the
                 # router gets a gradient from the LM loss.
@@ -119,10 +159,40 @@ class MoELayer(nn.Module):
             # Switch load-balance loss: E * sum_i f_i * P_i with f_i the share of the
             # N*k token-choices sent to expert i; = 1 under perfectly even routing.
             frac = counts.float() / counts.sum()
-            lb_loss = n_live * (frac * probs.mean(dim=0)).sum()
+            f_dot_p = (frac * probs.mean(dim=0)).sum()
+            lb_loss = n_live * f_dot_p
             # Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5).
             z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return top_idx, gates, MoEAux(lb_loss=lb_loss, z_loss=z_loss, counts=counts)
+            balance = self.routable_experts() * f_dot_p.detach()
+        return top_idx, gates, MoEAux(lb_loss=lb_loss, z_loss=z_loss, counts=counts, balance=balance)
+
+    @torch.no_grad()
+    def routable_experts(self) -> torch.Tensor:
+        """How many experts can take traffic, a ramping newborn counted by its routing weight:
+        (sum w)^2 / sum w^2 with w = exp(offset) (1 open, r ramping, 0 free or just born).
+
+        The reported balance is this times sum f_i P_i: it reads 1.0 when token shares and mean
+        probabilities are both w_i / sum w (the ramps the only preference), e.g. two even experts
+        beside a newborn at r = 0 (n_live reads 3/2 there). With no newborn it equals n_live
+        exactly, and the reported value the trained one. The objective keeps n_live (lb_loss),
+        so aux_loss runs train exactly as before.
+        """
+        w = self.route_offset.exp()
+        return w.sum().pow(2) / w.pow(2).sum()
+
+    @torch.no_grad()
+    def update_select_bias(self, counts: torch.Tensor, rate: float) -> None:
+        """One auxiliary-loss-free update (DeepSeek-V3): b_i += rate * sign(mean load - load_i).
+
+        counts: (E,) token-choices per slot of one optimizer step, summed over micro-batches
+        and ranks (the same on every rank, so every rank's bias stays the same). Only fully
+        open experts (offset 0) move, and the mean is over them; ties with the mean stay.
+        """
+        open_ = self.route_offset == 0
+        load = counts.to(self.select_bias.device, torch.float64)
+        mean = (load * open_).sum() / open_.sum().clamp_min(1)     # no host sync (GPU)
+        step = (rate * torch.sign(mean - load)).to(self.select_bias.dtype)
+        self.select_bias += torch.where(open_, step, torch.zeros_like(step))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         B, T, C = x.shape

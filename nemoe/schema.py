@@ -104,8 +104,12 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 #   grad_norm      mean over the interval's applied steps (before clipping)
 #   grad_scale     the fp16 GradScaler's loss scale at the row's step (1.0 without a scaler)
 #   skipped_steps  steps of the interval whose update was skipped (non-finite gradients)
+#   loss_lb        the load-balance loss as the objective has it (n_live * sum f_i P_i, a ramping
+#                  newborn counted as a full expert); balance: the same over the experts that can
+#                  take traffic, 1.0 = even
 TRAIN_COLUMNS = ["step", "tokens", "loss", "loss_ce", "loss_lb", "loss_z", "loss_lb_scaled",
-                 "loss_z_scaled", "lr", "grad_norm", "grad_scale", "skipped_steps", "tokens_per_s", "elapsed_s"]
+                 "loss_z_scaled", "lr", "grad_norm", "grad_scale", "skipped_steps", "tokens_per_s", "elapsed_s",
+                 "balance"]
 LAYER_COLUMNS = ("experts", "usage_entropy", "max_load")   # experts_L0, usage_entropy_L0, ...
 
 

@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from nemoe import memory
+from nemoe.distributed import sum_over_ranks
 from nemoe.model import NemoeLM, split_block
 from nemoe.runtime import Runtime
 
@@ -56,6 +57,7 @@ class MicroBatchStats:
     loss_lb: torch.Tensor
     loss_z: torch.Tensor
     counts: torch.Tensor        # (L, E) token-choices routed to each slot
+    balance: torch.Tensor | None = None  # () reported load balance (1.0 = even over routable experts)
 
 
 @dataclass
@@ -145,12 +147,12 @@ class TrainModule:
             with sync:
                 with self.runtime.autocast():
                     out = self.forward(inputs, targets)
-                loss = out.loss_ce + cfg.moe.lb_coef * out.loss_lb + cfg.moe.z_coef * out.loss_z
+                loss = out.loss_ce + cfg.moe.aux_coef * out.loss_lb + cfg.moe.z_coef * out.loss_z
                 if self.loss_multiplier is not None:
                     loss = loss * self.loss_multiplier(step)
                 self.scaler.scale(loss / len(batches)).backward()
             micro.append(MicroBatchStats(out.loss_ce.detach(), out.loss_lb.detach(), out.loss_z.detach(),
-                                         torch.stack(out.counts)))
+                                         torch.stack(out.counts), out.balance.detach()))
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -160,6 +162,8 @@ class TrainModule:
             if hooks is not None:
                 hooks.observe(step, self.loss_scale)
             self.scaler.step(self.optimizer)
+            if cfg.moe.uses_bias:
+                self.update_select_bias(micro)
         scale_used = self.loss_scale if not finite else None   # before update() lowers it
         if hooks is not None:
             hooks.after_step(step)
@@ -177,6 +181,15 @@ class TrainModule:
             return (f"{what} at fp16 loss scale {scale_used:g}: update skipped, scale lowered to "
                     f"{self.loss_scale:g} ({self.bad_steps} in a row)")
         return f"{what}: update skipped ({self.bad_steps} in a row)"
+
+    def update_select_bias(self, micro: list[MicroBatchStats]) -> None:
+        """balance: bias / both, after an applied update: move every layer's selection bias against
+        the step's load (nemoe.moe.MoELayer.update_select_bias). The counts are summed over the
+        micro-batches and over ranks (a collective: `finite` agrees on every rank, since the
+        gradient norm is taken after DDP's all-reduce), so every rank applies the same update."""
+        counts = sum_over_ranks(torch.stack([m.counts for m in micro]).sum(dim=0).double())  # (L, E)
+        for layer, layer_counts in zip(self.model.moe_layers, counts):
+            layer.update_select_bias(layer_counts, self.cfg.moe.bias_rate)
 
     @property
     def divergence(self) -> str | None:

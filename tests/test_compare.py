@@ -17,8 +17,8 @@ from nemoe.tokenizer import get_tokenizer
 from tools import compare as cmp
 from tools.comparison.plan import OFF_PHASE_WEIGHT, STRATEGIES, choose_strategies
 from tools.comparison.report import data_order_consistent
-from tools.comparison.results import param_counts
-from tools.comparison.stats import paired_difference, t_quantile
+from tools.comparison.results import meta_model, param_counts
+from tools.comparison.stats import detectable_effect, paired_difference, t_quantile
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +34,7 @@ TINY = [
     "checkpoint.every_steps=6", "checkpoint.every_minutes=0", "checkpoint.keep_last=2",
 ]
 SOURCES = ("prose", "code", "all")
+GRID = ["--strategies", "static_moe,static_max,morph,morph_bias", "--seeds", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def compare(config, out, *args, tiny=TINY):
 @pytest.fixture(scope="module")
 def grid(config, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
-    assert compare(config, out, "--strategies", "static_moe,morph", "--seeds", "2") == 0
+    assert compare(config, out, *GRID) == 0
     return out
 
 
@@ -98,6 +99,43 @@ def test_paired_ci_on_hand_numbers():
     assert paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).verdict == "identical in every seed"
 
 
+def test_detectable_effect_on_hand_numbers():
+    # (t(0.975, n-1) + t(0.8, n-1)) * sd / sqrt(n); t(0.8, 2) = 1.0607, t(0.8, 4) = 0.9410 (tables)
+    assert t_quantile(0.8, 2) == pytest.approx(1.0607, abs=1e-4)
+    assert t_quantile(0.8, 4) == pytest.approx(0.9410, abs=1e-4)
+    assert detectable_effect(0.1, 3) == pytest.approx((4.3027 + 1.0607) * 0.1 / math.sqrt(3), abs=1e-4)
+    assert detectable_effect(0.1, 5) == pytest.approx((2.7764 + 0.9410) * 0.1 / math.sqrt(5), abs=1e-4)
+    assert math.isnan(detectable_effect(0.1, 1))
+    # paired_difference states it from the paired differences' sd: 0.5, 1.0, 0.5 -> sd sqrt(1/12)
+    p = paired_difference({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.5, 1: 1.0, 2: 2.5})
+    assert p.detectable == pytest.approx((4.3027 + 1.0607) * math.sqrt(1 / 12) / math.sqrt(3), abs=1e-4)
+    assert p.detectable > p.high - p.mean, "at 80% power it exceeds the CI's half-width"
+
+
+def test_new_strategies_set_what_they_say():
+    base = load_config("local.yaml", TINY)
+    static_max = load_config("local.yaml", TINY + STRATEGIES["static_max"].overrides(base))
+    assert static_max.moe.experts_init == static_max.moe.experts_max == 4 and not static_max.morph.enabled
+    morph_bias = load_config("local.yaml", TINY + STRATEGIES["morph_bias"].overrides(base))
+    assert morph_bias.moe.balance == "bias" and morph_bias.morph.enabled
+    assert load_config("local.yaml", TINY + STRATEGIES["morph"].overrides(base)).moe.balance == "aux_loss"
+
+
+def tiny_flops(train: pd.DataFrame, cfg) -> float:
+    """Training FLOPs re-derived from the shapes (not from nemoe.flops): 6 N + 12 L T d per token,
+    N = embedding (as the LM head) + attention, norms + top-k experts + the live router rows."""
+    V, d, L, T, h, k = (cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers, cfg.model.seq_len,
+                        cfg.d_expert, cfg.moe.top_k)
+    per_layer = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d
+    expert = d * h + h + h * d + d
+    total, before, live = 0.0, 0, [cfg.moe.experts_init] * L
+    for _, row in train.iterrows():
+        n = V * d + L * per_layer + 2 * d + L * k * expert + d * sum(live)
+        total += (row["tokens"] - before) * (6 * n + 12 * L * T * d)
+        before, live = row["tokens"], [row[f"experts_L{i}"] for i in range(L)]
+    return total
+
+
 def test_dense_has_the_active_parameters_of_the_moe():
     for top_k, d_expert in [(1, 64), (2, 0)]:
         common = TINY + [f"moe.top_k={top_k}", f"model.d_expert={d_expert}", "moe.experts_min=2"]
@@ -105,7 +143,7 @@ def test_dense_has_the_active_parameters_of_the_moe():
         counts = {}
         for name in ("dense", "static_moe"):
             cfg = load_config("local.yaml", common + STRATEGIES[name].overrides(base))
-            counts[name] = param_counts(cfg, 0)["params_active"]
+            counts[name] = param_counts(meta_model(cfg), 0)["params_active"]
         # Identical but for the router (d_model weights per slot and layer) and, at top-2,
         # the second expert's output bias.
         n_layers, d_model = base.model.n_layers, base.model.d_model
@@ -116,7 +154,7 @@ def test_dense_has_the_active_parameters_of_the_moe():
 def test_unavailable_mechanisms_are_skipped_or_refused(monkeypatch):
     monkeypatch.setattr(nemoe.plasticity, "REGISTRY", {})
     names, notes = choose_strategies(None)
-    assert names == ["dense", "static_moe", "morph"]
+    assert names == ["dense", "static_moe", "static_max", "morph", "morph_bias"]
     assert len(notes) == 3 and all("not available" in n for n in notes)
     with pytest.raises(UserError, match="not available"):
         choose_strategies("static_moe,heads")
@@ -132,7 +170,8 @@ def test_grid_numbers_are_the_runs_own(grid):
     results = pd.read_csv(grid / "results.csv")
     summary = pd.read_csv(grid / "summary.csv")
     report = (grid / "report.md").read_text()
-    assert sorted(results["run"]) == ["morph-s0", "morph-s1", "static_moe-s0", "static_moe-s1"]
+    assert sorted(results["run"]) == sorted(f"{s}-s{seed}" for s in ("static_moe", "static_max", "morph", "morph_bias")
+                                            for seed in (0, 1))
     finals = {}
     for row in results.itertuples():
         step, losses = final_eval(grid, row.run)
@@ -140,8 +179,16 @@ def test_grid_numbers_are_the_runs_own(grid):
         for source in SOURCES:
             assert getattr(row, f"loss_{source}") == pytest.approx(losses[source], rel=1e-12)
         finals[(row.strategy, row.seed)] = losses
-        train = pd.read_csv(grid / "logs" / row.run / "training_log.csv").iloc[-1]
+        train_log = pd.read_csv(grid / "logs" / row.run / "training_log.csv")
+        train = train_log.iloc[-1]
         assert row.tokens_per_s == pytest.approx(train["tokens"] / train["elapsed_s"])
+        assert row.wall_s == train["elapsed_s"]
+        cfg = config_from_dict(yaml.safe_load((grid / "logs" / row.run / "config.yaml").read_text()))
+        assert row.flops == pytest.approx(tiny_flops(train_log, cfg), rel=1e-12)
+        assert row.flops_per_token == pytest.approx(row.flops / train["tokens"], rel=1e-12)
+        if row.strategy == "static_max":
+            assert (train_log[["experts_L0", "experts_L1"]] == 4).all().all()
+        assert cfg.moe.balance == ("bias" if row.strategy == "morph_bias" else "aux_loss")
         assert row.events == len(pd.read_csv(grid / "logs" / row.run / "events.csv"))
     assert results[results["strategy"] == "morph"]["events"].min() > 0, "the tiny morph runs have events"
     for strategy in ("static_moe", "morph"):
@@ -161,6 +208,20 @@ def test_grid_numbers_are_the_runs_own(grid):
     assert row["verdict"] == ("not significant" if not significant else
                               "significantly lower" if row["ci_high"] < 0 else "significantly higher")
     assert (grid / "curves.png").stat().st_size > 0
+    # Equal compute is checkable: top-1 routing costs the same per token whatever the expert count,
+    # up to the router rows of the live experts.
+    per_token = results.groupby("strategy")["flops_per_token"].mean()
+    assert per_token["static_moe"] < per_token["static_max"] < per_token["static_moe"] * 1.01
+    # Detectable effects and the extra pairs, from the same per-seed differences.
+    assert f"detectable at 80% power: ±{row['detectable']:.4f}" in report
+    pairs = summary[summary["versus"] == "morph"]
+    assert set(pairs["strategy"]) == {"morph_bias"}
+    bias_all = results[results["strategy"] == "morph_bias"].set_index("seed")["loss_all"]
+    morph_all = results[results["strategy"] == "morph"].set_index("seed")["loss_all"]
+    pair = pairs[pairs["metric"] == "loss_all"].iloc[0]
+    assert pair["diff"] == pytest.approx((bias_all - morph_all).mean(), rel=1e-9)
+    assert f"morph_bias vs morph, held-out all loss: {pair['diff']:+.4f}" in report
+    assert "(t(0.975, n-1) + t(0.8, n-1)) · sd / √n" in report
 
 
 def test_same_seed_same_data_order(grid):
@@ -184,7 +245,7 @@ def test_same_seed_same_data_order(grid):
 
 
 def test_changed_settings_are_refused(grid, config, capsys):
-    assert compare(config, grid, "--strategies", "static_moe,morph", "--seeds", "2", "--set", "train.weight_decay=0.05") == 2
+    assert compare(config, grid, *GRID, "--set", "train.weight_decay=0.05") == 2
     assert "was made with other settings (train.weight_decay" in capsys.readouterr().err
 
 
@@ -193,7 +254,7 @@ def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(grid, config):
     stamps = {p: p.stat().st_mtime_ns for p in grid.glob("*/*/*") if p.is_file() and "morph-s1" not in str(p)}
     # morph-s1 "interrupted" after its step-6 checkpoint: the final one is gone.
     (grid / "checkpoints" / "morph-s1" / "nemo_ckpt_step12.pt").unlink()
-    assert compare(config, grid, "--strategies", "static_moe,morph", "--seeds", "2") == 0
+    assert compare(config, grid, *GRID) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "finished runs were not touched"
     console = (grid / "console" / "morph-s1.txt").read_text()
     assert "resumed from nemo_ckpt_step6.pt" in console

@@ -157,7 +157,8 @@ def test_choices_accept_yaml_spellings_of_the_same_value():
 
 def test_unsafe_keys_are_declared_on_their_fields():
     unsafe = {"model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.seq_len",
-              "model.d_expert", "model.activation", "moe.experts_max", "moe.top_k", "plasticity.layers.enabled",
+              "model.d_expert", "model.activation", "moe.experts_max", "moe.top_k", "moe.balance",
+              "plasticity.layers.enabled",
               "data.sources", "data.seed", "data.heldout_fraction"}
     every_key = set(flatten(Config().to_dict()))
     assert {key for key in every_key if is_unsafe(key)} == unsafe
@@ -176,3 +177,14 @@ def test_world_size_is_not_a_setting():
     assert config_changes(old, cfg.to_dict()) == []
     changed = dataclasses.replace(cfg.train, lr=1e-3)
     assert config_changes(old, dataclasses.replace(cfg, train=changed).to_dict()) == [("train.lr", 2e-4, 1e-3)]
+
+
+def test_a_setting_added_later_counts_at_its_default_on_resume():
+    """A run saved before moe.balance existed trained with aux_loss: resuming it is no change, and
+    it is refused (unsafe) only when the new run asks for another balance."""
+    cfg = tiny_config()
+    old = cfg.to_dict()
+    del old["moe"]["balance"], old["moe"]["bias_rate"]
+    assert config_changes(old, cfg.to_dict()) == []
+    biased = tiny_config(moe={"balance": "bias"}).to_dict()
+    assert config_changes(old, biased) == [("moe.balance", "aux_loss", "bias")]

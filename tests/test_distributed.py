@@ -4,6 +4,10 @@
 2. Two ranks with batch b train exactly like one process with batch 2b on the same
    blocks (the union of the ranks' batches), to float tolerance.
 3. SIGKILL under torchrun + --resume continues with bit-identical losses.
+
+The runs balance with the selection bias (moe.balance=bias), whose update reads the
+step's counts summed over ranks: the digests cover it (a model buffer), and the union
+batch's counts are the ranks' counts summed, so the one-process run moves it alike.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ pytestmark = pytest.mark.slow
 # in the batch and averages exactly. Dropout off: ranks draw their own masks.
 # Two micro-batches per step: the first backward runs under DDP's no_sync.
 DDP = TINY + ["moe.lb_coef=0", "model.dropout=0.0", "eval.batches=2", "train.total_tokens=3840",
-              "train.batch_size=2", "train.grad_accum=2"]
+              "train.batch_size=2", "train.grad_accum=2", "moe.balance=bias", "moe.bias_rate=0.01"]
 STEPS = 15   # per rank 2 x 2 sequences of 16 tokens, 2 ranks: 128 tokens a step
 
 
@@ -98,6 +102,7 @@ def test_replicas_stay_identical_through_events(ddp_run):
     state = torch.load(ddp_run / "checkpoints" / "ddp" / f"nemo_ckpt_step{STEPS}.pt", weights_only=True)
     assert len(state["ranks"]) == 2
     assert state["ranks"][0]["data"] != state["ranks"][1]["data"]   # each rank has its own position
+    assert state["train_module"]["model"]["blocks.0.moe.select_bias"].abs().sum() > 0  # in the digests too
 
 
 class UnionStream:
@@ -109,7 +114,7 @@ class UnionStream:
     def next_batch(self, batch_size):
         return torch.cat([s.next_batch(batch_size // 2) for s in self.ranks])
 
-    def next_batches(self, count, batch_size):
+    def next_batches(self, count, batch_size):   # the Trainer reads a step's micro-batches at once
         return [self.next_batch(batch_size) for _ in range(count)]
 
     def state_dict(self):
@@ -133,6 +138,10 @@ def test_two_ranks_train_like_one_process_on_the_union_batch(ddp_run, tmp_path):
     assert list(one_train["tokens"]) == list(ddp_train["tokens"])
     assert (one_train["loss_ce"] - ddp_train["loss_ce"]).abs().max() < 1e-4
     assert (one_train["grad_norm"] - ddp_train["grad_norm"]).abs().max() < 1e-3
+    # The selection bias moved by the ranks' summed counts, as by the union batch's counts.
+    ddp_state = torch.load(ddp_run / "checkpoints" / "ddp" / f"nemo_ckpt_step{STEPS}.pt", weights_only=True)
+    for i, layer in enumerate(trainer.model.moe_layers):
+        assert torch.equal(layer.select_bias, ddp_state["train_module"]["model"][f"blocks.{i}.moe.select_bias"])
     # Same decisions: usage is summed over ranks before the controller decides.
     key = ["step", "layer", "event", "expert", "parents", "n_before", "n_after"]
     pd.testing.assert_frame_equal(one_events[key], ddp_events[key])

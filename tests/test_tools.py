@@ -141,8 +141,8 @@ def train_row(step: int, counts: list[int], loss: float | None = None) -> dict:
     # Every plotted column varies with the step, so a panel showing the wrong column fails.
     row = {"step": step, "tokens": 64 * step, "loss": loss, "loss_ce": loss, "loss_lb": 1.0 + 0.01 * step,
            "loss_z": 0.4 - 0.01 * step, "loss_lb_scaled": 0.0105, "loss_z_scaled": 0.0004,
-           "lr": 1e-3 * min(step, 4) / 4, "grad_norm": 0.9, "grad_scale": 1.0, "skipped_steps": 0, "tokens_per_s": 900.0 + step,
-           "elapsed_s": 0.07 * step}
+           "lr": 1e-3 * min(step, 4) / 4, "grad_norm": 0.9, "grad_scale": 1.0, "skipped_steps": 0,
+           "tokens_per_s": 900.0 + step, "elapsed_s": 0.07 * step, "balance": 1.0 + 0.005 * step}
     for i, n in enumerate(counts):
         row |= {f"experts_L{i}": n, f"usage_entropy_L{i}": 0.6, f"max_load_L{i}": 1.3}
     return row
@@ -317,7 +317,8 @@ def assert_training_panels(fig, log_dir) -> None:
     events = trainer_events(log_dir / "events.csv")
     steps = train["step"]
     for title, column in (("load-balance loss (unscaled)", "loss_lb"), ("router z-loss (unscaled)", "loss_z"),
-                          ("learning rate", "lr"), ("throughput", "tokens_per_s")):
+                          ("learning rate", "lr"), ("throughput", "tokens_per_s"),
+                          ("load-balance loss (unscaled)", "balance")):
         assert_plotted(panels[title], steps, train[column])
     mixed = evals[evals["source"] == "all"]
     assert_plotted(panels["cross-entropy loss"], mixed["step"], mixed["loss"])

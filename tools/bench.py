@@ -55,8 +55,9 @@ from nemoe import schema
 from nemoe.config import config_from_dict, find_config, read_yaml
 from nemoe.data import TokenStream
 from nemoe.errors import UserError
+from nemoe.flops import flops_per_token  # 6 N + 12 L T d (PaLM appendix B)
 from nemoe.memory import plan_memory
-from nemoe.model import NemoeLM
+from nemoe.model import NemoeLM, split_block
 from nemoe.moe import MoELayer, mlp
 from nemoe.runtime import Runtime
 from nemoe.tokenizer import get_tokenizer
@@ -213,19 +214,6 @@ def use_dispatch(model: NemoeLM, name: str) -> NemoeLM:
     return model
 
 
-def training_flops_per_token(model: NemoeLM, seq_len: int) -> float:
-    """6 N + 12 L T d (PaLM, Chowdhery et al. 2022, appendix B).
-
-    N: parameters a token multiplies by (active experts only; the tied embedding
-    counted once, as the LM head; the position table is a lookup, not a matmul).
-    12 L T d: attention scores and weighted values, forward + backward, without
-    halving for the causal mask (PaLM's convention).
-    """
-    n_matmul = model.count_params()["active_per_token"] - model.pos_emb.weight.numel()
-    d_model = model.tok_emb.weight.size(1)
-    return 6 * n_matmul + 12 * len(model.blocks) * seq_len * d_model
-
-
 # --------------------------------------------------------------------------- #
 # Section 1 + 2: training throughput and MFU
 # --------------------------------------------------------------------------- #
@@ -286,8 +274,8 @@ def bench_throughput(ctx) -> dict:
         "tokens_per_s": tps, "samples": samples,
         "active_params": {"moe": moe_model.count_params()["active_per_token"],
                           "dense": dense_model.count_params()["active_per_token"]},
-        "flops_per_token": {"moe": training_flops_per_token(moe_model, s.seq_len),
-                            "dense": training_flops_per_token(dense_model, s.seq_len)},
+        "flops_per_token": {"moe": flops_per_token(moe_model, s.seq_len),
+                            "dense": flops_per_token(dense_model, s.seq_len)},
         "moe_vs_dense": tps["moe"] / tps["dense"],
         "moe_vs_seed_style": tps["moe"] / tps["seed_style"],
     }
@@ -548,7 +536,7 @@ def bench_gpu(ctx) -> dict:
     micro_batch = t4_config().train.batch_size
     out["t4_fp16"] = run = gpu_trainer_run(ctx, micro_batch, steps)
     release_gpu_memory()
-    flops = training_flops_per_token(NemoeLM(t4_config()), t4_config().model.seq_len)
+    flops = flops_per_token(NemoeLM(t4_config()), t4_config().model.seq_len)
     run["mfu_fp16"] = run["tokens_per_s"] * flops / peak["fp16"]
     # Doubling from the configured micro-batch until the 15 GB cap refuses.
     largest, batch = None, micro_batch

@@ -95,6 +95,12 @@ def plot(train, evals, events, run_name: str, smooth: int = 0):
         ax.plot(train["step"], train[column], color=color, lw=1.2)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
+    if "balance" in train and train["balance"].notna().any():
+        # loss_lb as trained counts a ramping newborn as a full expert (reads ~1.5 at even routing
+        # right after a birth); `balance` counts the experts that can take traffic, so 1 = even.
+        axes[1, 0].lines[0].set_label("as trained (newborns count fully)")
+        axes[1, 0].plot(train["step"], train["balance"], color="tab:brown", lw=1.0, ls="-.",
+                        label="over routable experts")
     axes[1, 0].axhline(1.0, color="gray", lw=0.8, ls=":", label="perfect balance = 1")
     axes[1, 0].legend(fontsize=9)
     axes[2, 0].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))

@@ -20,7 +20,18 @@ Two halves, kept apart so each can be read and tested alone:
   optimizer, GradScaler and LR schedule are never reset.
 
 Newborns enter with routing weight 0 (see moe.py) that opens linearly over
-`ramp_steps`, so a birth never changes the model's output. Decisions use only
+`ramp_steps`, so a birth never changes the model's output.
+
+Selection bias (moe.balance: bias / both, see moe.py): a split child copies its
+parent's bias (child and parent then look alike to the router and share the
+parent's traffic once the ramp opens), a crossover child gets the blend
+alpha * b_a + (1 - alpha) * b_b (like its router row), a freed slot gets 0. A
+newborn's bias stays as born until its ramp ends (only fully open experts are
+updated); at birth its offset is -inf, so no bias can select it and the birth
+still leaves the output unchanged. Usage for split / prune / probation is the
+share of token-choices as before, i.e. *after* the bias: a bias that balances the
+layer keeps every share near 1/n, so splits above `split_usage` (and prunes below
+`prune_usage`) become rare once n * split_usage > 1 (README, Balancing). Decisions use only
 usage counts summed over ranks and the mechanism's own seeded generator, so every
 data-parallel rank takes the same decisions. The usage counts themselves are
 per-rank statistics, checkpointed per rank: the model's training forward counts a
@@ -141,7 +152,10 @@ def slot_params(layer: MoELayer) -> list[torch.nn.Parameter]:
 @torch.no_grad()
 def copy_slot(layer: MoELayer, optimizer, src: int, dst: int, mutation_std: float,
               generator: torch.Generator) -> None:
-    """dst := src + noise, noise ~ N(0, (mutation_std * RMS(src tensor))^2); moments copied."""
+    """dst := src + noise, noise ~ N(0, (mutation_std * RMS(src tensor))^2); moments and
+    selection bias copied."""
+    if layer.select_bias is not None:
+        layer.select_bias[dst] = layer.select_bias[src]
     for p in slot_params(layer):
         p[dst] = p[src]
         if mutation_std > 0:
@@ -152,7 +166,9 @@ def copy_slot(layer: MoELayer, optimizer, src: int, dst: int, mutation_std: floa
 
 @torch.no_grad()
 def blend_slots(layer: MoELayer, optimizer, a: int, b: int, dst: int, alpha: float) -> None:
-    """dst := alpha * a + (1 - alpha) * b, for parameters, router rows and moments."""
+    """dst := alpha * a + (1 - alpha) * b, for parameters, router rows, moments and selection bias."""
+    if layer.select_bias is not None:
+        layer.select_bias[dst] = alpha * layer.select_bias[a] + (1 - alpha) * layer.select_bias[b]
     for p in slot_params(layer):
         p[dst] = alpha * p[a] + (1 - alpha) * p[b]
         for s in element_states(optimizer, p):
@@ -161,10 +177,12 @@ def blend_slots(layer: MoELayer, optimizer, a: int, b: int, dst: int, alpha: flo
 
 @torch.no_grad()
 def clear_slot(layer: MoELayer, optimizer, slot: int) -> None:
-    """Free a slot: no routing, zero parameters and zero moments."""
+    """Free a slot: no routing, zero parameters, moments and selection bias."""
     layer.active[slot] = False
     layer.route_offset[slot] = -math.inf
     layer.usage_counts[slot] = 0
+    if layer.select_bias is not None:
+        layer.select_bias[slot] = 0
     for p in slot_params(layer):
         p[slot] = 0
         for s in element_states(optimizer, p):

@@ -317,5 +317,7 @@ def fresh_init_(block: torch.nn.Module, optimizer, n_layers: int, experts_init: 
     moe.active[:experts_init] = True
     moe.route_offset.copy_(torch.where(moe.active, 0.0, -math.inf))
     moe.usage_counts.zero_()
+    if moe.select_bias is not None:
+        moe.select_bias.zero_()
     block.attn.temperature.fill_(1.0)
 

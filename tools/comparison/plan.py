@@ -25,6 +25,9 @@ from nemoe.errors import UserError
 from nemoe.schema import RunPaths
 
 BASELINE = "static_moe"
+# Paired comparisons besides every strategy vs BASELINE, reported when both ran: does growing
+# match having the final size from the start, and what does the balancing mode change.
+EXTRA_PAIRS = (("morph", "static_max"), ("morph_bias", "morph"), ("morph_bias", "static_max"))
 OFF_PHASE_WEIGHT = 1e-9  # a source outside its phase: kept (so it is evaluated), never drawn in practice
 MECHANISMS = ("neuron", "heads", "layers")
 
@@ -53,12 +56,19 @@ def _dense(cfg: Config) -> list[str]:
             "morph.enabled=false", f"model.d_expert={cfg.moe.top_k * cfg.d_expert}", *_only_mechanism(None)]
 
 
+# Every strategy but morph_bias balances as the config says (moe.balance, aux_loss by default).
 STRATEGIES = {s.name: s for s in [
     Strategy("dense", "one FFN, same active parameters per token as the MoE", _dense),
     Strategy("static_moe", "the MoE with its initial experts, no morphogenesis",
              lambda cfg: ["morph.enabled=false", *_only_mechanism(None)]),
+    Strategy("static_max", "the MoE with experts_max experts from step 0 (the final size morphogenesis "
+             "may grow to), no morphogenesis",
+             lambda cfg: ["morph.enabled=false", f"moe.experts_init={cfg.moe.experts_max}", *_only_mechanism(None)]),
     Strategy("morph", "expert morphogenesis: split, prune, crossover, probation",
              lambda cfg: ["morph.enabled=true", *_only_mechanism(None)]),
+    Strategy("morph_bias", "morphogenesis with auxiliary-loss-free balancing (moe.balance=bias: a selection "
+             "bias instead of the load-balance loss)",
+             lambda cfg: ["morph.enabled=true", "moe.balance=bias", *_only_mechanism(None)]),
     *[Strategy(m, f"plasticity.{m} alone (static experts)",
                (lambda cfg, m=m: ["morph.enabled=false", *_only_mechanism(m)]), mechanism=m)
       for m in MECHANISMS],

@@ -1,5 +1,5 @@
 """Each run's numbers, read from the files it wrote (eval.csv, training_log.csv, events.csv,
-config.yaml): final held-out losses, speed, parameters, events, the data-order fingerprint,
+config.yaml): final held-out losses, compute (training FLOPs, time, tokens/s), parameters, events, the data-order fingerprint,
 and per phase of the shift protocol adaptation, recovery and forgetting.
 """
 
@@ -16,22 +16,39 @@ import pandas as pd
 from nemoe import schema
 from nemoe.config import Config, config_from_dict
 from nemoe.errors import UserError
+from nemoe.flops import training_flops
 from tools._common import layer_columns, read_eval, read_events, read_run_config, read_training_log
 from tools.comparison.plan import Plan, Run
 
 FINGERPRINT_STEPS = 20   # optimizer steps of training batches hashed for the data-order check
 
 
-def param_counts(cfg: Config, live_experts: float) -> dict[str, float]:
-    """Parameters: allocated (every slot), active per token (top-k experts), live at the end
-    (`live_experts` over all layers), as NemoeLM.count_params counts them."""
+def meta_model(cfg: Config):
+    """The run's NemoeLM on the meta device: shapes only, no memory, no init cost."""
     import torch
     from nemoe.model import NemoeLM
-    with torch.device("meta"):  # shapes only, no memory, no init cost
-        model = NemoeLM(cfg)
+    with torch.device("meta"):
+        return NemoeLM(cfg)
+
+
+def param_counts(model, live_experts: float) -> dict[str, float]:
+    """Parameters: allocated (every slot), active per token (top-k experts), live at the end
+    (`live_experts` over all layers), as NemoeLM.count_params counts them."""
     counts = model.count_params(live_experts=round(live_experts))
     return {"params_total": counts["total"], "params_active": counts["active_per_token"],
             "params_live": counts["live"]}
+
+
+def compute(model, cfg: Config, train_log: pd.DataFrame) -> dict[str, float]:
+    """Training compute from the run's own training_log.csv: FLOPs (nemoe.flops: 6 N + 12 L T d per
+    token, the experts live in each log interval from its experts_L columns), training time and
+    tokens/s (elapsed_s: training only, evaluation and checkpoints excluded, summed over resumes)."""
+    experts = layer_columns(train_log)
+    rows = [(int(r["tokens"]), [int(r[c]) for c in experts]) for _, r in train_log.iterrows()]
+    flops = training_flops(model, cfg.model.seq_len, rows, [cfg.moe.experts_init] * len(experts))
+    last = train_log.iloc[-1]
+    return {"flops": flops, "flops_per_token": flops / last["tokens"], "wall_s": float(last["elapsed_s"]),
+            "tokens_per_s": float(last["tokens"] / last["elapsed_s"])}
 
 
 def run_results(out: Path, run: Run) -> dict:
@@ -50,8 +67,9 @@ def run_results(out: Path, run: Run) -> dict:
     row = {"strategy": run.strategy, "seed": run.seed, "run": run.name, "step": final_step,
            "tokens": int(final["tokens"].iloc[0])}
     row.update({f"loss_{r.source}": float(r.loss) for r in final.itertuples()})
-    row["tokens_per_s"] = float(train["tokens"] / train["elapsed_s"])
-    row.update(param_counts(cfg, sum(train[c] for c in layer_columns(train_log))))
+    model = meta_model(cfg)
+    row.update(compute(model, cfg, train_log))
+    row.update(param_counts(model, sum(train[c] for c in layer_columns(train_log))))
     row["events"] = len(events)
     for kind, count in events["granularity"].value_counts().items():
         row[f"events_{kind}"] = int(count)

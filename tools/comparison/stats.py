@@ -1,4 +1,5 @@
-"""Statistics of a comparison: mean and sd over seeds, paired differences with a Student-t interval.
+"""Statistics of a comparison: mean and sd over seeds, paired differences with a Student-t interval
+and the smallest difference the design could have detected (power).
 
 No scipy: the t quantile is found by bisection on a numerically integrated CDF.
 """
@@ -45,12 +46,14 @@ def mean_sd(values) -> tuple[float, float]:
 
 @dataclass
 class Paired:
-    """A paired difference over n seeds: its mean and confidence interval [low, high]."""
+    """A paired difference over n seeds: its mean, confidence interval [low, high] and the
+    smallest difference the design could detect (`detectable`, see detectable_effect)."""
 
     n: int
     mean: float
     low: float
     high: float
+    detectable: float = math.nan
 
     @property
     def verdict(self) -> str:
@@ -63,11 +66,29 @@ class Paired:
         return "significantly lower" if self.high < 0 else "significantly higher"
 
 
+POWER = 0.8   # the power the detectable effect is stated at
+
+
+def detectable_effect(sd: float, n: int, level: float = 0.95, power: float = POWER) -> float:
+    """The smallest true paired difference a two-sided paired t-test at `level` over n seeds
+    finds with probability `power`, given the paired differences' sd:
+
+        (t_{(1+level)/2, n-1} + t_{power, n-1}) * sd / sqrt(n)
+
+    (the usual approximation: the test statistic shifted by delta * sqrt(n) / sd, the far tail
+    ignored; sd is the observed one, itself uncertain with few seeds). A null result says the
+    true difference is likely smaller than this. NaN for n < 2."""
+    if n < 2 or math.isnan(sd):
+        return math.nan
+    return (t_quantile((1 + level) / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+
+
 def paired_difference(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> Paired:
-    """a - b paired by seed: mean +- t_{(1+level)/2, n-1} * sd / sqrt(n) over the seeds both have."""
+    """a - b paired by seed: mean +- t_{(1+level)/2, n-1} * sd / sqrt(n) over the seeds both have,
+    and the detectable effect at 80% power from the same sd and n."""
     diffs = [a[s] - b[s] for s in sorted(set(a) & set(b)) if not (math.isnan(a[s]) or math.isnan(b[s]))]
     mean, sd = mean_sd(diffs)
     if len(diffs) < 2:
         return Paired(len(diffs), mean, math.nan, math.nan)
     half = t_quantile((1 + level) / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return Paired(len(diffs), mean, mean - half, mean + half)
+    return Paired(len(diffs), mean, mean - half, mean + half, detectable_effect(sd, len(diffs), level))
