@@ -161,7 +161,7 @@ TB_TRAIN_TAGS = {"tokens": "progress/tokens", "elapsed_s": "progress/elapsed_s",
                  "loss": "loss/total", "loss_ce": "loss/ce", "loss_lb": "loss/load_balance",
                  "loss_z": "loss/router_z", "loss_lb_scaled": "loss/load_balance_scaled",
                  "loss_z_scaled": "loss/router_z_scaled", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
-                 "grad_scale": "optim/grad_scale", "skipped_steps": "optim/skipped_steps",
+                 "grad_scale": "optim/grad_scale", "skipped_steps": "optim/skipped_steps", "balance": "moe/balance",
                  "tokens_per_s": "speed/tokens_per_s"}
 TB_EVENTS_TAG = "events"            # text: one table per step, events.csv's columns
 TB_CONFIG_TAG = "config"            # text: the resolved config at each start (fresh or resumed)

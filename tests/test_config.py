@@ -69,7 +69,7 @@ def test_all_problems_are_reported_at_once():
 @pytest.mark.parametrize("args,message", [
     (["--config", "nope.yaml"], "config 'nope.yaml' not found"),
     (["--config", "local", "--set", "train.lrr=1"], "unknown key"),
-    (["--config", "local", "--set", "moe.experts_min=5"], "experts_min (5) must be <= moe.experts_max"),
+    (["--config", "local", "--set", "moe.experts_min=7"], "experts_min (7) must be <= moe.experts_max"),
     (["--config", "local", "--set", "moe.top_k=3"], "moe.top_k must be 1 or 2"),
     (["--config", "local", "--set", "model.seq_len=-4"], "model.seq_len must be > 0"),
     (["--config", "local", "--set", "data.sources=[]"], "data"),

@@ -110,7 +110,7 @@ def row_at(step: int, experts=(2, 3)) -> dict:
     row = {"step": step, "tokens": 64 * step, "loss": 9.0 - 0.1 * step, "loss_ce": 8.9 - 0.1 * step,
            "loss_lb": 1.01, "loss_z": 0.3, "loss_lb_scaled": 0.0101, "loss_z_scaled": 0.0003,
            "lr": 1e-3 * step, "grad_norm": 0.5 + step / 100, "grad_scale": 1.0, "skipped_steps": step % 3,
-           "tokens_per_s": 1000.0 + step,
+           "tokens_per_s": 1000.0 + step, "balance": 1.0 + step / 200,
            "elapsed_s": 0.1 * step}
     for i, n in enumerate(experts):
         row |= {f"experts_L{i}": n, f"usage_entropy_L{i}": 0.6 + step / 1000, f"max_load_L{i}": 1.2}

@@ -49,7 +49,8 @@ from nemoe.config import config_from_dict, find_config, read_yaml
 from nemoe.errors import UserError
 from nemoe.memory import gb, plan_memory
 from tools._common import guard, note, read_training_log, resolve_device
-from tools.bench import cpu_name, training_flops_per_token
+from nemoe.flops import flops_per_token
+from tools.bench import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 # Dense tensor-core peaks, TFLOP/s, without sparsity (NVIDIA datasheets): (name pattern, fp16, bf16);
@@ -109,7 +110,7 @@ def train(raw: dict, run_dir: Path, max_steps: int, resume: bool = False, time_s
             trainer.fit()
         out = {"precision": trainer.runtime.precision, "reason": trainer.runtime.precision_reason,
                "step": trainer.step, "loss_scale": trainer.train.loss_scale,
-               "flops_per_token": training_flops_per_token(trainer.model, cfg.model.seq_len),
+               "flops_per_token": flops_per_token(trainer.model, cfg.model.seq_len),
                "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
         if time_save:
             start = time.perf_counter()
