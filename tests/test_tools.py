@@ -397,6 +397,19 @@ def test_summary_of_hand_written_logs(hand_run, capsys):
     for expected in ("16 / 32 (50%)", "split 2", "crossover 1", "prune 1", "failed probation 1",
                      "graduate 1", "2 / 3", "mixed 6.2000", "none in"):
         assert expected in text, expected
+    assert "neuron events" not in text and "head events" not in text   # none in this run
+
+
+def test_summary_counts_events_of_every_granularity(hand_run, capsys):
+    with open(hand_run / "events.csv", "a") as f:
+        for step, granularity, event, layer in ((17, "head", "prune", 0), (17, "head", "prune", 1),
+                                                (17, "neuron", "turnover", 1), (18, "layer", "death", 1)):
+            f.write(f"{step},{64 * step},{granularity},{event},{layer},u,-1,,0.1,0.2,3,3,5.0,5.0,test\n")
+    assert summary.main([str(hand_run)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("head events", "prune 2", "neuron events", "turnover 1", "layer events", "death 1"):
+        assert expected in text, expected
+    assert "2 / 3" in text   # experts per layer: the expert events only
 
 
 def test_final_step_after_the_last_training_row_counts(hand_run, capsys):

@@ -79,13 +79,15 @@ def rows(log_dir: Path) -> list[tuple[str, str]]:
     """(label, value) rows of the summary table."""
     train = read_training_log(log_dir / schema.TRAIN_CSV)
     evals = read_eval(log_dir / schema.EVAL_CSV)
-    events = read_events(log_dir / schema.EVENTS_CSV)
+    every_event = read_events(log_dir / schema.EVENTS_CSV, granularity=None)
+    events = every_event[every_event["granularity"] == "expert"]
     config = read_run_config(log_dir, required=False)
     step, tokens = latest_step(train, evals, events)
     out = [("run", f"{log_dir.name}  ({log_dir})"), ("state", run_state(log_dir))]
     out += progress_rows(train, step, tokens, config)
     out += heldout_rows(evals)
     out += event_rows(train, events, step)
+    out += plasticity_event_rows(every_event)
     out += checkpoint_rows(log_dir)
     if config is None:
         out.append(("config", f"no {schema.CONFIG_YAML} in the log folder"))
@@ -135,13 +137,24 @@ def event_rows(train, events, step: int) -> list[tuple[str, str]]:
     if len(events):
         counts = events["event"].value_counts()
         kinds = EVENT_ORDER + sorted(set(counts.index) - set(EVENT_ORDER))
-        out = [("events", " · ".join(f"{k.replace('_', ' ')} {int(counts[k])}" for k in kinds if k in counts))]
+        out = [("expert events", " · ".join(f"{k.replace('_', ' ')} {int(counts[k])}" for k in kinds if k in counts))]
     else:
-        out = [("events", "none yet")]
+        out = [("expert events", "none yet")]
     columns = layer_columns(train)
     if columns:
         out.append(("experts per layer now", " / ".join(map(str, current_counts(train, events)))
                     + f"  (layers 0..{len(columns) - 1}, step {step:,})"))
+    return out
+
+
+def plasticity_event_rows(events) -> list[tuple[str, str]]:
+    """Neuron, head and layer events by kind, one row per granularity that has any."""
+    out = []
+    for granularity in ("neuron", "head", "layer"):
+        counts = events[events["granularity"] == granularity]["event"].value_counts()
+        if len(counts):
+            out.append((f"{granularity} events", " · ".join(f"{k.replace('_', ' ')} {int(n)}"
+                                                            for k, n in sorted(counts.items()))))
     return out
 
 
