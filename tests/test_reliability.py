@@ -250,7 +250,7 @@ BAD_CONFIGS = [
     "morph: {crossover_prob: 2}\n",
     "train: {lr: 0}\n",
     "train: {precision: fp8}\n",
-    "train: {precision: fp16, device: cpu}\n",                # fp16 needs CUDA
+    "train: {device: cuda}\n",                                # no CUDA GPU on this machine
     "train: {device: tpu}\n",
     "train: {total_tokens: 0}\n",
     "checkpoint: {keep_last: 0}\n",
