@@ -173,6 +173,11 @@ class TrainConfig:
     """Recompute block activations in the backward pass to save memory."""
     compile: bool = False
     """Wrap the model in torch.compile (CUDA only)."""
+    loss_scale_init: float = setting(65536.0, gt=0)
+    """fp16: the GradScaler's first loss scale (2^16, torch's default)."""
+    loss_scale_growth_interval: int = setting(2000, ge=1)
+    """fp16: the GradScaler doubles its scale after this many clean steps in a row (torch's default);
+    an overflow halves it and skips the step. A resume keeps the checkpoint's scale and counts."""
     max_bad_steps: int = setting(20, ge=1)
     """Consecutive skipped steps (non-finite loss or gradient) before the run saves and stops; under
     fp16 the run also stops when the loss scale backs off below 1 (nemoe/train_module.py)."""

@@ -92,7 +92,9 @@ class TrainModule:
             # fused: one kernel over all parameters, on CUDA and CPU alike; on CPU it measured
             # 5x faster than the default per-parameter loop (t4 shapes, one thread).
             fused=True)
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.uses_scaler)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, init_scale=t.loss_scale_init,
+                                           growth_interval=t.loss_scale_growth_interval,
+                                           enabled=runtime.uses_scaler)
         self.forward = self.ddp = self.model
         self.bad_steps = 0   # updates skipped in a row (non-finite gradients)
         # Test seam: step -> factor on that step's loss before backward (e.g. inf forces an
@@ -226,5 +228,8 @@ class TrainModule:
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"] or not self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+            if state["scaler"]:   # the scale and its clean-step count resume; the interval is the config's
+                self.scaler.load_state_dict({**self.scaler.state_dict(),
+                                             "growth_interval": self.cfg.train.loss_scale_growth_interval})
         # else: a checkpoint of an fp32 or bf16 run resumed in fp16: the scaler starts fresh
         self.bad_steps = state["bad_steps"]

@@ -387,6 +387,22 @@ def test_divergence_stops_the_run_and_says_which_kind(tmp_path):
 
 
 @pytest.mark.slow
+def test_loss_scale_settings_drive_the_scaler_and_resume(tmp_path):
+    """train.loss_scale_init / loss_scale_growth_interval: the scale doubles after every 2 clean
+    steps from 1024, and a resumed run continues the scale and its clean-step count exactly."""
+    fp16 = ("--set", "train.precision=fp16", "--set", "train.loss_scale_init=1024",
+            "--set", "train.loss_scale_growth_interval=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(straight, "--max-steps", "6", *fp16) == 0
+    assert logs(straight)[0]["grad_scale"].tolist() == [1024.0, 2048.0, 2048.0, 4096.0, 4096.0, 8192.0]
+    assert run(resumed, "--max-steps", "3", *fp16) == 0   # stops one clean step into the 2048 window
+    assert run(resumed, "--resume", "--max-steps", "6", *fp16) == 0
+    a, b = logs(straight)[0], logs(resumed)[0]
+    assert b["grad_scale"].tolist() == a["grad_scale"].tolist()
+    assert b["loss_ce"].tolist() == a["loss_ce"].tolist()
+
+
+@pytest.mark.slow
 def test_an_fp32_checkpoint_resumes_in_fp16_with_a_fresh_scaler(tmp_path, capsys):
     assert run(tmp_path, "--max-steps", "3") == 0
     assert run(tmp_path, "--resume", "--max-steps", "5", "--set", "train.precision=fp16") == 0
