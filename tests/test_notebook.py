@@ -66,6 +66,7 @@ def test_notebook_runs_headless_and_shows_the_run(tmp_path):
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(
         f"CONFIG = 'local.yaml'\nRUN_DIR = {str(tmp_path / 'runs')!r}\nRUN_NAME = 'nb'\nMAX_STEPS = 8\n"
+        f"MIRROR_DIR = {str(tmp_path / 'mirror')!r}\n"
         f"SETTINGS = {settings!r}\nSAMPLE_TOKENS = 8\nEVAL_BATCHES = 1", metadata={"tags": ["injected-parameters"]}))
     started = time.time()
     NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -92,3 +93,6 @@ def test_notebook_runs_headless_and_shows_the_run(tmp_path):
     assert (log_dir / "report.html").stat().st_size > 10_000
     assert any(p.name.startswith("events.out.tfevents") for p in (log_dir / "tensorboard").iterdir())
     assert math.isfinite(mixed)
+    # The mirror (the Colab recipe's copy on Drive) holds the run's checkpoint, sealed by its manifest.
+    mirrored = tmp_path / "mirror" / "checkpoints" / "nb"
+    assert (mirrored / "nemo_ckpt_step8.pt").is_file() and (mirrored / "nemo_ckpt_step8.pt.json").is_file()
