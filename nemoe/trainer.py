@@ -11,7 +11,8 @@
     RunLogger     text, CSV, TensorBoard and console output           (logs.py)
 
 The checkpoint is the components' states by name plus step, tokens and training time;
-restoring it and continuing gives the same per-step losses, bit for bit on CPU in fp32, as never having stopped.
+restoring it and continuing gives the same per-step losses, bit for bit on CPU in fp32,
+as never having stopped.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ class Trainer:
         RunLogger.truncate_after(self.paths.log_dir, self.step if found is not None else -1)
         self.log = RunLogger(self.paths.log_dir, self.cfg, self.step, self.target_steps * self.tokens_per_step)
         atomic_write(self.paths.log_dir / CONFIG_YAML, dump_config(self.cfg))
-        self.log.line(self.step, start_line(self.runtime, self.model.count_params(), self.cfg, self.world,
-                                               self.train.memory_note))
+        start = start_line(self.runtime, self.model.count_params(), self.cfg, self.world, self.train.memory_note)
+        self.log.line(self.step, start)
         for note in notes:
             self.log.line(self.step, f"Note | {note}")
 
