@@ -140,3 +140,16 @@ class FaultyServer(http.server.ThreadingHTTPServer):
 
 def serve(root: os.PathLike, **kwargs) -> FaultyServer:
     return FaultyServer(Path(root), **kwargs)
+
+
+def fail_fast(patch) -> None:
+    """With a pytest MonkeyPatch: read faults reach nemoe's own retry at once (one attempt in
+    `datasets`, no sleeps between its retries or at thread shutdown) and nemoe retries quickly."""
+    import datasets
+
+    from nemoe import data
+    for name, value in (("STREAMING_READ_MAX_RETRIES", 1), ("STREAMING_READ_RETRY_INTERVAL", 0),
+                        ("STREAMING_OPEN_MAX_RETRIES", 1), ("STREAMING_OPEN_RETRY_INTERVAL", 0),
+                        ("SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)):
+        patch.setattr(datasets.config, name, value)
+    patch.setattr(data, "RETRY_FIRST_DELAY_S", 0.01)

@@ -23,23 +23,18 @@ import torch
 from datasets.packaged_modules.parquet.parquet import Parquet
 from huggingface_hub.errors import HfHubHTTPError
 
-from nemoe import data, sources
+from nemoe import sources
 from nemoe.data import DataConfig, DataInterrupted, DataUnavailable, SourceConfig, TokenStream
 from nemoe.tokenizer import get_tokenizer
 from tests.fixtures_data import fineweb_rows, write_alpaca
-from tests.http_server import serve
+from tests.http_server import fail_fast, serve
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_failures():
     """Faults reach nemoe at once: one read attempt in `datasets`, no sleeps, short back-off."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "STREAMING_READ_MAX_RETRIES", 1)
-        patch.setattr(datasets.config, "STREAMING_READ_RETRY_INTERVAL", 0)
-        patch.setattr(datasets.config, "STREAMING_OPEN_MAX_RETRIES", 1)
-        patch.setattr(datasets.config, "STREAMING_OPEN_RETRY_INTERVAL", 0)
-        patch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
-        patch.setattr(data, "RETRY_FIRST_DELAY_S", 0.01)
+        fail_fast(patch)
         yield
         gc.collect()
 

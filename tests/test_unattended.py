@@ -22,18 +22,17 @@ import subprocess
 import sys
 import time
 
-import datasets
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nemoe import data, mirror, sources
+from nemoe import mirror, sources
 from nemoe.schema import list_checkpoints, manifest_name
 from nemoe.trainer import Trainer
 from tests.conftest import REPO
 from tests.fixtures_data import fineweb_rows, write_alpaca
-from tests.http_server import serve
+from tests.http_server import fail_fast, serve
 from tests.test_trainer import TINY, logs
 from train_nemoe import main
 
@@ -51,12 +50,7 @@ def _fast_failures():
     in one go at its start (text documents do not depend on the batch size)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sources, "MAP_BATCH_ROWS", 4)
-        patch.setattr(datasets.config, "STREAMING_READ_MAX_RETRIES", 1)
-        patch.setattr(datasets.config, "STREAMING_READ_RETRY_INTERVAL", 0)
-        patch.setattr(datasets.config, "STREAMING_OPEN_MAX_RETRIES", 1)
-        patch.setattr(datasets.config, "STREAMING_OPEN_RETRY_INTERVAL", 0)
-        patch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
-        patch.setattr(data, "RETRY_FIRST_DELAY_S", 0.01)
+        fail_fast(patch)
         patch.setattr(mirror, "MIRROR_RETRY_S", 0.0)
         yield
 
