@@ -1,0 +1,170 @@
+"""The `plasticity` section of the run config: neuron apoptosis, attention-head prune/grow and
+layer senescence (all off by default). Expert morphogenesis is the `morph` section in
+nemoe/config.py; the mechanisms themselves live in nemoe/plasticity/.
+
+Fields follow nemoe/configlib.py's conventions (see nemoe/config.py): type, bounds and
+resume safety on the field, a docstring under it, and each section's cross-field rules
+in its `check(cfg)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from nemoe.configlib import setting
+
+if TYPE_CHECKING:
+    from nemoe.config import Config
+
+
+@dataclass
+class NeuronPlasticityConfig:
+    enabled: bool = False
+    """Neuron apoptosis inside experts: the least fit hidden neurons die and are reborn."""
+    interval: int = setting(500, gt=0)
+    """Optimizer steps between neuron turnover events."""
+    prune_rate: float = setting(0.05, gt=0, lt=1)
+    """Share of each live expert's hidden neurons that die per event: int(prune_rate * d_expert)."""
+    metric: Literal["grad_activation", "gradient", "weight", "composite"] = "grad_activation"
+    """Fitness: grad_activation (sum of |h * dL/dh| over the interval's tokens), gradient (sum of
+    the neuron's parameter-gradient norms over the interval's steps), weight (norm of its weights
+    at the event), composite (weighted sum of the three, each divided by its mean in the expert)."""
+    regrowth: Literal["random", "clone", "mutation", "functional"] = "functional"
+    """How the dead are reborn: random (fresh incoming weights), clone (copy of a fittest survivor),
+    mutation (fitness-proportional parent + noise), functional (survivors' output weights refit by
+    least squares to re-express the dead neurons' contribution, fresh incoming weights)."""
+    mutation_std: float = setting(0.1, ge=0)
+    """Std of a mutated newborn's noise, relative to the RMS of its parent's incoming weights."""
+    composite_taylor: float = setting(0.5, ge=0)
+    """Weight of grad_activation in the composite fitness."""
+    composite_gradient: float = setting(0.25, ge=0)
+    """Weight of gradient in the composite fitness."""
+    composite_weight: float = setting(0.25, ge=0)
+    """Weight of weight in the composite fitness."""
+    record_steps: int = setting(20, ge=0)
+    """functional: the last steps of each interval whose hidden activations the refit uses (0: all)."""
+    min_age: int = setting(0, ge=0)
+    """A neuron younger than this many steps cannot die (a newborn gets time to learn)."""
+    seed: int | None = None
+    """Seed of the mechanism's own generator (random / mutation newborns, mutation parents). None
+    (default): derived from train.seed when the config is built; an explicit value always wins."""
+
+    def check(self, cfg: Config) -> list[str]:
+        """A positive composite weight sum; when enabled, 1..d_expert-1 deaths per expert and event."""
+        problems = []
+        if self.composite_taylor + self.composite_gradient + self.composite_weight <= 0:
+            problems.append("plasticity.neuron.composite_* weights must have a positive sum")
+        width = cfg.d_expert
+        deaths = int(self.prune_rate * width)
+        if self.enabled and 0 < self.prune_rate < 1 and not 1 <= deaths <= width - 1:
+            problems.append(f"plasticity.neuron.prune_rate ({self.prune_rate}) x d_expert ({width}) = {deaths} "
+                            f"deaths per expert; need at least 1 death and 1 survivor")
+        return problems
+
+
+@dataclass
+class HeadPlasticityConfig:
+    enabled: bool = False
+    """Attention-head pruning and regrowth through per-head gates."""
+    interval: int = setting(500, gt=0)
+    """Optimizer steps between head prune/grow decisions (cycle mode: the train phase before each prune)."""
+    mode: Literal["continuous", "cycle"] = "continuous"
+    """continuous: every `interval` steps regrow, then prune; cycle: train -> prune -> measure ->
+    grow -> learn, `cycles` times in one run, then training goes on with no more head events."""
+    prune: Literal["entropy", "magnitude", "importance", "random"] = "entropy"
+    """Which live heads die: entropy (most diffuse attention on the probe batch), magnitude
+    (smallest q/k/v/proj weight norm), importance (smallest |dL/dgate| over the interval,
+    Michel et al. 2019) or random."""
+    grow: Literal["gradient_sensitivity", "entropy_gap", "balanced", "random"] = "gradient_sensitivity"
+    """Which dead heads are reborn: gradient_sensitivity (largest |dL/dgate| of the reinitialised
+    head at gate 0 on the probe batch), entropy_gap (the layer whose live heads attend most
+    diffusely), balanced (the layer with the fewest live heads) or random."""
+    prune_fraction: float = setting(0.25, gt=0, lt=1)
+    """Share of the live heads (all layers together) pruned at each prune event, rounded, >= 1."""
+    grow_fraction: float = setting(0.5, gt=0, le=1)
+    """Share of the dead heads reborn at each grow event, rounded, >= 1 while any is dead."""
+    min_heads: int = setting(1, ge=1)
+    """Live heads a layer always keeps (at most model.n_heads; below it when enabled)."""
+    warmup_steps: int = setting(100, ge=0)
+    """A newborn head's gate rises linearly from 0 (at birth) to 1 over this many steps."""
+    new_head_lr_mult: float = setting(1.0, gt=0)
+    """Learning-rate multiplier for a newborn head's q/k/v/proj slices while its gate warms up."""
+    cycles: int = setting(3, ge=1)
+    """Cycle mode: how many train -> prune -> measure -> grow -> learn cycles."""
+    recover_steps: int = setting(100, ge=1)
+    """Cycle mode: steps trained with the heads pruned, between a prune and its grow."""
+    seed: int | None = None
+    """Seed of the mechanism's own generator (random criteria, newborn weights). None (default):
+    derived from train.seed when the config is built; an explicit value always wins."""
+
+    def check(self, cfg: Config) -> list[str]:
+        n_heads = cfg.model.n_heads
+        if self.min_heads > n_heads:
+            return [f"plasticity.heads.min_heads ({self.min_heads}) must be <= model.n_heads ({n_heads})"]
+        if self.enabled and self.min_heads == n_heads:
+            return [f"plasticity.heads.min_heads ({self.min_heads}) must be < model.n_heads ({n_heads}), "
+                    f"else no head can ever be pruned"]
+        return []
+
+
+@dataclass
+class LayerPlasticityConfig:
+    enabled: bool = setting(False, unsafe=True)  # per-block optimizer groups (model.param_groups)
+    """Layer senescence: per-layer vitality and influence; dying layers are replaced."""
+    interval: int = setting(500, gt=0)
+    """Optimizer steps between layer vitality reviews."""
+    death_zone: int = 1
+    """The last `death_zone` blocks (nearest the output) are the only ones that can die."""
+    birth_zone: int = 1
+    """The first `birth_zone` blocks (nearest the input); a newborn enters at the zone's
+    innermost position, birth_zone - 1. The blocks between the zones are the stable core."""
+    trigger: float = setting(0.25, ge=0)
+    """A death-zone block dies when its vitality falls below this (1.0 = an average block)."""
+    min_age: int = setting(1000, ge=0)
+    """Steps a block must have lived before it may die (founders are born at step 0)."""
+    lifespan: int = setting(5000, ge=0)
+    """Senescence time constant: vitality = importance_ema * exp(-age / lifespan); 0 = no ageing."""
+    importance_ema: float = setting(0.5, ge=0, lt=1)
+    """Weight of the old value in the importance moving average (0 = last review only)."""
+    newborn: Literal["copy", "fresh"] = "copy"
+    """copy (mutated copy of the most vital block, its optimizer moments too) or fresh
+    (new random init, zero moments)."""
+    mutation_std: float = setting(0.01, ge=0)
+    """Relative noise of a copied newborn: N(0, (mutation_std * RMS(tensor))^2) per parameter."""
+    newborn_influence: float = setting(0.0, ge=0, le=1)
+    """A newborn's influence at birth (0 = the block starts as the identity)."""
+    warmup_steps: int = setting(200, ge=0)
+    """Steps over which a newborn's influence rises linearly to 1."""
+    max_temperature: float = setting(1.5, ge=1)
+    """Attention temperature of a block at vitality 0 (1 at vitality >= 1, linear between)."""
+    max_dropout: float = setting(0.1, lt=1)
+    """Residual-branch dropout of a block at vitality 0 (model.dropout at vitality >= 1)."""
+    min_lr_scale: float = setting(0.5, gt=0, le=1)
+    """Learning-rate multiplier of a block at vitality 0 (1 at vitality >= 1)."""
+    seed: int | None = None
+    """Seed of the mechanism's own generator (a copied newborn's mutation noise). None (default):
+    derived from train.seed when the config is built; an explicit value always wins."""
+
+    def check(self, cfg: Config) -> list[str]:
+        """Zone sizes (only when enabled) and max_dropout against model.dropout."""
+        problems = []
+        n_layers, dropout = cfg.model.n_layers, cfg.model.dropout
+        if self.enabled and not (self.birth_zone >= 1 and self.death_zone >= 1
+                                 and self.birth_zone + self.death_zone < n_layers):
+            problems.append(f"plasticity.layers: birth_zone ({self.birth_zone}) and death_zone "
+                            f"({self.death_zone}) must be >= 1 and leave a stable core of >= 1 block between "
+                            f"them: need birth_zone + death_zone < model.n_layers ({n_layers})")
+        if self.max_dropout < dropout:
+            problems.append(f"plasticity.layers.max_dropout ({self.max_dropout}) must be >= model.dropout "
+                            f"({dropout})")
+        return problems
+
+
+@dataclass
+class PlasticityConfig:
+    """Structural plasticity at granularities other than whole experts (all off by default)."""
+
+    neuron: NeuronPlasticityConfig = field(default_factory=NeuronPlasticityConfig)
+    heads: HeadPlasticityConfig = field(default_factory=HeadPlasticityConfig)
+    layers: LayerPlasticityConfig = field(default_factory=LayerPlasticityConfig)
