@@ -81,9 +81,12 @@ def execute_all(plan: Plan) -> dict[str, str]:
 
     def one(run: Run) -> tuple[str, str | None]:
         print(f"  start {run.name}", flush=True)
+        began = time.monotonic()
         failure = execute(plan, run)
         status = f"FAILED: {failure}" if failure else "done"
-        print(f"  {status:>6} {run.name} ({time.monotonic() - started:.0f} s)", flush=True)
+        now = time.monotonic()
+        print(f"  {status:>6} {run.name} ({now - began:.0f} s; {now - started:.0f} s since the first start)",
+              flush=True)
         return run.name, failure
 
     pool = ThreadPoolExecutor(max_workers=plan.jobs)
