@@ -38,8 +38,9 @@ import torch
 
 from nemoe import distributed
 from nemoe.errors import UserError
-from nemoe.sources import (DataConfig, SourceConfig, alpaca_document, builtin_corpus, heldout_batches, is_heldout,
-                           source_documents, source_of_error, training_mixture, wikitext_articles)
+from nemoe.documents import alpaca_document, is_heldout, wikitext_articles
+from nemoe.sources import (DataConfig, SourceConfig, builtin_corpus, heldout_batches, source_documents,
+                           source_of_error, training_mixture)
 
 __all__ = ["DataConfig", "DataExhausted", "DataInterrupted", "DataStopped", "DataUnavailable", "Position",
            "SourceConfig", "TokenStream", "alpaca_document", "builtin_corpus", "heldout_batches", "is_heldout",

@@ -1,4 +1,4 @@
-"""Data sources: configuration, loading, formats, the held-out rule and the mixture.
+"""Data sources: configuration, loading and the mixture (formats and the held-out rule: nemoe/documents.py).
 
 Pipeline (DESIGN section 6), per source:
 
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import codecs
 import glob
-import hashlib
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from datasets import Features, IterableDataset, Value, interleave_datasets, load
 from nemoe import configlib
 from nemoe.builtin_corpus import BUILTIN_CORPORA, builtin_corpus
 from nemoe.configlib import setting
+from nemoe.documents import format_batch, is_heldout, required_columns
 from nemoe.errors import UserError
 
 FILE_LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
@@ -201,71 +200,6 @@ def _weights(cfg: DataConfig) -> list[float]:
 
 
 # --------------------------------------------------------------------------- #
-# Documents: formats and the held-out rule
-# --------------------------------------------------------------------------- #
-
-def is_heldout(text: str, fraction: float) -> bool:
-    """The hash rule: a stable 64-bit digest of the text, read as a number in [0, 1), is below `fraction`.
-
-    hashlib, not hash(): Python salts str hashes per process, which would move
-    documents between training and evaluation from one run (or resume) to the next.
-    """
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2.0**64
-
-
-def alpaca_document(instruction: str, input_text: str | None, output: str) -> str:
-    """One Alpaca row as a prompt-response document (the input section only when non-empty)."""
-    parts = [f"### Instruction:\n{(instruction or '').strip()}"]
-    if input_text and input_text.strip():
-        parts.append(f"### Input:\n{input_text.strip()}")
-    parts.append(f"### Response:\n{(output or '').strip()}")
-    return "\n\n".join(parts)
-
-
-# " = Valkyria Chronicles III = " opens an article; " = = Gameplay = = " is a section inside one.
-_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
-
-
-def wikitext_articles(lines: list[str]) -> list[str]:
-    """WikiText rows (one line each, blank rows between) grouped into article documents."""
-    articles, current = [], []
-    for line in lines:
-        if not isinstance(line, str) or not line.strip():
-            continue
-        if _WIKITEXT_TITLE.match(line.rstrip("\n")) and current:
-            articles.append(current)
-            current = []
-        current.append(line)
-    if current:
-        articles.append(current)
-    # Lines keep their own "\n"; joining with another gives the blank line between
-    # paragraphs that the raw WikiText files have.
-    return ["\n".join(article) for article in articles]
-
-
-def _format_batch(batch: dict, src: SourceConfig) -> dict:
-    """A batch of raw rows -> {"text": [...], "source": [...]}, empty documents dropped."""
-    if src.format == "alpaca":
-        inputs = batch.get("input") or [None] * len(batch["instruction"])
-        texts = [alpaca_document(i, x, o) for i, x, o in zip(batch["instruction"], inputs, batch["output"])]
-    elif src.format == "wikitext":
-        texts = wikitext_articles(batch[_text_column(src)])
-    else:
-        texts = batch[_text_column(src)]
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    return {"text": texts, "source": [src.name] * len(texts)}
-
-
-def _text_column(src: SourceConfig) -> str:
-    return "text" if src.kind == "builtin" else src.text_field
-
-
-def _required_columns(src: SourceConfig) -> list[str]:
-    return ["instruction", "output"] if src.format == "alpaca" else [_text_column(src)]
-
-
-# --------------------------------------------------------------------------- #
 # Opening sources (errors a user can cause become UserErrors that name the source)
 # --------------------------------------------------------------------------- #
 
@@ -414,7 +348,7 @@ def _columns(raw: IterableDataset, src: SourceConfig, strict: bool = True) -> li
     if raw.column_names is not None:
         return raw.column_names
     first = _first_row(raw, src, strict)
-    return list(first) if first is not None else _required_columns(src)
+    return list(first) if first is not None else required_columns(src)
 
 
 def _first_row(ds: IterableDataset, src: SourceConfig, strict: bool = True) -> dict | None:
@@ -442,12 +376,12 @@ def source_documents(src: SourceConfig, cfg: DataConfig, part: str, reshard: boo
     (reshard, strict: see _load_raw)."""
     raw = _load_raw(src, part, reshard, strict)
     columns = _columns(raw, src, strict)
-    missing = [c for c in _required_columns(src) if c not in columns]
+    missing = [c for c in required_columns(src) if c not in columns]
     if missing:
         raise UserError(f"{_describe(src)} has no column {', '.join(map(repr, missing))} "
                         f"(format {src.format}); its columns are: {', '.join(columns)}. "
                         "Set text_field to the column holding the text.")
-    docs = raw.map(_format_batch, batched=True, fn_kwargs={"src": src}, remove_columns=columns,
+    docs = raw.map(format_batch, batched=True, fn_kwargs={"src": src}, remove_columns=columns,
                    batch_size=WIKITEXT_BATCH_ROWS if src.format == "wikitext" else MAP_BATCH_ROWS,
                    features=DOC_FEATURES)
     if src.eval_split is None:  # the hash rule splits this source's own stream
