@@ -224,6 +224,40 @@ def test_grid_numbers_are_the_runs_own(grid):
     assert "(t(0.975, n-1) + t(0.8, n-1)) · sd / √n" in report
 
 
+def test_events_and_expert_counts_are_the_runs_own(grid):
+    """Per-type event counts, per-layer counts and the expert trajectory: read back from the runs' own logs."""
+    results = pd.read_csv(grid / "results.csv", keep_default_na=False)
+    summary = pd.read_csv(grid / "summary.csv")
+    report = (grid / "report.md").read_text()
+    names = ("split", "crossover", "graduate", "failed_probation", "prune")
+    for row in results.itertuples():
+        events = pd.read_csv(grid / "logs" / row.run / "events.csv")
+        expert = events[events["granularity"] == "expert"]
+        for name in names:
+            column = f"event_expert_{name}"
+            assert (float(getattr(row, column)) if column in results else 0) == (expert["event"] == name).sum()
+        by_layer = dict(item.split(" ") for item in row.expert_events_by_layer.split("; ") if item)
+        assert set(by_layer) == set(expert["event"])
+        for name, counts in by_layer.items():
+            assert [int(c) for c in counts.split("/")] == [int(((expert["event"] == name) & (expert["layer"] == i)).sum())
+                                                           for i in range(2)]
+        log = pd.read_csv(grid / "logs" / row.run / "training_log.csv").set_index("step")
+        marks = dict(m.split(": ") for m in row.experts_trajectory.split("; "))
+        assert [int(s) for s in marks] == [4, 8, 12]    # fifths of 12 steps, logged every 4: 2 has no row yet
+        for step, counts in marks.items():
+            assert counts == "/".join(str(int(log.loc[int(step), f"experts_L{i}"])) for i in range(2))
+    morph = results[results["strategy"] == "morph"]
+    splits = morph["event_expert_split"].astype(float)
+    got = summary[(summary["strategy"] == "morph") & (summary["metric"] == "event_expert_split")].iloc[0]
+    assert got["mean"] == pytest.approx(splits.mean())
+    assert "## Structural events and expert counts" in report
+    assert "| strategy | n | split |" in report
+    assert f"| morph | 2 | {splits.mean():.1f} ± {splits.std():.1f} |" in report
+    assert f"| {morph['run'].iloc[0]} | " + " | ".join(
+        dict(m.split(": ") for m in morph["experts_trajectory"].iloc[0].split("; ")).values()) + " |" in report
+    assert "static_moe-s0 |" not in report.split("## Structural")[1], "a static run's counts do not change"
+
+
 def test_same_seed_same_data_order(grid):
     """The batches each run's own config reads: equal across strategies, different across seeds."""
     tokenizer = get_tokenizer("gpt2")

@@ -14,7 +14,9 @@ evaluation batches whatever the strategy (the report checks the data order).
 
 grid:  per strategy, the final held-out loss per source and mixed (mean +- sd over
        seeds), the paired difference to static_moe with a 95% confidence interval
-       (Student t, paired by seed), tokens/s, parameters and events.
+       (Student t, paired by seed) and the smallest difference the design could detect,
+       training FLOPs, tokens/s, parameters; structural events per run by type and
+       per layer, and each evolving run's experts per layer at fifths of the run.
 shift: phase after phase on one source each (the others keep a weight of 1e-9 so
        every source is still evaluated); adaptation and recovery speed, forgetting
        and events per phase.

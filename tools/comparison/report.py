@@ -185,8 +185,9 @@ POWER_NOTE = ("Detectable: the smallest true difference this design (n seeds, th
 def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> tuple[str, pd.DataFrame]:
     sources = [c[len("loss_"):] for c in results.columns if c.startswith("loss_") and c != "loss_all"]
     losses = ["loss_all", *[f"loss_{s}" for s in sources]]
+    events = event_columns(results)
     metrics = [*losses, "flops", "flops_per_token", "wall_s", "tokens_per_s", "params_total",
-               "params_active", "params_live", "events"]
+               "params_active", "params_live", "events", *events]
     summary = summarize(results, metrics, ["strategy"])
     pairs = pair_comparisons(results, losses)
     lines = report_header(plan, f"Comparison on `{plan.config}`: {plan.base.total_steps():,} steps, "
@@ -207,6 +208,7 @@ def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> 
               "are made without correction, so one 'significant' line among many is weak evidence. "
               f"Tokens/s were measured with {plan.jobs} runs in parallel ({plan.threads} threads each) "
               "and depend on what else the machine did.", ""]
+    lines += structure_lines(summary, results, events)
     lines += data_order_lines(results)
     lines += failure_lines(failures)
     return "\n".join(lines) + "\n", with_pairs(summary, pairs)
@@ -244,6 +246,72 @@ def grid_table(summary: pd.DataFrame, sources: list[str]) -> list[str]:
             mean("flops_per_token"), cell("wall_s", 0), cell("tokens_per_s", 0),
             f"{r.loc['params_total', 'mean']:,.0f}", f"{r.loc['params_active', 'mean']:,.0f}",
             f"{r.loc['params_live', 'mean']:,.0f}", cell("events", 1)]) + " |")
+    return lines
+
+
+EXPERT_EVENTS = ("split", "crossover", "graduate", "failed_probation", "prune")   # the controller's order
+
+
+def event_columns(results: pd.DataFrame) -> list[str]:
+    """results.csv's per-type event counts (event_<granularity>_<event>): expert events first, in
+    the controller's order, then the other granularities'."""
+    def key(column: str) -> tuple:
+        kind, name = column[len("event_"):].split("_", 1)
+        return (kind != "expert", EXPERT_EVENTS.index(name) if name in EXPERT_EVENTS else len(EXPERT_EVENTS),
+                kind, name)
+    return sorted((c for c in results if c.startswith("event_")), key=key)
+
+
+def structure_lines(summary: pd.DataFrame, results: pd.DataFrame, events: list[str]) -> list[str]:
+    """Events per run by type (mean ± sd over seeds) for the strategies that had any, and the
+    experts per layer of each run whose experts evolved, at fifths of the run."""
+    if not events:
+        return []
+    rows = summary[summary["metric"].isin(events)]
+    changing = [s for s, f in rows.groupby("strategy", sort=False) if (f["mean"] > 0).any()]
+    if not changing:
+        return []
+    label = {c: c[len("event_expert_"):] if c.startswith("event_expert_") else c[len("event_"):].replace("_", " ", 1)
+             for c in events}
+    lines = ["## Structural events and expert counts", "",
+             "Events per run by type (mean ± sd over seeds), from each run's events.csv:", "",
+             "| strategy | n | " + " | ".join(label[c] for c in events) + " |", "|" + " --- |" * (len(events) + 2)]
+    for strategy in changing:
+        r = rows[rows["strategy"] == strategy].set_index("metric")
+        lines.append(f"| {strategy} | {int(r['n'].max())} | "
+                     + " | ".join(fmt_ms(r.loc[c, "mean"], r.loc[c, "sd"], 1) for c in events) + " |")
+    expert = [c for c in events if c.startswith("event_expert_")]
+    evolving = results[results[expert].sum(axis=1) > 0] if expert else results.iloc[:0]
+    if len(evolving):
+        marks = [dict(m.split(": ") for m in str(t).split("; ") if ": " in m) for t in evolving["experts_trajectory"]]
+        steps = list(dict.fromkeys(step for m in marks for step in m))
+        lines += ["", "Live experts per layer (L0/L1/...) at fifths of the run, from each run's training_log.csv "
+                  "experts_L columns (the last log row at or before the step):", "",
+                  "| run | " + " | ".join(f"step {s}" for s in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
+        for run, m in zip(evolving["run"], marks):
+            lines.append(f"| {run} | " + " | ".join(m.get(s, "—") for s in steps) + " |")
+        lines += layer_event_lines(evolving, [c[len("event_expert_"):] for c in expert])
+    return lines + [""]
+
+
+def layer_event_lines(runs: pd.DataFrame, names: list[str]) -> list[str]:
+    """Expert events per layer, summed over each strategy's runs (results.csv expert_events_by_layer)."""
+    totals: dict[str, dict[str, list[int]]] = {}
+    for strategy, text in zip(runs["strategy"], runs["expert_events_by_layer"]):
+        for item in str(text).split("; "):
+            if " " in item:
+                name, counts = item.split(" ")
+                have = totals.setdefault(strategy, {}).setdefault(name, [0] * len(counts.split("/")))
+                totals[strategy][name] = [a + int(b) for a, b in zip(have, counts.split("/"))]
+    if not totals:
+        return []
+    n_layers = max(len(c) for t in totals.values() for c in t.values())
+    lines = ["", "Expert events per layer, summed over each strategy's seeds:", "",
+             "| strategy | event | " + " | ".join(f"L{i}" for i in range(n_layers)) + " |",
+             "|" + " --- |" * (n_layers + 2)]
+    for strategy, counts in totals.items():
+        for name in names:
+            lines.append(f"| {strategy} | {name} | " + " | ".join(map(str, counts.get(name, [0] * n_layers))) + " |")
     return lines
 
 

@@ -73,8 +73,40 @@ def run_results(out: Path, run: Run) -> dict:
     row["events"] = len(events)
     for kind, count in events["granularity"].value_counts().items():
         row[f"events_{kind}"] = int(count)
+    for (kind, name), count in events.groupby(["granularity", "event"]).size().items():
+        row[event_column(kind, name)] = int(count)
+    row["experts_trajectory"] = expert_trajectory(train_log, final_step)
+    row["expert_events_by_layer"] = events_by_layer(events, len(layer_columns(train_log)))
     row["data_fingerprint"] = data_fingerprint(cfg)
     return row
+
+
+def event_column(granularity: str, event: str) -> str:
+    """results.csv's count of one event type in a run, e.g. `event_expert_split`."""
+    return f"event_{granularity}_{event}"
+
+
+TRAJECTORY_POINTS = 5    # experts per layer at each fifth of the run
+
+
+def expert_trajectory(train_log: pd.DataFrame, total_steps: int, points: int = TRAJECTORY_POINTS) -> str:
+    """Live experts per layer at `points` evenly spaced steps of the run, from training_log.csv's
+    experts_L columns (the last logged row at or before each mark): "200: 4/4/4/4; 400: ..."."""
+    layers = layer_columns(train_log)
+    marks = {}
+    for i in range(1, points + 1):
+        logged = train_log[train_log["step"] <= total_steps * i // points]
+        if len(logged) and layers:
+            r = logged.iloc[-1]
+            marks[int(r["step"])] = "/".join(str(int(r[c])) for c in layers)
+    return "; ".join(f"{step}: {counts}" for step, counts in marks.items())
+
+
+def events_by_layer(events: pd.DataFrame, n_layers: int) -> str:
+    """Each expert event type's count per layer: "split 6/5/5/6; prune 1/0/0/2"."""
+    expert = events[events["granularity"] == "expert"]
+    return "; ".join(f"{name} " + "/".join(str(int((frame["layer"] == i).sum())) for i in range(n_layers))
+                     for name, frame in expert.groupby("event", sort=False))
 
 
 _fingerprints: dict[str, str] = {}
@@ -167,4 +199,5 @@ def collect(plan: Plan, failures: dict[str, str]) -> pd.DataFrame:
         rows += shift_results(plan, run) if plan.protocol == "shift" else [run_results(plan.out, run)]
     if not rows:
         raise UserError("no run finished; see " + ", ".join(f"{n}: {w}" for n, w in failures.items()))
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame.fillna({c: 0 for c in frame if c.startswith("event_")})   # a run without an event type had none
