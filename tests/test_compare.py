@@ -315,6 +315,9 @@ def test_shift_protocol_end_to_end(config, tmp_path):
     p1, p2, p3 = (results.iloc[i] for i in range(3))
     assert p2["forget_prose"] == pytest.approx(loss[("prose", 8)] / loss[("prose", 4)] - 1)
     assert p3["forget_code"] == pytest.approx(loss[("code", 12)] / loss[("code", 8)] - 1)
+    for phase, end in zip((p1, p2, p3), (4, 8, 12)):
+        assert [phase[f"end_loss_{s}"] for s in ("prose", "code", "all")] == pytest.approx(
+            [loss[(s, end)] for s in ("prose", "code", "all")])
     adapt = next(s for s in range(5, 9) if loss[("code", s)] <= 1.05 * loss[("code", 8)]) - 4
     assert p2["adapt_steps"] == adapt
     recovered = [s for s in range(9, 13) if loss[("prose", s)] <= 1.05 * loss[("prose", 4)]]
@@ -325,7 +328,8 @@ def test_shift_protocol_end_to_end(config, tmp_path):
     assert console.count("data settings changed") == 2, "phases 2 and 3 switch the source weights"
     saved = yaml.safe_load((out / "logs" / "morph-s0" / "config.yaml").read_text())
     assert [s["weight"] for s in saved["data"]["sources"]] == [1.0, OFF_PHASE_WEIGHT]
-    assert "forget_prose" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "forget_prose" in report and "| 3 (prose) | end_loss_code |" in report
 
 
 def test_shift_rejects_an_unknown_source(config, tmp_path, capsys):

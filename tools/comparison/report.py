@@ -316,14 +316,16 @@ def layer_event_lines(runs: pd.DataFrame, names: list[str]) -> list[str]:
 
 
 def shift_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> tuple[str, pd.DataFrame]:
-    metrics = ["adapt_steps", "recover_steps", *sorted(c for c in results if c.startswith("forget_")), "events"]
+    metrics = [*sorted(c for c in results if c.startswith("end_loss_")), "adapt_steps", "recover_steps",
+               *sorted(c for c in results if c.startswith("forget_")), "events"]
     summary = summarize(results, metrics, ["strategy", "phase"])
     phases = results.drop_duplicates("phase")[["phase", "source", "start", "end"]]
     source_of = phases.set_index("phase")["source"]
     pct = f"{plan.within:.0%}"
     lines = report_header(plan, f"Domain shift on `{plan.config}`: " + " → ".join(
         f"{r.source} ({r.end - r.start} steps)" for r in phases.itertuples()))
-    lines += [f"- adaptation: steps into a phase until its source's held-out loss is within {pct} of its "
+    lines += ["- end_loss_<source>: a source's held-out loss at the phase end (all: the mixed held-out set)",
+              f"- adaptation: steps into a phase until its source's held-out loss is within {pct} of its "
               "value at the phase end", f"- recovery: on returning to a source, steps until its held-out "
               f"loss is within {pct} of its value at the end of its previous phase (— : not within the phase)",
               "- forgetting: a source's held-out loss at the phase end relative to the end of its last "
@@ -335,7 +337,7 @@ def shift_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
             f"detectable ({POWER:.0%} power)"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for _, r in summary.iterrows():
-        digits = 3 if r["metric"].startswith("forget_") else 1
+        digits = 4 if r["metric"].startswith("end_loss_") else 3 if r["metric"].startswith("forget_") else 1
         paired = paired_of(r)
         lines.append("| " + " | ".join([r["strategy"], f"{r['phase']} ({source_of[r['phase']]})", r["metric"],
                                         str(r["n"]), fmt_ms(r["mean"], r["sd"], digits),
@@ -345,7 +347,7 @@ def shift_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
     pairs = pair_comparisons(results, metrics, by=("phase",))
     if len(pairs):
         lines += ["", "Other pairs:", *difference_lines(
-            pairs, lambda r: f"phase {r['phase']} ({source_of[r['phase']]}) {r['metric']}", 3)]
+            pairs, lambda r: f"phase {r['phase']} ({source_of[r['phase']]}) {r['metric']}", 4)]
     lines += ["", "Recovery and adaptation counts average only the seeds that got there (n says how many).", "",
               POWER_NOTE.format(power=POWER), ""]
     lines += data_order_lines(results) + failure_lines(failures)

@@ -154,14 +154,16 @@ def first_within(curve: pd.Series, target: float, start: int) -> float:
 
 def shift_metrics(evals: pd.DataFrame, events: pd.DataFrame, phases: list[tuple[str, int, int]],
                   within: float) -> list[dict]:
-    """Per phase: adaptation, recovery, forgetting (relative), events. phases: (source, start, end)."""
+    """Per phase: held-out loss per source at the phase end (`end_loss_<source>`), adaptation,
+    recovery, forgetting (relative), events. phases: (source, start, end)."""
     loss = {s: f.set_index("step")["loss"] for s, f in evals.groupby("source")}
     rows, trained_until = [], {}
     for i, (source, start, end) in enumerate(phases, 1):
         curve = loss[source][(loss[source].index > start) & (loss[source].index <= end)]
         row = {"phase": i, "source": source, "start": start, "end": end,
                "adapt_steps": first_within(curve, (1 + within) * loss[source][end], start),
-               "events": int(((events["step"] > start) & (events["step"] <= end)).sum())}
+               "events": int(((events["step"] > start) & (events["step"] <= end)).sum()),
+               **{f"end_loss_{s}": curve_of[end] for s, curve_of in loss.items()}}
         if source in trained_until and phases[i - 2][0] != source:
             before = loss[source][trained_until[source]]
             row["recover_steps"] = first_within(curve, (1 + within) * before, start)
