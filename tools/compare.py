@@ -18,8 +18,8 @@ grid:  per strategy, the final held-out loss per source and mixed (mean +- sd ov
        training FLOPs, tokens/s, parameters; structural events per run by type and
        per layer, and each evolving run's experts per layer at fifths of the run.
 shift: phase after phase on one source each (the others keep a weight of 1e-9 so
-       every source is still evaluated); adaptation and recovery speed, forgetting
-       and events per phase.
+       every source is still evaluated); each source's held-out loss at each phase
+       end, adaptation and recovery speed, forgetting and events per phase.
 Writes report.md, results.csv (one row per run, or per run and phase),
 summary.csv (per strategy) and curves.png into the out folder.
 
