@@ -57,3 +57,20 @@ def training_flops(model, seq_len: int, rows: Iterable[tuple[int, Sequence[int]]
         total += (tokens - before) * flops_per_token(model, seq_len, live)
         before, live = tokens, list(now)
     return total
+
+
+def flops_split(model, seq_len: int, live: Sequence[int]) -> dict[str, float]:
+    """flops_per_token's parts per trained token: the LM head (the tied embedding), attention
+    (its projections and 12 L T d), the experts a token is routed to, the routers' live rows, and
+    the rest (layer norms, biases outside the experts). They add up to flops_per_token."""
+    d_model = model.tok_emb.weight.size(1)
+    head = model.lm_head.weight.numel()
+    attention = sum(p.numel() for block in model.blocks for p in block.attn.parameters())
+    experts = sum(layer.top_k * sum(p[0].numel() for p in layer.experts.parameters())
+                  for layer in model.moe_layers)
+    router = d_model * sum(live)
+    total = matmul_params_per_token(model, live)
+    parts = {"lm_head": 6 * head, "attention": 6 * attention + 12 * len(model.blocks) * seq_len * d_model,
+             "experts": 6 * experts, "router": 6 * router}
+    parts["other"] = flops_per_token(model, seq_len, live) - sum(parts.values())
+    return parts

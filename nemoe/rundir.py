@@ -34,6 +34,11 @@ def incompatibility(state: dict, cfg_dict: dict, world_size: int, allow_config_c
         # Each rank's data state is its own document stream: no resharding to another count.
         return (f"written by {saved_world} data-parallel process(es), this run has {world_size}; resume "
                 f"with the same torchrun --nproc_per_node ({saved_world}), or start a new run")
+    saved_tokenizer = state["config"].get("data", {}).get("tokenizer", "gpt2")
+    if saved_tokenizer != cfg_dict["data"]["tokenizer"]:
+        return (f"trained with data.tokenizer {saved_tokenizer}, this config has {cfg_dict['data']['tokenizer']}: "
+                f"a run resumes only with its own tokenizer (--set data.tokenizer={saved_tokenizer}), "
+                "even with --allow-config-change")
     unsafe = [c for c in config_changes(state["config"], cfg_dict) if is_unsafe(c[0])]
     if not unsafe or allow_config_change:
         return None

@@ -50,6 +50,8 @@ HUB_BACKOFF_S = 2.0
 # within one call, so an article that straddles two calls becomes two documents:
 # larger calls cut fewer articles (WikiText-103 averages ~60 lines per article).
 MAP_BATCH_ROWS = 256
+# data.tokenizer bytes: a larger LM head than this is only padding, and a sign of a forgotten model.vocab_size.
+BYTES_MAX_VOCAB = 1024
 WIKITEXT_BATCH_ROWS = 2048
 
 
@@ -99,6 +101,19 @@ class DataConfig:
     """Seed of the mixture's source choices. None (default): derived from train.seed when the Config
     is built, so each run seed gives its own data order; an explicit value always wins. (A
     DataConfig used on its own, outside a Config, mixes with seed 0 when this is None.)"""
+    tokenizer: Literal["gpt2", "bytes"] = setting("gpt2", unsafe=True)
+    """How text becomes token ids: gpt2 (GPT-2 BPE, 50257 ids) or bytes (UTF-8 bytes plus
+    end-of-text, 257 ids: set model.vocab_size to 257 or a little more). A run resumes only with
+    the tokenizer it was trained with."""
+    shuffle: bool = setting(False, unsafe=True)
+    """Read builtin and local `files` sources in a random document order drawn from the data seed
+    (an exact permutation, so resume stays exact; a source that cycles repeats its permutation).
+    Their held-out documents are read in one fixed permutation, the same for every seed, so the
+    evaluation set is spread across the corpus and identical across runs. hf and http(s) sources
+    stream in their own order and cannot be shuffled. False: corpus order."""
+    heldout_doc_tokens: int = setting(0, ge=0, unsafe=True)
+    """At most this many tokens of each held-out document go into the evaluation batches, so they
+    are drawn from many documents rather than a few long ones (0: whole documents)."""
     on_exhausted: Literal["cycle", "stop"] = "cycle"
     """When a source runs out: cycle (start it again) or stop (end training data with an error)."""
     retry_minutes: float = setting(30.0, ge=0)
@@ -132,11 +147,19 @@ class DataConfig:
         if not self.sources:
             problems.append("data.sources is empty: list at least one source "
                             "(e.g. {name: prose, kind: builtin, path: prose})")
+        if self.tokenizer == "bytes" and cfg is not None and cfg.model.vocab_size > BYTES_MAX_VOCAB:
+            problems.append(f"data.tokenizer is bytes (257 ids) but model.vocab_size is {cfg.model.vocab_size}: "
+                            f"set model.vocab_size between 257 and {BYTES_MAX_VOCAB} (e.g. 320)")
         names = [s.name for s in self.sources]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"data.sources: the name {dup!r} is used more than once; names must be unique")
         for i, src in enumerate(self.sources):
             problems += _source_problems(src, f"data.sources[{i}] ({src.name or 'unnamed'})")
+            if self.shuffle and not _can_shuffle(src):
+                problems.append(f"data.sources[{i}] ({src.name or 'unnamed'}): data.shuffle reads builtin and "
+                                f"local files sources in a permuted order; a {src.kind} source"
+                                f"{' read over http(s)' if src.kind == 'files' else ''} streams in its own "
+                                "order (set data.shuffle: false)")
         return problems
 
 
@@ -161,6 +184,12 @@ def _source_problems(src: SourceConfig, where: str) -> list[str]:
             if role == "path" or pattern is not None:
                 problems += [f"{where}: {role} {msg}" for msg in _file_problems(pattern)]
     return problems
+
+
+def _can_shuffle(src: SourceConfig) -> bool:
+    """Whether a source can be read as an exact permutation (an indexable dataset)."""
+    return src.kind == "builtin" or (src.kind == "files" and not any(
+        is_url(p) for p in (src.path, src.eval_split) if p))
 
 
 def is_url(pattern: str) -> bool:
@@ -299,8 +328,12 @@ def _is_utf8(path: str, chunk: int = 1 << 20) -> bool:
     return True
 
 
-def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool = True) -> IterableDataset:
+def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool = True,
+              order_seed: int | None = None) -> IterableDataset:
     """The source's raw rows, streaming; `part` is "train" or "heldout" (its eval split).
+
+    order_seed: read the rows in the permutation this seed draws (builtin and local files
+    sources; see DataConfig.shuffle), None: in corpus order.
 
     reshard: parquet files become one shard per row group (a no-op for other formats), so
     resuming skips whole row groups instead of reading them; False gives the layout that
@@ -310,7 +343,8 @@ def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool =
     are, for the caller's retries.
     """
     if src.kind == "builtin":
-        return builtin_corpus(src.path).to_iterable_dataset(num_shards=1)
+        corpus = builtin_corpus(src.path)
+        return (corpus if order_seed is None else corpus.shuffle(seed=order_seed)).to_iterable_dataset(num_shards=1)
     if src.kind == "files":
         pattern = src.eval_split if part == "heldout" and src.eval_split else src.path
         files = _matching_files(pattern)
@@ -326,6 +360,9 @@ def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool =
                     print(f"warning: {_describe(src)}: {path} is not valid UTF-8; undecodable bytes "
                           f"are read as U+FFFD", file=sys.stderr, flush=True)
         try:
+            if order_seed is not None:  # an indexable copy (the `datasets` cache), read permuted
+                table = load_dataset(loader, data_files=files, split="train", **options)
+                return table.shuffle(seed=order_seed).to_iterable_dataset(num_shards=1)
             raw = load_dataset(loader, data_files=files, split="train", streaming=True, **options)
             return raw.reshard() if reshard else raw
         except (OSError, ValueError) as err:
@@ -374,7 +411,7 @@ def source_documents(src: SourceConfig, cfg: DataConfig, part: str, reshard: boo
                      strict: bool = True) -> IterableDataset:
     """One source as a stream of {"text", "source"} documents; part "train" or "heldout"
     (reshard, strict: see _load_raw)."""
-    raw = _load_raw(src, part, reshard, strict)
+    raw = _load_raw(src, part, reshard, strict, _order_seed(src, cfg, part))
     columns = _columns(raw, src, strict)
     missing = [c for c in required_columns(src) if c not in columns]
     if missing:
@@ -388,6 +425,14 @@ def source_documents(src: SourceConfig, cfg: DataConfig, part: str, reshard: boo
         keep_heldout = part == "heldout"
         docs = docs.filter(lambda doc: is_heldout(doc["text"], cfg.heldout_fraction) == keep_heldout)
     return docs
+
+
+def _order_seed(src: SourceConfig, cfg: DataConfig, part: str) -> int | None:
+    """The permutation a shuffled source is read in: per source from the data seed for training,
+    one fixed permutation for held-out documents (the same evaluation set for every run seed)."""
+    if not cfg.shuffle:
+        return None
+    return configlib.derive_seed(0 if part == "heldout" or cfg.seed is None else cfg.seed, f"data/{src.name}/{part}")
 
 
 def training_mixture(cfg: DataConfig, reshard: bool = True, strict: bool = True) -> IterableDataset:
@@ -410,23 +455,43 @@ def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int,
                     batch_size: int) -> dict[str, list[torch.Tensor]]:
     """Fixed evaluation batches per source name, each (B, seq_len+1), from that source's held-out text.
 
-    Deterministic: the first held-out documents of each source, packed like training
-    data. A source with too little held-out text gives fewer batches (at least one).
+    Deterministic: the first held-out documents of each source (in corpus order, or in the
+    fixed held-out permutation under data.shuffle), packed like training data, at most
+    data.heldout_doc_tokens of each. A source with too little held-out text gives fewer
+    batches (at least one).
     """
-    return {src.name: _source_heldout_batches(src, cfg, tokenizer, seq_len + 1, n_batches, batch_size)
+    return {name: held.batches for name, held in heldout_sets(cfg, tokenizer, seq_len, n_batches, batch_size).items()}
+
+
+@dataclass
+class HeldOut:
+    batches: list[torch.Tensor]
+    documents: int
+    """How many documents the batches' tokens come from."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.numel() for b in self.batches)
+
+
+def heldout_sets(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int, batch_size: int) -> dict[str, HeldOut]:
+    """heldout_batches with each source's document count."""
+    return {src.name: _source_heldout(src, cfg, tokenizer, seq_len + 1, n_batches, batch_size)
             for src in cfg.sources}
 
 
-def _source_heldout_batches(src: SourceConfig, cfg: DataConfig, tokenizer, block_len: int,
-                            n_batches: int, batch_size: int) -> list[torch.Tensor]:
+def _source_heldout(src: SourceConfig, cfg: DataConfig, tokenizer, block_len: int,
+                    n_batches: int, batch_size: int) -> HeldOut:
     batch_tokens = batch_size * block_len
     documents = source_documents(src, cfg, "heldout")
     tokens: list[int] = []
+    ends: list[int] = []  # where each document's tokens end
     # The probe reads under the Hub retries/messages; the loop then reads from the start again.
     if _first_row(documents, src) is not None:
         for doc in documents:
-            tokens += tokenizer.encode(doc["text"])
-            tokens.append(tokenizer.eot_id)
+            ids = tokenizer.encode(doc["text"]) + [tokenizer.eot_id]
+            tokens += ids[:cfg.heldout_doc_tokens] if cfg.heldout_doc_tokens else ids
+            ends.append(len(tokens))
             if len(tokens) >= n_batches * batch_tokens:
                 break
     n_full = min(n_batches, len(tokens) // batch_tokens)
@@ -435,6 +500,7 @@ def _source_heldout_batches(src: SourceConfig, cfg: DataConfig, tokenizer, block
         raise UserError(f"{_describe(src)}: its held-out text ({rule}) has {len(tokens)} tokens, fewer than one "
                         f"evaluation batch ({batch_size} x {block_len} = {batch_tokens}); raise "
                         "data.heldout_fraction, give the source an eval_split, or lower eval.batch_size")
-    blocks = torch.tensor(tokens[:n_full * batch_tokens], dtype=torch.int64)
-    return list(blocks.view(n_full, batch_size, block_len).unbind(0))
-
+    used = n_full * batch_tokens
+    blocks = torch.tensor(tokens[:used], dtype=torch.int64)
+    return HeldOut(list(blocks.view(n_full, batch_size, block_len).unbind(0)),
+                   documents=sum(1 for start in [0] + ends[:-1] if start < used))

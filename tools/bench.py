@@ -143,7 +143,7 @@ def model_config(shapes: Shapes, n_experts: int, top_k: int, d_expert: int):
 def builtin_batches(shapes: Shapes, n: int) -> list[torch.Tensor]:
     """`n` packed (B, T+1) blocks of the built-in corpus, GPT-2 tokens."""
     cfg = model_config(shapes, 2, 1, shapes.d_expert)
-    stream = TokenStream(cfg.data, get_tokenizer("gpt2"), shapes.seq_len)
+    stream = TokenStream(cfg.data, get_tokenizer(cfg.data.tokenizer), shapes.seq_len)
     try:
         return [stream.next_batch(shapes.batch_size) for _ in range(n)]
     finally:
@@ -373,7 +373,7 @@ def bench_data(ctx) -> dict:
     s = ctx.shapes
     cfg = model_config(s, 2, 1, s.d_expert)
     start = time.perf_counter()
-    stream = TokenStream(cfg.data, get_tokenizer("gpt2"), s.seq_len)
+    stream = TokenStream(cfg.data, get_tokenizer(cfg.data.tokenizer), s.seq_len)
     stream.next_batch(s.batch_size)   # opens the mixture (built-in corpus build, interleave threads)
     startup = time.perf_counter() - start
     seconds = timed(lambda: [stream.next_batch(s.batch_size) for _ in range(s.data_batches)], torch.device("cpu"))
@@ -413,6 +413,23 @@ RUNNERS = {"throughput": bench_throughput, "mfu": bench_mfu, "moe_layer": bench_
            "prefetch": bench_prefetch, "parquet": bench_parquet}
 
 
+def flops_split_lines(configs: list[str]) -> list[str]:
+    """A markdown table: per config, training FLOPs per token and each part's share (nemoe.flops)."""
+    from nemoe.config import load_config
+    from nemoe.flops import flops_split
+    from tools.comparison.results import meta_model
+    lines = ["| config | tokenizer | FLOPs/token | LM head | attention | experts | router | rest |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in configs:
+        cfg = load_config(name.strip())
+        parts = flops_split(meta_model(cfg), cfg.model.seq_len, [cfg.moe.experts_init] * cfg.model.n_layers)
+        total = sum(parts.values())
+        lines.append(f"| {cfg.name} | {cfg.data.tokenizer} | {total / 1e6:.2f} M | "
+                     + " | ".join(f"{parts[k] / total:.1%}" for k in ("lm_head", "attention", "experts", "router", "other"))
+                     + " |")
+    return lines
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON to PATH")
@@ -423,6 +440,9 @@ def parse_args(argv):
                         "machine 1 avoids waiting at every parallel region for a descheduled thread")
     p.add_argument("--parquet-mb", type=int, default=None, metavar="MB",
                    help="size of the parquet file the parquet section writes (default 2048; --quick: 4)")
+    p.add_argument("--flops", metavar="CONFIG[,CONFIG]", default=None,
+                   help="only print each config's training FLOPs per token, split into LM head, attention, "
+                        "experts and router (at experts_init live experts), e.g. --flops study.yaml,study_bytes.yaml")
     p.add_argument("--only", default=",".join(SECTIONS), metavar="A,B",
                    help=f"comma list of sections ({', '.join(SECTIONS)}); those they need run too")
     return p.parse_args(argv)
@@ -441,6 +461,9 @@ def selected_sections(only: str) -> list[str]:
 @guard
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.flops:
+        print("\n".join(flops_split_lines(args.flops.split(","))))
+        return 0
     sections = selected_sections(args.only)
     if args.threads is not None:
         if args.threads < 1:

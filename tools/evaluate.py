@@ -123,7 +123,7 @@ def main(argv=None):
     data_cfg = cfg if args.config is None else load_config(args.config, args.overrides)
     n_batches = args.batches or data_cfg.eval.batches
     batch_size = args.batch_size or data_cfg.eval.batch_size
-    tokenizer = get_tokenizer("gpt2")
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
     batches = heldout_batches(data_cfg.data, tokenizer, cfg.model.seq_len, n_batches, batch_size)
     result = {"checkpoint": str(path), "step": int(state["step"]),
               "tokens_trained": int(state["tokens"]),

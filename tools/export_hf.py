@@ -60,6 +60,9 @@ def main(argv=None):
         raise UserError(f"{out}: exists and is not an empty folder; choose a new -o DIR")
     model, cfg, state, path = load_model(args.checkpoint, "cpu")
     fmt = args.format if args.format != "auto" else ("nemoe" if mixture_layers(model) else "gpt2")
+    if fmt == "gpt2" and cfg.data.tokenizer != "gpt2":
+        raise UserError(f"{path}: trained on {cfg.data.tokenizer} tokens; only GPT-2-tokenized models export "
+                        "to transformers (-f gpt2). Use -f nemoe to keep it in nemoe's format.")
     if fmt == "gpt2":
         write_gpt2(model, cfg, out)
         from transformers import GPT2LMHeadModel

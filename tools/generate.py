@@ -57,7 +57,7 @@ def main(argv=None):
 
     model, cfg, state, path = load_model(args.checkpoint, args.device)
     device = next(model.parameters()).device
-    tokenizer = get_tokenizer("gpt2")
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]   # empty prompt: start of a document
     if len(prompt_ids) > cfg.model.seq_len:
         note(f"the prompt has {len(prompt_ids)} tokens; the model sees the last {cfg.model.seq_len}")

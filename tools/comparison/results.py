@@ -123,7 +123,7 @@ def data_fingerprint(cfg: Config, steps: int = FINGERPRINT_STEPS) -> str:
     if key not in _fingerprints:
         from nemoe.data import TokenStream
         from nemoe.tokenizer import get_tokenizer
-        stream = TokenStream(cfg.data, get_tokenizer("gpt2"), cfg.model.seq_len)
+        stream = TokenStream(cfg.data, get_tokenizer(cfg.data.tokenizer), cfg.model.seq_len)
         digest = hashlib.sha256()
         for _ in range(steps * cfg.train.grad_accum):
             digest.update(stream.next_batch(cfg.train.batch_size).numpy().tobytes())
