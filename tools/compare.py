@@ -63,7 +63,8 @@ def parse_args(argv):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. --set train.total_tokens=200000 (repeatable)")
     p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: CPU cores / 2; 1 on a GPU)")
-    p.add_argument("--out", default=None, help="folder of the runs and the report (default compare/<config>)")
+    p.add_argument("--out", default=None, help="folder of the runs and the report (default compare/<config>; with --study, "
+                        "compare/<study folder's name>)")
     p.add_argument("--phases", default=None, help="shift: SOURCE:STEPS,... (default: first:300,second:300,first:300)")
     p.add_argument("--within", type=float, default=0.05,
                    help="shift: 'within x of' threshold for adaptation and recovery (default 0.05 = 5%%)")
@@ -77,7 +78,7 @@ def parse_args(argv):
     c.add_argument("--study", default=None, metavar="DIR",
                    help="keep each finished run's summary.json and eval.csv in DIR/runs/<run> (commit them); "
                         "runs summarised there are skipped; the report is also written there")
-    c.add_argument("--rebuild", action="store_true", help="run nothing: the report from the finished runs")
+    c.add_argument("--rebuild", action="store_true", help="run nothing: the report from the finished runs (exit code 1 if some are missing)")
     s = p.add_argument_group("planning seeds (--plan: prints, runs nothing)")
     s.add_argument("--plan", action="store_true", help="seeds needed to detect --effect at 80%% power")
     s.add_argument("--effect", type=float, default=None, help="the difference to detect, nats (e.g. 0.02)")
