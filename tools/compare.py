@@ -4,6 +4,9 @@
     python tools/compare.py --config local.yaml                        # default grid, 3 seeds
     python tools/compare.py --config local.yaml --strategies static_moe,morph --seeds 5
     python tools/compare.py --config local.yaml --protocol shift --phases prose:300,code:300,prose:300
+    python tools/compare.py --config study.yaml --strategies dense,static_moe,static_max --seeds 5 \
+        --primary static_moe-dense,static_max-dense,static_max-static_moe --margin 0.02 --study studies/gate
+    python tools/compare.py --plan --pilot-sd 0.03 --effect 0.02          # seeds needed (also --from DIR)
 
 Every run is `train_nemoe.py --resume` in a subprocess under `--out` (default
 compare/<config>[-shift]), so rerunning the same command skips finished runs and
@@ -13,18 +16,25 @@ from it. The same seed gives the same data order, token budget and
 evaluation batches whatever the strategy (the report checks the data order).
 
 grid:  per strategy, the final held-out loss per source and mixed (mean +- sd over
-       seeds), the paired difference to static_moe with a 95% confidence interval
-       (Student t, paired by seed) and the smallest difference the design could detect,
-       training FLOPs, tokens/s, parameters; structural events per run by type and
-       per layer, and each evolving run's experts per layer at fifths of the run.
+       seeds), training FLOPs, tokens/s, parameters; the paired comparisons (mean
+       difference by seed, 95% t CI, paired t-test p); structural events per run by
+       type and per layer, and each evolving run's experts per layer at fifths of the run.
 shift: phase after phase on one source each (the others keep a weight of 1e-9 so
        every source is still evaluated); each source's held-out loss at each phase
        end, adaptation and recovery speed, forgetting and events per phase.
 Writes report.md, results.csv (one row per run, or per run and phase),
-summary.csv (per strategy) and curves.png into the out folder.
+summary.csv (per strategy, then one row per comparison) and curves.png into the out folder.
+
+Declared before running (kept in declared.json, in the study or out folder; a later command
+uses the recorded declaration and refuses another): --primary ARM-BASELINE,... the primary
+comparisons on held-out all (Holm-adjusted within them; only they get verdict words), and
+--margin M (equivalence, TOST at +-M nats) or --noninferiority M (upper 95% bound below +M).
+--study DIR keeps each finished run's summary and held-out curve (DIR/runs/<run>/), skips
+runs summarised there and rebuilds the report from them (--rebuild: run nothing).
 
 The parts live in tools/comparison/: plan (strategies, seeds, phases), run (the
-trainer subprocesses), results (each run's numbers from its files), stats, report.
+trainer subprocesses), results (each run's numbers from its files), committed (the study
+folder's rows), declared, comparisons, stats, seeds (--plan), report.
 """
 
 from __future__ import annotations
@@ -34,10 +44,12 @@ import sys
 
 from nemoe.errors import UserError
 from tools._common import guard
+from tools.comparison import declared
 from tools.comparison.plan import STRATEGIES, build_plan
 from tools.comparison.report import data_order_consistent, write_report
 from tools.comparison.results import collect
-from tools.comparison.run import execute_all
+from tools.comparison.run import execute_all, finished
+from tools.comparison.seeds import plan_lines
 
 
 def parse_args(argv):
@@ -51,25 +63,50 @@ def parse_args(argv):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. --set train.total_tokens=200000 (repeatable)")
     p.add_argument("--jobs", type=int, default=None, help="runs in parallel (default: CPU cores / 2; 1 on a GPU)")
-    p.add_argument("--out", default=None, help="folder of the runs and the report (default compare/<config>)")
+    p.add_argument("--out", default=None, help="folder of the runs and the report (default compare/<config>; with --study, "
+                        "compare/<study folder's name>)")
     p.add_argument("--phases", default=None, help="shift: SOURCE:STEPS,... (default: first:300,second:300,first:300)")
     p.add_argument("--within", type=float, default=0.05,
                    help="shift: 'within x of' threshold for adaptation and recovery (default 0.05 = 5%%)")
+    d = p.add_argument_group("declared before running (recorded in declared.json)")
+    d.add_argument("--primary", default=None, metavar="ARM-BASE,...",
+                   help="primary comparisons, arm minus baseline on held-out all, e.g. static_max-static_moe")
+    d.add_argument("--margin", type=float, default=None, help="equivalence margin in nats (TOST at +-M)")
+    d.add_argument("--noninferiority", type=float, default=None, metavar="M",
+                   help="non-inferiority margin in nats: the upper 95%% bound of arm - baseline below +M")
+    c = p.add_argument_group("committed rows")
+    c.add_argument("--study", default=None, metavar="DIR",
+                   help="keep each finished run's summary.json and eval.csv in DIR/runs/<run> (commit them); "
+                        "runs summarised there are skipped; the report is also written there")
+    c.add_argument("--rebuild", action="store_true", help="run nothing: the report from the finished runs (exit code 1 if some are missing)")
+    s = p.add_argument_group("planning seeds (--plan: prints, runs nothing)")
+    s.add_argument("--plan", action="store_true", help="seeds needed to detect --effect at 80%% power")
+    s.add_argument("--effect", type=float, default=None, help="the difference to detect, nats (e.g. 0.02)")
+    s.add_argument("--pilot-sd", type=float, default=None, help="a pilot's sd of the paired differences")
+    s.add_argument("--from", dest="pilot", default=None, metavar="DIR",
+                   help="a finished comparison folder (results.csv) to read the pilot's paired sds from")
     return p.parse_args(argv)
 
 
 @guard
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:
+        print("\n".join(plan_lines(args.effect, args.pilot_sd, args.pilot)))
+        return 0
     plan = build_plan(args, argv)
+    given = declared.from_args(args, list(dict.fromkeys(r.strategy for r in plan.runs)), plan.primary_metric,
+                               plan.command)
     plan.out.mkdir(parents=True, exist_ok=True)
+    plan.declared = declared.settle(plan.record_folder, given, [r.name for r in plan.runs if finished(plan, r)])
     for line in plan.notes:
         print(f"note: {line}", flush=True)
     failures = execute_all(plan)
     results = collect(plan, failures)
     text = write_report(plan, results, failures)
     print(text)
-    print(f"wrote {plan.out / 'report.md'}, results.csv, summary.csv, curves.png")
+    where = plan.out if plan.study is None else f"{plan.out} and {plan.study}"
+    print(f"wrote report.md, results.csv, summary.csv, curves.png in {where}")
     if not data_order_consistent(results):
         raise UserError("the data order differs between strategies of one seed; see report.md")
     return 1 if failures else 0

@@ -23,6 +23,7 @@ import yaml
 from nemoe.config import Config, load_config
 from nemoe.errors import UserError
 from nemoe.schema import RunPaths
+from tools.comparison.declared import Declaration
 
 BASELINE = "static_moe"
 # Paired comparisons besides every strategy vs BASELINE, reported when both ran: does growing
@@ -146,6 +147,19 @@ class Plan:
     threads: int
     command: str
     within: float = 0.05           # shift: the 'within x of' threshold
+    study: Path | None = None      # committed rows (tools/comparison/committed.py), if kept
+    rebuild: bool = False          # report only: run nothing
+    declared: Declaration = field(default_factory=Declaration)   # set by compare.py (declared.settle)
+
+    @property
+    def record_folder(self) -> Path:
+        """Where declared.json lives: the study folder if there is one, else the out folder."""
+        return self.study if self.study is not None else self.out
+
+    @property
+    def primary_metric(self) -> str:
+        """The held-out loss the primary comparisons compare (shift: at the last phase's end)."""
+        return "loss_all" if self.protocol == "grid" else "end_loss_all"
 
     @property
     def sources(self) -> list[str]:
@@ -163,6 +177,9 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
     strategies, notes = choose_strategies(args.strategies)
     seeds = parse_seeds(args)
     name = Path(args.config).stem
+    study = Path(args.study) if getattr(args, "study", None) else None
+    if study is not None:
+        name = study.name
     out = Path(args.out) if args.out else Path("compare") / (name + ("-shift" if args.protocol == "shift" else ""))
     phase_plan = shift_phases(args, base) if args.protocol == "shift" else None
     if phase_plan is not None:  # the settings every shift run shares, for the report
@@ -182,7 +199,7 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
         raise UserError("--jobs must be >= 1 and --within in (0, 1)")
     command = "python tools/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     return Plan(args.config, out, args.protocol, runs, base, notes, jobs, max(1, cpu_count() // jobs), command,
-                args.within)
+                args.within, study, bool(getattr(args, "rebuild", False)))
 
 
 def parse_seeds(args: argparse.Namespace) -> list[int]:

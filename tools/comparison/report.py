@@ -1,5 +1,6 @@
-"""The comparison's report: per-strategy summaries, paired differences to the baseline,
-report.md, results.csv, summary.csv and curves.png in the out folder.
+"""The comparison's report: what was declared, per-strategy summaries, the paired comparisons
+(tools/comparison/comparisons.py), report.md, results.csv, summary.csv and curves.png in the out
+folder (and in the study folder, when there is one).
 """
 
 from __future__ import annotations
@@ -11,25 +12,30 @@ from typing import Callable
 import pandas as pd
 
 from tools._common import pyplot, save_figure
-from tools.comparison.plan import BASELINE, EXTRA_PAIRS, STRATEGIES, Plan
+from tools.comparison.comparisons import compare, comparison_lines, fmt_diff, fmt_p, of
+from tools.comparison.declared import declared_lines
+from tools.comparison.plan import BASELINE, STRATEGIES, Plan
 from tools.comparison.results import FINGERPRINT_STEPS, eval_curves
-from tools.comparison.stats import POWER, Paired, mean_sd, paired_difference
+from tools.comparison.stats import mean_sd
 
 
 def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> str:
-    """Write report.md, results.csv, summary.csv and curves.png into plan.out; the report's text."""
+    """Write report.md, results.csv, summary.csv and curves.png into plan.out (and plan.study);
+    the report's text."""
     write = grid_report if plan.protocol == "grid" else shift_report
     text, summary = write(plan, results, failures)
-    results.to_csv(plan.out / "results.csv", index=False)
-    summary.to_csv(plan.out / "summary.csv", index=False)
-    (plan.out / "report.md").write_text(text, encoding="utf-8")
-    curves = eval_curves(plan.out, [r for r in plan.runs if r.name not in failures])
+    curves = eval_curves(plan, [r for r in plan.runs if r.name not in failures])
     phases = plan.runs[0].phases
     title = f"held-out loss, {plan.config}"
     if plan.protocol == "shift":
         title += ": " + " → ".join(p.source for p in phases)
     sources = ["all"] + plan.sources if plan.protocol == "grid" else plan.sources
-    curves_picture(plan.out / "curves.png", curves, sources, title, [p.end for p in phases[:-1]])
+    for folder in dict.fromkeys(f for f in (plan.out, plan.study) if f is not None):
+        folder.mkdir(parents=True, exist_ok=True)
+        results.to_csv(folder / "results.csv", index=False)
+        summary.to_csv(folder / "summary.csv", index=False)
+        (folder / "report.md").write_text(text, encoding="utf-8")
+        curves_picture(folder / "curves.png", curves, sources, title, [p.end for p in phases[:-1]])
     return text
 
 
@@ -45,13 +51,6 @@ def fmt_ms(mean: float, sd: float, digits: int = 4) -> str:
     return fmt(mean, digits) if math.isnan(sd) else f"{fmt(mean, digits)} ± {fmt(sd, digits)}"
 
 
-def fmt_ci(p: Paired, digits: int = 4) -> str:
-    if math.isnan(p.mean):
-        return "—"
-    ci = "" if p.n < 2 else f" [{p.low:+.{digits}f}, {p.high:+.{digits}f}]"
-    return f"{p.mean:+.{digits}f}{ci}"
-
-
 def fmt_si(x: float) -> str:
     """1.23e15 -> '1.23 P' (FLOPs, parameters)."""
     if x is None or math.isnan(x):
@@ -63,75 +62,20 @@ def fmt_si(x: float) -> str:
 
 
 def summarize(results: pd.DataFrame, metrics: list[str], group: list[str]) -> pd.DataFrame:
-    """Per group (strategy, ...) and metric: n, mean, sd and the paired difference to the baseline."""
+    """Per group (strategy, ...) and metric: n, mean and sd over seeds."""
     rows = []
     for keys, frame in results.groupby(group, sort=False):
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        where = dict(zip(group, keys))
-        base = results[results["strategy"] == BASELINE]
-        for other, value in where.items():
-            if other != "strategy":
-                base = base[base[other] == value]
+        where = dict(zip(group, keys if isinstance(keys, tuple) else (keys,)))
         for metric in metrics:
             if metric not in frame or frame[metric].isna().all():
                 continue
             mean, sd = mean_sd(frame[metric])
-            row = {**where, "metric": metric, "n": int(frame[metric].notna().sum()), "mean": mean, "sd": sd}
-            if where["strategy"] != BASELINE and len(base) and metric in base:
-                p = paired_difference(dict(zip(frame["seed"], frame[metric])), dict(zip(base["seed"], base[metric])))
-                row.update(paired_columns(p))
-            rows.append(row)
+            rows.append({**where, "metric": metric, "n": int(frame[metric].notna().sum()), "mean": mean, "sd": sd})
     return pd.DataFrame(rows)
 
 
-def paired_columns(p: Paired) -> dict:
-    return {"diff": p.mean, "ci_low": p.low, "ci_high": p.high, "detectable": p.detectable, "n_pairs": p.n,
-            "verdict": p.verdict}
-
-
-def paired_of(row: pd.Series) -> Paired | None:
-    """The paired difference of a summary row (None: the row has none, or its mean is undefined)."""
-    if "diff" not in row or pd.isna(row["diff"]):
-        return None
-    return Paired(int(row["n_pairs"]), row["diff"], row["ci_low"], row["ci_high"], row.get("detectable", math.nan))
-
-
-def fmt_detectable(p: Paired | None, digits: int = 4) -> str:
-    return "—" if p is None or math.isnan(p.detectable) else f"±{p.detectable:.{digits}f}"
-
-
-def difference_lines(summary: pd.DataFrame, what: Callable[[pd.Series], str], digits: int = 4,
-                     versus: str = BASELINE) -> list[str]:
-    """One sentence per paired comparison, saying plainly whether it is significant and, for a
-    null, how small a difference the design could have detected."""
-    if "verdict" not in summary:
-        return []
-    lines = []
-    for _, r in summary.dropna(subset=["verdict"]).iterrows():
-        p = paired_of(r)
-        other = r.get("versus", versus)
-        lines.append(f"- {r['strategy']} vs {other}, {what(r)}: {fmt_ci(p, digits)} — **{p.verdict}**; "
-                     f"detectable at {POWER:.0%} power: {fmt_detectable(p, digits)}")
-    return lines
-
-
-def pair_comparisons(results: pd.DataFrame, metrics: list[str], by: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Paired differences (strategy minus versus) of the plan.EXTRA_PAIRS that ran, per metric
-    and per value of the `by` columns (the shift protocol's phase)."""
-    rows = []
-    present = set(results["strategy"])
-    groups = results.groupby(list(by), sort=True) if by else [((), results)]
-    for keys, frame in groups:
-        where = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
-        for a, b in EXTRA_PAIRS:
-            if not {a, b} <= present:
-                continue
-            fa, fb = frame[frame["strategy"] == a], frame[frame["strategy"] == b]
-            for metric in metrics:
-                if metric in frame and not frame[metric].isna().all():
-                    p = paired_difference(dict(zip(fa["seed"], fa[metric])), dict(zip(fb["seed"], fb[metric])))
-                    rows.append({"strategy": a, **where, "versus": b, "metric": metric, **paired_columns(p)})
-    return pd.DataFrame(rows)
+def strategy_order(plan: Plan) -> list[str]:
+    return list(dict.fromkeys(r.strategy for r in plan.runs))
 
 
 # --------------------------------------------------------------------------- #
@@ -175,11 +119,8 @@ def failure_lines(failures: dict[str, str]) -> list[str]:
             *[f"- {name}: {why}" for name, why in failures.items()], ""]
 
 
-POWER_NOTE = ("Detectable: the smallest true difference this design (n seeds, the observed sd of the "
-              "paired differences) finds with {power:.0%} probability in a two-sided paired t-test at 95%: "
-              "(t(0.975, n-1) + t({power:g}, n-1)) · sd / √n. A null ('not significant') rules out, at that "
-              "power, differences larger than it; it says nothing about smaller ones. With few seeds the sd "
-              "itself is uncertain, so the bound is a guide, not a guarantee.")
+def loss_label(row: pd.Series) -> str:
+    return f"held-out {row['metric'][len('loss_'):]} loss"
 
 
 def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> tuple[str, pd.DataFrame]:
@@ -189,44 +130,38 @@ def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> 
     metrics = [*losses, "flops", "flops_per_token", "wall_s", "tokens_per_s", "params_total",
                "params_active", "params_live", "events", *events]
     summary = summarize(results, metrics, ["strategy"])
-    pairs = pair_comparisons(results, losses)
+    comparisons = compare(results, losses, plan.declared, strategy_order(plan))
     lines = report_header(plan, f"Comparison on `{plan.config}`: {plan.base.total_steps():,} steps, "
                                 f"{plan.base.total_steps() * plan.base.tokens_per_step():,} tokens per run")
-    lines += grid_table(summary, sources)
+    lines += declared_lines(plan.declared)
+    lines += grid_table(summary, sources, comparisons)
     lines += ["", "Compute: training FLOPs = Σ over log intervals of tokens × (6·N + 12·L·T·d), N the "
               "parameters a token multiplies by with the experts live in that interval (training_log.csv's "
               "experts_L columns; nemoe/flops.py); evaluation excluded. Train s: training time "
-              "(training_log.csv elapsed_s, evaluation and checkpoints excluded); tokens/s = tokens / train s."]
-    if BASELINE not in set(results["strategy"]):
-        lines += ["", f"No `{BASELINE}` runs in this grid, so no paired differences to it."]
-    loss_rows = summary[summary["metric"].str.startswith("loss_")]
-    lines += ["", "## Paired differences (per seed, then mean with a 95% Student-t CI)", "",
-              *difference_lines(loss_rows, lambda r: f"held-out {r['metric'][5:]} loss"),
-              *difference_lines(pairs, lambda r: f"held-out {r['metric'][5:]} loss"), "",
-              POWER_NOTE.format(power=POWER), "",
-              "A difference whose interval contains 0 is not significant at 95%; several comparisons "
-              "are made without correction, so one 'significant' line among many is weak evidence. "
+              "(training_log.csv elapsed_s, evaluation and checkpoints excluded); tokens/s = tokens / train s. "
               f"Tokens/s were measured with {plan.jobs} runs in parallel ({plan.threads} threads each) "
               "and depend on what else the machine did.", ""]
+    if BASELINE not in set(results["strategy"]):
+        lines += [f"No `{BASELINE}` runs in this grid, so no default pairs to it.", ""]
+    lines += comparison_lines(comparisons, plan.declared, loss_label)
+    lines += planning_note()
     lines += structure_lines(summary, results, events)
     lines += data_order_lines(results)
     lines += failure_lines(failures)
-    return "\n".join(lines) + "\n", with_pairs(summary, pairs)
+    return "\n".join(lines) + "\n", pd.concat([summary, comparisons], ignore_index=True)
 
 
-def with_pairs(summary: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
-    """summary.csv: the per-strategy rows (their differences are to BASELINE) and the extra pairs."""
-    out = summary.copy()
-    if "diff" in out:
-        out.loc[out["diff"].notna(), "versus"] = BASELINE
-    return pd.concat([out, pairs], ignore_index=True)
+def planning_note() -> list[str]:
+    return ["How many seeds a stated effect needs is planned before a study, not read off its own sd: "
+            "`python tools/compare.py --plan --from <this folder> --effect 0.02` (paired t-test, "
+            "noncentral t).", ""]
 
 
-def grid_table(summary: pd.DataFrame, sources: list[str]) -> list[str]:
+def grid_table(summary: pd.DataFrame, sources: list[str], comparisons: pd.DataFrame) -> list[str]:
     """The final held-out loss table: one row per strategy, with its compute."""
-    head = ["strategy", "n", "held-out all", *sources, f"Δ all vs {BASELINE} [95% CI]", "verdict",
-            f"detectable Δ ({POWER:.0%} power)", "train FLOPs", "FLOPs/token", "train s", "tokens/s",
-            "params total", "active/token", "live at end", "events"]
+    head = ["strategy", "n", "held-out all", *sources, f"Δ all vs {BASELINE} [95% CI]", "p (unadjusted)",
+            "train FLOPs", "FLOPs/token", "train s", "tokens/s", "params total", "active/token", "live at end",
+            "events"]
     lines = ["## Final held-out loss (mean ± sd over seeds)", "", "| " + " | ".join(head) + " |",
              "|" + " --- |" * len(head)]
     for strategy, rows in summary.groupby("strategy", sort=False):
@@ -238,11 +173,11 @@ def grid_table(summary: pd.DataFrame, sources: list[str]) -> list[str]:
         def mean(metric: str, fmt=fmt_si) -> str:
             return fmt(r.loc[metric, "mean"]) if metric in r.index else "—"
 
-        paired = paired_of(r.loc["loss_all"])
-        ci = fmt_ci(paired) if paired else "(baseline)" if strategy == BASELINE else "—"
+        paired = of(comparisons, strategy, BASELINE, "loss_all")
+        ci = fmt_diff(paired) if paired is not None else "(baseline)" if strategy == BASELINE else "—"
         lines.append("| " + " | ".join([
             strategy, str(int(r.loc["loss_all", "n"])), cell("loss_all"), *[cell(f"loss_{s}") for s in sources],
-            ci, paired.verdict if paired else "", fmt_detectable(paired), mean("flops"),
+            ci, fmt_p(paired["p"]) if paired is not None else "", mean("flops"),
             mean("flops_per_token"), cell("wall_s", 0), cell("tokens_per_s", 0),
             f"{r.loc['params_total', 'mean']:,.0f}", f"{r.loc['params_active', 'mean']:,.0f}",
             f"{r.loc['params_live', 'mean']:,.0f}", cell("events", 1)]) + " |")
@@ -333,25 +268,25 @@ def shift_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
               "steps. Each phase restarts the data stream (new source weights), so a source's second phase "
               "reads its opening documents again; with one source per phase, data.seed changes little and "
               "seeds differ mainly in initialisation and the controller's draws", ""]
-    head = ["strategy", "phase", "metric", "n", "mean ± sd", f"Δ vs {BASELINE} [95% CI]", "verdict",
-            f"detectable ({POWER:.0%} power)"]
+    lines += declared_lines(plan.declared)
+    head = ["strategy", "phase", "metric", "n", "mean ± sd"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for _, r in summary.iterrows():
-        digits = 4 if r["metric"].startswith("end_loss_") else 3 if r["metric"].startswith("forget_") else 1
-        paired = paired_of(r)
         lines.append("| " + " | ".join([r["strategy"], f"{r['phase']} ({source_of[r['phase']]})", r["metric"],
-                                        str(r["n"]), fmt_ms(r["mean"], r["sd"], digits),
-                                        fmt_ci(paired, digits) if paired else "",
-                                        paired.verdict if paired else "",
-                                        fmt_detectable(paired, digits) if paired else ""]) + " |")
-    pairs = pair_comparisons(results, metrics, by=("phase",))
-    if len(pairs):
-        lines += ["", "Other pairs:", *difference_lines(
-            pairs, lambda r: f"phase {r['phase']} ({source_of[r['phase']]}) {r['metric']}", 4)]
-    lines += ["", "Recovery and adaptation counts average only the seeds that got there (n says how many).", "",
-              POWER_NOTE.format(power=POWER), ""]
+                                        str(r["n"]), fmt_ms(r["mean"], r["sd"], shift_digits(r["metric"]))]) + " |")
+    last = int(phases["phase"].max())
+    comparisons = compare(results, metrics, plan.declared, strategy_order(plan), by=("phase",),
+                          primary_where={"phase": last})
+    lines += ["", "Recovery and adaptation counts average only the seeds that got there (n says how many).", ""]
+    lines += comparison_lines(comparisons, plan.declared,
+                              lambda r: f"phase {r['phase']} ({source_of[r['phase']]}) {r['metric']}", shift_digits)
+    lines += planning_note()
     lines += data_order_lines(results) + failure_lines(failures)
-    return "\n".join(lines) + "\n", with_pairs(summary, pairs)
+    return "\n".join(lines) + "\n", pd.concat([summary, comparisons], ignore_index=True)
+
+
+def shift_digits(metric: str) -> int:
+    return 4 if metric.startswith("end_loss_") else 3 if metric.startswith("forget_") else 1
 
 
 # --------------------------------------------------------------------------- #

@@ -18,6 +18,7 @@ from nemoe.config import Config, config_from_dict
 from nemoe.errors import UserError
 from nemoe.flops import training_flops
 from tools._common import layer_columns, read_eval, read_events, read_run_config, read_training_log
+from tools.comparison.committed import committed_eval, has_summary, read_rows, write_summary
 from tools.comparison.plan import Plan, Run
 
 FINGERPRINT_STEPS = 20   # optimizer steps of training batches hashed for the data-order check
@@ -132,11 +133,12 @@ def data_fingerprint(cfg: Config, steps: int = FINGERPRINT_STEPS) -> str:
     return _fingerprints[key]
 
 
-def eval_curves(out: Path, runs: list[Run]) -> pd.DataFrame:
-    """Every run's held-out losses: strategy, seed, step, source, loss."""
+def eval_curves(plan: Plan, runs: list[Run]) -> pd.DataFrame:
+    """Every run's held-out losses: strategy, seed, step, source, loss (committed ones from the study folder)."""
     frames = []
     for run in runs:
-        evals = read_eval(run.paths(out).log_dir / schema.EVAL_CSV)
+        evals = (committed_eval(plan.study, run) if has_summary(plan.study, run)
+                 else read_eval(run.paths(plan.out).log_dir / schema.EVAL_CSV))
         frames.append(evals.assign(strategy=run.strategy, seed=run.seed)[["strategy", "seed", "step",
                                                                             "source", "loss"]])
     return pd.concat(frames, ignore_index=True)
@@ -192,13 +194,25 @@ def shift_results(plan: Plan, run: Run) -> list[dict]:
     return [{**keep, **row} for row in shift_metrics(evals, events, bounds, plan.within)]
 
 
+def rows_of(plan: Plan, run: Run) -> list[dict]:
+    """A finished run's results rows, read from its run folder: one (grid) or one per phase (shift)."""
+    return shift_results(plan, run) if plan.protocol == "shift" else [run_results(plan.out, run)]
+
+
 def collect(plan: Plan, failures: dict[str, str]) -> pd.DataFrame:
-    """Results of every finished run: one row per run (grid) or per run and phase (shift)."""
+    """Results of every finished run: one row per run (grid) or per run and phase (shift). A run
+    summarised in the study folder is read from there; a finished one not yet there is added to it."""
     rows = []
     for run in plan.runs:
         if run.name in failures:
             continue
-        rows += shift_results(plan, run) if plan.protocol == "shift" else [run_results(plan.out, run)]
+        if has_summary(plan.study, run):
+            rows += read_rows(plan.study, run)
+            continue
+        found = rows_of(plan, run)
+        if plan.study is not None:
+            write_summary(plan, run, found)
+        rows += found
     if not rows:
         raise UserError("no run finished; see " + ", ".join(f"{n}: {w}" for n, w in failures.items()))
     frame = pd.DataFrame(rows)

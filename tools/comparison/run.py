@@ -1,7 +1,9 @@
 """Running a plan: each run is `train_nemoe.py --resume` in a subprocess, phase by phase.
 
 Rerunning the same command skips finished runs and resumes interrupted ones; a run
-already in the out folder must have been made with the same settings.
+already in the out folder must have been made with the same settings. With a study folder
+(--study) each run's summary is committed there as it finishes, and a run summarised
+there is not run again (its run folder may be gone).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from nemoe.config import config_changes
 from nemoe.errors import UserError
 from nemoe.schema import list_checkpoints
 from tools._common import read_run_config
+from tools.comparison.committed import check_committed, has_summary, write_summary
 from tools.comparison.plan import Phase, Plan, Run, expected_config
+from tools.comparison.results import rows_of
 
 TRAINER = Path(__file__).resolve().parents[2] / "train_nemoe.py"
 
@@ -70,19 +74,41 @@ def execute(plan: Plan, run: Run) -> str | None:
     return None
 
 
+def finished(plan: Plan, run: Run) -> bool:
+    """Summarised in the study folder, or at its last step in the out folder."""
+    return has_summary(plan.study, run) or newest_step(plan.out, run) >= run.phases[-1].end
+
+
+def commit_finished(plan: Plan, run: Run) -> None:
+    """Keep a finished run's summary in the study folder (once)."""
+    if plan.study is not None and not has_summary(plan.study, run):
+        write_summary(plan, run, rows_of(plan, run))
+
+
 def execute_all(plan: Plan) -> dict[str, str]:
-    """Run what is not finished, `plan.jobs` at a time; {run name: failure} for those that did not finish."""
+    """Run what is not finished, `plan.jobs` at a time; {run name: failure} for those that did not
+    finish (with --rebuild nothing runs: those not finished are 'not run')."""
     for run in plan.runs:
-        check_settings(plan, run)
-    todo = [r for r in plan.runs if newest_step(plan.out, r) < r.phases[-1].end]
+        if has_summary(plan.study, run):
+            check_committed(plan, run)
+        else:
+            check_settings(plan, run)
+    todo = [r for r in plan.runs if not finished(plan, r)]
+    if plan.rebuild:
+        print(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished; rebuilding the report only",
+              flush=True)
+        return {r.name: "not run (--rebuild runs nothing)" for r in todo}
+    where = f" (summaries kept in {plan.study})" if plan.study is not None else ""
     print(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished earlier, {len(todo)} to run "
-          f"({plan.jobs} at a time, {plan.threads} threads each) under {plan.out}", flush=True)
+          f"({plan.jobs} at a time, {plan.threads} threads each) under {plan.out}{where}", flush=True)
     started = time.monotonic()
 
     def one(run: Run) -> tuple[str, str | None]:
         print(f"  start {run.name}", flush=True)
         began = time.monotonic()
         failure = execute(plan, run)
+        if failure is None:
+            commit_finished(plan, run)
         status = f"FAILED: {failure}" if failure else "done"
         now = time.monotonic()
         print(f"  {status:>6} {run.name} ({now - began:.0f} s; {now - started:.0f} s since the first start)",

@@ -1,7 +1,9 @@
-"""Statistics of a comparison: mean and sd over seeds, paired differences with a Student-t interval
-and the smallest difference the design could have detected (power).
+"""Statistics of a comparison, with scipy.stats: mean and sd over seeds; a paired difference's
+mean, 95% Student-t interval and two-sided p (paired t-test); Holm's adjustment within the
+primary family; the equivalence (TOST) and non-inferiority verdicts at a declared margin;
+and the power of a paired t-test (noncentral t) for planning how many seeds to run.
 
-No scipy: the t quantile is found by bisection on a numerically integrated CDF.
+Differences are arm minus baseline in a loss, so a negative difference is a lower (better) loss.
 """
 
 from __future__ import annotations
@@ -9,28 +11,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from scipy import stats
+
+ALPHA = 0.05   # every test's level: two-sided difference tests, each one-sided TOST test
+POWER = 0.8    # the power a seed plan aims at
+
 
 def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t with `df` degrees of freedom, for 0.5 <= p < 1."""
-    if not 0.5 <= p < 1 or df < 1:
-        raise ValueError("t_quantile needs 0.5 <= p < 1 and df >= 1")
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def density(x: float) -> float:
-        return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
-
-    def cdf(x: float, n: int = 2000) -> float:  # symmetric density: 1/2 + Simpson's rule on [0, x]
-        h = x / n
-        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
-        return 0.5 + h / 3 * (density(0.0) + inner + density(x))
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, 2 * hi
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
+    """Quantile of Student's t with `df` degrees of freedom."""
+    if not 0 < p < 1 or df < 1:
+        raise ValueError("t_quantile needs 0 < p < 1 and df >= 1")
+    return float(stats.t.ppf(p, df))
 
 
 def mean_sd(values) -> tuple[float, float]:
@@ -46,49 +37,131 @@ def mean_sd(values) -> tuple[float, float]:
 
 @dataclass
 class Paired:
-    """A paired difference over n seeds: its mean, confidence interval [low, high] and the
-    smallest difference the design could detect (`detectable`, see detectable_effect)."""
+    """A paired difference (a - b) over n seeds: the differences' mean and sd, the 95% CI
+    [low, high] and the two-sided p of the paired t-test (H0: mean difference 0)."""
 
     n: int
     mean: float
-    low: float
-    high: float
-    detectable: float = math.nan
+    low: float = math.nan
+    high: float = math.nan
+    p: float = math.nan
+    sd: float = math.nan
+    diffs: tuple[float, ...] = ()
 
-    @property
-    def verdict(self) -> str:
+    def bound(self, level: float) -> tuple[float, float]:
+        """The two-sided `level` interval (0.95 is [low, high]; 0.90 is TOST's)."""
         if self.n < 2:
-            return f"no CI possible (n={self.n})"
-        if self.low == self.high == 0:
-            return "identical in every seed"
-        if self.low <= 0 <= self.high:
-            return "not significant"
-        return "significantly lower" if self.high < 0 else "significantly higher"
+            return math.nan, math.nan
+        half = t_quantile((1 + level) / 2, self.n - 1) * self.sd / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
+    def one_sided_p(self, value: float, alternative: str) -> float:
+        """p of the one-sided t-test H1: mean difference `alternative` ('less'/'greater') than value."""
+        if self.n < 2:
+            return math.nan
+        if self.sd == 0:   # the same difference in every seed: the test statistic is +-infinite or 0/0
+            beyond = self.mean < value if alternative == "less" else self.mean > value
+            return 0.0 if beyond else 1.0
+        return float(stats.ttest_1samp(self.diffs, value, alternative=alternative).pvalue)
 
 
-POWER = 0.8   # the power the detectable effect is stated at
-
-
-def detectable_effect(sd: float, n: int, level: float = 0.95, power: float = POWER) -> float:
-    """The smallest true paired difference a two-sided paired t-test at `level` over n seeds
-    finds with probability `power`, given the paired differences' sd:
-
-        (t_{(1+level)/2, n-1} + t_{power, n-1}) * sd / sqrt(n)
-
-    (the usual approximation: the test statistic shifted by delta * sqrt(n) / sd, the far tail
-    ignored; sd is the observed one, itself uncertain with few seeds). A null result says the
-    true difference is likely smaller than this. NaN for n < 2."""
-    if n < 2 or math.isnan(sd):
-        return math.nan
-    return (t_quantile((1 + level) / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
-
-
-def paired_difference(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> Paired:
-    """a - b paired by seed: mean +- t_{(1+level)/2, n-1} * sd / sqrt(n) over the seeds both have,
-    and the detectable effect at 80% power from the same sd and n."""
-    diffs = [a[s] - b[s] for s in sorted(set(a) & set(b)) if not (math.isnan(a[s]) or math.isnan(b[s]))]
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> Paired:
+    """a - b paired by seed over the seeds both have (NaN values left out)."""
+    diffs = tuple(a[s] - b[s] for s in sorted(set(a) & set(b)) if not (math.isnan(a[s]) or math.isnan(b[s])))
     mean, sd = mean_sd(diffs)
     if len(diffs) < 2:
-        return Paired(len(diffs), mean, math.nan, math.nan)
-    half = t_quantile((1 + level) / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return Paired(len(diffs), mean, mean - half, mean + half, detectable_effect(sd, len(diffs), level))
+        return Paired(len(diffs), mean, diffs=diffs)
+    if sd == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
+    paired = Paired(len(diffs), mean, p=p, sd=sd, diffs=diffs)
+    paired.low, paired.high = paired.bound(1 - ALPHA)
+    return paired
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p values (NaN stays NaN and counts in the family):
+    the i-th smallest p times (m - i + 1), made non-decreasing, capped at 1."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: (math.isnan(pvalues[i]), pvalues[i]))
+    adjusted, running = [math.nan] * m, 0.0
+    for rank, i in enumerate(order):
+        if math.isnan(pvalues[i]):
+            continue
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def tost_p(p: Paired, margin: float) -> float:
+    """The TOST p at +-margin: the larger of the one-sided p's of H1: d > -margin and H1: d < +margin."""
+    return max(p.one_sided_p(-margin, "greater"), p.one_sided_p(margin, "less"))
+
+
+def equivalence(p: Paired, margin: float) -> str:
+    """The equivalence verdict at +-margin:
+    - 'equivalent within ±m': both one-sided tests reject at ALPHA (TOST; the 90% CI lies inside ±m);
+    - 'not equivalent': the 95% CI lies entirely outside [-m, +m] (the difference is significantly
+      beyond a margin, at ALPHA two-sided);
+    - 'inconclusive': neither."""
+    if p.n < 2:
+        return f"inconclusive (n={p.n})"
+    if tost_p(p, margin) < ALPHA:
+        return f"equivalent within ±{margin:g}"
+    if p.low > margin or p.high < -margin:
+        return f"not equivalent (beyond ±{margin:g})"
+    return "inconclusive"
+
+
+def noninferiority(p: Paired, margin: float) -> str:
+    """The non-inferiority verdict at +margin (a loss difference: higher is worse):
+    - 'non-inferior': the upper 95% bound (two-sided CI) lies below +m;
+    - 'inferior': the lower 95% bound lies above +m (worse by more than the margin);
+    - 'inconclusive': neither."""
+    if p.n < 2:
+        return f"inconclusive (n={p.n})"
+    if p.high < margin:
+        return f"non-inferior (upper bound < +{margin:g})"
+    if p.low > margin:
+        return f"inferior (lower bound > +{margin:g})"
+    return "inconclusive"
+
+
+def difference_verdict(diff: float, p_holm: float) -> str:
+    """A primary comparison's difference verdict: 'better'/'worse' only when Holm-adjusted p < ALPHA."""
+    if math.isnan(p_holm):
+        return "no test (n < 2)"
+    if p_holm < ALPHA:
+        return "better (lower loss)" if diff < 0 else "worse (higher loss)"
+    return "not significant"
+
+
+# --------------------------------------------------------------------------- #
+# Planning seeds: power of a two-sided paired t-test (noncentral t)
+# --------------------------------------------------------------------------- #
+
+def power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Probability that a two-sided paired t-test at `alpha` over n seeds rejects 0 when the true
+    mean difference is `effect` and the paired differences' sd is `sd`: T ~ noncentral t with
+    n - 1 degrees of freedom and noncentrality effect * sqrt(n) / sd."""
+    if n < 2:
+        return math.nan
+    df, nc = n - 1, abs(effect) * math.sqrt(n) / sd
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    far = stats.nct.cdf(-crit, df, nc)   # the wrong-sign tail; scipy can give NaN where it is ~0
+    return float(stats.nct.sf(crit, df, nc) + (0.0 if math.isnan(far) else far))
+
+
+def seeds_needed(effect: float, sd: float, target: float = POWER, alpha: float = ALPHA,
+                 limit: int = 10_000) -> int | None:
+    """The fewest seeds (>= 2) whose paired t-test reaches `target` power (None: over `limit`)."""
+    for n in range(2, limit + 1):
+        if power(effect, sd, n, alpha) >= target:
+            return n
+    return None
+
+
+def sd_upper(sd: float, n: int, confidence: float = 0.8) -> float:
+    """One-sided upper `confidence` bound of a normal sd estimated from n values (chi-square)."""
+    return sd * math.sqrt((n - 1) / stats.chi2.ppf(1 - confidence, n - 1))
