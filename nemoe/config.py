@@ -32,7 +32,8 @@ from nemoe.errors import UserError
 @dataclass
 class ModelConfig:
     vocab_size: int = setting(50257, gt=0, unsafe=True)
-    """Token vocabulary size; 50257 is GPT-2 BPE (the only tokenizer shipped)."""
+    """Token vocabulary size (LM head rows): at least the tokenizer's, 50257 for GPT-2 BPE, 257 or a
+    little more for data.tokenizer bytes (padding rows are never targets)."""
     d_model: int = setting(384, gt=0, unsafe=True)
     """Width of the residual stream."""
     n_layers: int = setting(6, gt=0, unsafe=True)

@@ -1,10 +1,11 @@
 """Training batches: the source mixture (nemoe/sources.py) -> tokens -> packed blocks, read
 ahead of the GPU, at an exact position that survives read faults.
 
-`TokenStream` tokenizes documents with GPT-2 BPE, ends each with <|endoftext|> and cuts
-the concatenation into blocks of seq_len + 1 tokens; what is left of a document carries
-into the next block (no truncation). There is no shuffle buffer: its content would not
-be in `state_dict()`.
+`TokenStream` tokenizes documents (GPT-2 BPE or UTF-8 bytes, data.tokenizer), ends each
+with end-of-text and cuts the concatenation into blocks of seq_len + 1 tokens; what is left
+of a document carries into the next block (no truncation). There is no shuffle buffer: its
+content would not be in `state_dict()`; data.shuffle reads sources that can be indexed
+(built-in, local files) as a seeded permutation instead, which a position points into.
 
 Position. After every batch the stream records a `Position`: the `datasets` state
 (which example of which shard each source reached, the interleave's RNG) and the tokens

@@ -13,7 +13,7 @@ import math
 import torch
 
 from nemoe import distributed as dist
-from nemoe.sources import heldout_sets
+from nemoe.sources import describe_heldout, heldout_sets
 from nemoe.model import NemoeLM, split_block
 from nemoe.runtime import Runtime
 
@@ -21,16 +21,14 @@ from nemoe.runtime import Runtime
 class Evaluator:
     def __init__(self, cfg, tokenizer, model: NemoeLM, runtime: Runtime):
         self.cfg, self.tokenizer, self.model, self.runtime = cfg, tokenizer, model, runtime
-        sets = heldout_sets(cfg.data, tokenizer, cfg.model.seq_len, cfg.eval.batches, cfg.eval.batch_size)
-        self.batches = {name: held.batches for name, held in sets.items()}
-        self.sizes = {name: (held.documents, held.tokens) for name, held in sets.items()}
+        self.heldout = heldout_sets(cfg.data, tokenizer, cfg.model.seq_len, cfg.eval.batches, cfg.eval.batch_size)
+        self.batches = {name: held.batches for name, held in self.heldout.items()}
         # Probe batch: the first held-out batch of each source, fixed for the run.
         self.probe_batch = torch.cat([batches[0] for batches in self.batches.values()])
 
     def describe(self) -> str:
         """The held-out sets' sizes, for the run's log."""
-        return "held-out evaluation: " + "; ".join(f"{name} {docs:,} documents, {tokens:,} tokens"
-                                                   for name, (docs, tokens) in self.sizes.items())
+        return "held-out evaluation: " + describe_heldout(self.heldout)
 
     @torch.no_grad()
     def loss_sum(self, batches: list[torch.Tensor]) -> float:

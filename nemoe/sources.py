@@ -147,6 +147,9 @@ class DataConfig:
         if not self.sources:
             problems.append("data.sources is empty: list at least one source "
                             "(e.g. {name: prose, kind: builtin, path: prose})")
+        if self.tokenizer == "bytes" and cfg is not None and cfg.model.init_from:
+            problems.append("model.init_from starts from a GPT-2 model, which reads GPT-2 tokens: "
+                            "set data.tokenizer: gpt2")
         if self.tokenizer == "bytes" and cfg is not None and cfg.model.vocab_size > BYTES_MAX_VOCAB:
             problems.append(f"data.tokenizer is bytes (257 ids) but model.vocab_size is {cfg.model.vocab_size}: "
                             f"set model.vocab_size between 257 and {BYTES_MAX_VOCAB} (e.g. 320)")
@@ -472,6 +475,12 @@ class HeldOut:
     @property
     def tokens(self) -> int:
         return sum(b.numel() for b in self.batches)
+
+
+def describe_heldout(sets: dict[str, HeldOut]) -> str:
+    """"prose 76 documents, 32,896 tokens; code ..." (the run's log, the comparison report)."""
+    return "; ".join(f"{name} {held.documents:,} document{'s' * (held.documents != 1)}, {held.tokens:,} tokens"
+                     for name, held in sets.items())
 
 
 def heldout_sets(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int, batch_size: int) -> dict[str, HeldOut]:

@@ -15,7 +15,7 @@ from tools._common import pyplot, save_figure
 from tools.comparison.comparisons import compare, comparison_lines, fmt_diff, fmt_p, of
 from tools.comparison.declared import declared_lines
 from tools.comparison.plan import BASELINE, STRATEGIES, Plan
-from tools.comparison.results import FINGERPRINT_STEPS, eval_curves
+from tools.comparison.results import FINGERPRINT_STEPS, eval_curves, heldout_sizes
 from tools.comparison.stats import mean_sd
 
 
@@ -88,7 +88,7 @@ def report_header(plan: Plan, title: str) -> list[str]:
     return [f"# {title}", "", f"Reproduce: `{plan.command}`", "",
             f"Config `{plan.config}` · seeds {', '.join(map(str, seeds))} (seed s sets train.seed; the data, "
             f"morph and plasticity seeds derive from it) · {b.tokens_per_step():,} tokens/step · held-out: {b.eval.batches} fixed batches × "
-            f"{b.eval.batch_size} sequences per source, the same for every run.", "",
+            f"{b.eval.batch_size} sequences per source, the same for every run ({heldout_sizes(b)}).", "",
             "Strategies:", *[f"- `{n}`: {STRATEGIES[n].about}" for n in dict.fromkeys(r.strategy for r in plan.runs)],
             *[f"- {n}" for n in plan.notes], ""]
 

@@ -110,6 +110,14 @@ def events_by_layer(events: pd.DataFrame, n_layers: int) -> str:
                      for name, frame in expert.groupby("event", sort=False))
 
 
+def heldout_sizes(cfg: Config) -> str:
+    """Each source's evaluation set as a run builds it: "prose 76 documents, 32,896 tokens; ..."."""
+    from nemoe.sources import describe_heldout, heldout_sets
+    from nemoe.tokenizer import get_tokenizer
+    return describe_heldout(heldout_sets(cfg.data, get_tokenizer(cfg.data.tokenizer), cfg.model.seq_len,
+                                         cfg.eval.batches, cfg.eval.batch_size))
+
+
 _fingerprints: dict[str, str] = {}
 
 
