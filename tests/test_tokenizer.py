@@ -64,7 +64,7 @@ def test_matches_tiktokens_gpt2_definition():
 
 
 def test_unknown_tokenizer_is_a_user_error():
-    with pytest.raises(UserError, match="only supported tokenizer is 'gpt2'"):
+    with pytest.raises(UserError, match="unknown tokenizer 'cl100k_base': use one of gpt2, bytes"):
         get_tokenizer("cl100k_base")
 
 
