@@ -15,6 +15,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from nemoe.documents import pieces
 from nemoe.errors import UserError
 
 BUILTIN_CORPORA = ("prose", "code")
@@ -68,13 +69,15 @@ def _code_chunks(source: str) -> list[str]:
     return chunks
 
 
-@functools.lru_cache(maxsize=len(BUILTIN_CORPORA))
-def builtin_corpus(name: str) -> Dataset:
+@functools.lru_cache(maxsize=2 * len(BUILTIN_CORPORA))
+def builtin_corpus(name: str, max_chars: int = 0) -> Dataset:
     """The built-in corpus `name` as an in-memory Dataset with one `text` column (cached per process).
 
     prose: the interpreter's documentation topics (pydoc_data) and, per standard-library
     module, its docstrings (read with `ast`, never imported). code: the standard-library
     source, cut into chunks. Deterministic for a given Python version; needs no network.
+    max_chars > 0: documents longer than that are cut at line ends into pieces of at most
+    max_chars characters, each a document (data.max_doc_chars).
     """
     if name == "prose":
         from pydoc_data.topics import topics
@@ -84,4 +87,7 @@ def builtin_corpus(name: str) -> Dataset:
         texts = [chunk for _, source in _stdlib_files() for chunk in _code_chunks(source)]
     else:
         raise UserError(f"unknown builtin corpus {name!r} (valid: {', '.join(BUILTIN_CORPORA)})")
-    return Dataset.from_dict({"text": [t for t in texts if t.strip()]})
+    texts = [t for t in texts if t.strip()]
+    if max_chars:
+        texts = [piece for t in texts for piece in pieces(t, max_chars) if piece.strip()]
+    return Dataset.from_dict({"text": texts})

@@ -25,6 +25,28 @@ def is_heldout(text: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") < fraction * 2.0**64
 
 
+def pieces(text: str, max_chars: int) -> list[str]:
+    """`text` cut at line ends into consecutive pieces of at most `max_chars` characters (a line
+    longer than that is cut within itself); the pieces joined give `text` back."""
+    out, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        while len(line) > max_chars:
+            if current:
+                out.append("".join(current))
+                current, size = [], 0
+            out.append(line[:max_chars])
+            line = line[max_chars:]
+        if size + len(line) > max_chars and current:
+            out.append("".join(current))
+            current, size = [], 0
+        if line:
+            current.append(line)
+            size += len(line)
+    if current:
+        out.append("".join(current))
+    return out
+
+
 def alpaca_document(instruction: str, input_text: str | None, output: str) -> str:
     """One Alpaca row as a prompt-response document (the input section only when non-empty)."""
     parts = [f"### Instruction:\n{(instruction or '').strip()}"]

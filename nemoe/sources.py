@@ -111,6 +111,11 @@ class DataConfig:
     Their held-out documents are read in one fixed permutation, the same for every seed, so the
     evaluation set is spread across the corpus and identical across runs. hf and http(s) sources
     stream in their own order and cannot be shuffled. False: corpus order."""
+    max_doc_chars: int = setting(0, ge=0, unsafe=True)
+    """Builtin sources: documents longer than this many characters are cut at line ends into
+    pieces of at most this length, each its own document (shuffled, held out and packed as
+    one), so no single file fills a source's stream for hundreds of steps (the built-in code
+    corpus has files of up to 757 KB). 0: whole documents. Other kinds are read as they are."""
     heldout_doc_tokens: int = setting(0, ge=0, unsafe=True)
     """At most this many tokens of each held-out document go into the evaluation batches, so they
     are drawn from many documents rather than a few long ones (0: whole documents)."""
@@ -332,11 +337,12 @@ def _is_utf8(path: str, chunk: int = 1 << 20) -> bool:
 
 
 def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool = True,
-              order_seed: int | None = None) -> IterableDataset:
+              order_seed: int | None = None, max_chars: int = 0) -> IterableDataset:
     """The source's raw rows, streaming; `part` is "train" or "heldout" (its eval split).
 
     order_seed: read the rows in the permutation this seed draws (builtin and local files
-    sources; see DataConfig.shuffle), None: in corpus order.
+    sources; see DataConfig.shuffle), None: in corpus order. max_chars: builtin documents cut
+    into pieces of at most this many characters (DataConfig.max_doc_chars; 0: whole).
 
     reshard: parquet files become one shard per row group (a no-op for other formats), so
     resuming skips whole row groups instead of reading them; False gives the layout that
@@ -346,7 +352,7 @@ def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool =
     are, for the caller's retries.
     """
     if src.kind == "builtin":
-        corpus = builtin_corpus(src.path)
+        corpus = builtin_corpus(src.path, max_chars)
         return (corpus if order_seed is None else corpus.shuffle(seed=order_seed)).to_iterable_dataset(num_shards=1)
     if src.kind == "files":
         pattern = src.eval_split if part == "heldout" and src.eval_split else src.path
@@ -414,7 +420,7 @@ def source_documents(src: SourceConfig, cfg: DataConfig, part: str, reshard: boo
                      strict: bool = True) -> IterableDataset:
     """One source as a stream of {"text", "source"} documents; part "train" or "heldout"
     (reshard, strict: see _load_raw)."""
-    raw = _load_raw(src, part, reshard, strict, _order_seed(src, cfg, part))
+    raw = _load_raw(src, part, reshard, strict, _order_seed(src, cfg, part), cfg.max_doc_chars)
     columns = _columns(raw, src, strict)
     missing = [c for c in required_columns(src) if c not in columns]
     if missing:

@@ -183,3 +183,22 @@ def test_byte_run_resumes_exactly_and_tools_use_its_tokenizer(tmp_path):
     assert set(json.loads(evaluated.stdout)["sources"]) >= {"prose", "code"}
     exported = run_script("export_hf", checkpoint, "-o", tmp_path / "hf", "--format", "gpt2")
     assert_one_error(exported.returncode, exported.stderr, "only GPT-2-tokenized models export")
+
+
+def test_pieces_cut_at_line_ends_and_join_back():
+    from nemoe.documents import pieces
+    text = "short\n" + "x" * 25 + "\nend\n"
+    cut = pieces(text, 10)
+    assert "".join(cut) == text and all(0 < len(p) <= 10 for p in cut)
+    assert cut == ["short\n", "x" * 10, "x" * 10, "xxxxx\nend\n"]   # whole lines where they fit
+    assert pieces("", 10) == [] and pieces("abc", 10) == ["abc"]
+
+
+def test_max_doc_chars_cuts_the_largest_builtin_documents_only_when_asked():
+    from nemoe.builtin_corpus import builtin_corpus
+    whole, cut = builtin_corpus("code")["text"], builtin_corpus("code", 8192)["text"]
+    assert max(map(len, whole)) > 500_000 and max(map(len, cut)) <= 8192
+    assert len(cut) > len(whole) and abs(sum(map(len, cut)) - sum(map(len, whole))) < 100
+    cfg = DataConfig(sources=[SourceConfig(name="code", kind="builtin", path="code")], max_doc_chars=8192)
+    first = next(iter(source_documents(cfg.sources[0], cfg, "train")))["text"]
+    assert len(first) <= 8192 and whole[0].startswith(first)
