@@ -127,6 +127,10 @@ class MorphConfig:
     """Steps a newborn is immune to pruning before its review."""
     probation_min_usage: float = setting(0.05, ge=0, le=1)
     """Usage share a newborn must reach by its review, else it is removed (failed_probation)."""
+    cooldown_intervals: int = setting(2, ge=0)
+    """After a newborn fails probation, its parents may not split for this many intervals (the
+    failing decision included), so a busy parent does not refill the freed slot with a copy of
+    the child that just failed; 0: no cool-down."""
     ramp_steps: int = setting(0, ge=0)
     """Steps over which a newborn's routing weight opens from 0 to 1; 0 means probation_steps // 2."""
     usage_ema: float = setting(0.5, ge=0, lt=1)

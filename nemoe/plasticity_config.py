@@ -45,7 +45,11 @@ class NeuronPlasticityConfig:
     record_steps: int = setting(20, ge=0)
     """functional: the last steps of each interval whose hidden activations the refit uses (0: all)."""
     min_age: int = setting(0, ge=0)
-    """A neuron younger than this many steps cannot die (a newborn gets time to learn)."""
+    """A neuron younger than this many steps cannot die (founders included)."""
+    maturity_intervals: int = setting(1, ge=0)
+    """A neuron reborn by turnover cannot die at the next `maturity_intervals` events: it starts
+    with zero outgoing weights, so its fitness is near zero until it has learned (0: no protection).
+    Neurons of a new expert (a split or crossover copy) are not newborns in this sense."""
     seed: int | None = None
     """Seed of the mechanism's own generator (random / mutation newborns, mutation parents). None
     (default): derived from train.seed when the config is built; an explicit value always wins."""

@@ -237,3 +237,74 @@ def test_ramp_opens_linearly():
         controller.update_routing(step)
         seen.append(math.exp(layer.route_offset[2].item()))
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0], abs=1e-6)
+
+
+# -- cool-down after a failed probation ------------------------------------------ #
+
+def _loop_controller(**morph):
+    """A controller whose layer 0 holds expert 0 (busy), expert 1 and expert 2, a split child of 0
+    on probation until step 100 that got no traffic: the split-fail loop's setup."""
+    cfg = tiny_config(morph={"interval": 100, "probation_steps": 100, "split_usage": 0.5,
+                             "crossover_prob": 0.0, "prune_usage": 0.0} | morph)
+    model, opt = trained_model(cfg)
+    controller = ExpertMorphogenesis(cfg, model)
+    copy_slot(model.moe_layers[0], opt, 0, 2, 0.01, torch.Generator().manual_seed(0))
+    open_slot(model.moe_layers[0], 2)
+    controller.records[0][2] = ExpertRecord(id=controller.next_id, parents=(0,), birth_step=0,
+                                            probation_until=100, origin="split")
+    controller.next_id += 1
+    return cfg, model, opt, controller
+
+
+def _interval(controller, opt, step, shares):
+    """One decision at `step` after an interval whose layer-0 usage was `shares` (of 1000 choices)."""
+    controller.usage_counts.zero_()
+    controller.usage_counts[0, :len(shares)] = torch.tensor([round(1000 * s) for s in shares])
+    controller.usage_counts[1, :2] = 500        # layer 1: balanced, nothing happens there
+    return [(e.event, e.slot, e.parents) for e in act(controller, opt, step) if e.layer == 0]
+
+
+def test_a_parent_whose_child_failed_probation_does_not_split_again_at_once():
+    # Today's split-fail loop: the child fails, its slot is freed and the same parent splits
+    # into it at the same decision, again and again. The default cool-down stops that.
+    cfg, model, opt, controller = _loop_controller()
+    parent_id = controller.records[0][0].id
+    assert _interval(controller, opt, 100, [0.6, 0.4, 0.0]) == [("failed_probation", 2, "")]
+    assert cfg.morph.cooldown_intervals >= 1
+    for k in range(1, cfg.morph.cooldown_intervals):     # still cooling: no split of expert 0
+        assert _interval(controller, opt, 100 + 100 * k, [0.6, 0.4, 0.0]) == []
+    step = 100 + 100 * cfg.morph.cooldown_intervals       # cool-down over: it may split again
+    assert _interval(controller, opt, step, [0.6, 0.4, 0.0]) == [("split", 2, str(parent_id))]
+
+
+def test_cool_down_blocks_only_the_failed_childs_parent_and_zero_turns_it_off():
+    cfg, model, opt, controller = _loop_controller(cooldown_intervals=3)
+    # Another busy expert may split while expert 0 cools down; births stay function-preserving.
+    probe = probe_logits(model, cfg)
+    events = _interval(controller, opt, 100, [0.3, 0.7, 0.0])
+    assert events == [("failed_probation", 2, ""), ("split", 2, str(controller.records[0][1].id))]
+    assert torch.allclose(probe, probe_logits(model, cfg), atol=1e-6)
+    assert controller.records[0][0].cooldown_until == 400
+    # Off: the old loop (same parent, same slot, same decision).
+    cfg, model, opt, controller = _loop_controller(cooldown_intervals=0)
+    assert _interval(controller, opt, 100, [0.6, 0.4, 0.0]) == [("failed_probation", 2, ""), ("split", 2, "0")]
+
+
+def test_cool_down_survives_a_checkpoint_and_old_checkpoints_load_without_it():
+    cfg, model, opt, controller = _loop_controller(cooldown_intervals=2)
+    _interval(controller, opt, 100, [0.6, 0.4, 0.0])
+    state = controller.state_dict()
+    assert state["records"][0][0]["cooldown_until"] == 300
+    resumed = ExpertMorphogenesis(cfg, model)
+    resumed.load_state_dict(state)
+    assert resumed.records == controller.records
+    assert _interval(resumed, opt, 200, [0.6, 0.4, 0.0]) == []
+    # A checkpoint written before the cool-down existed: no cool-down, the parent may split.
+    for row in state["records"]:
+        for r in row:
+            if r is not None:
+                del r["cooldown_until"]
+    old = ExpertMorphogenesis(cfg, model)
+    old.load_state_dict(state)
+    assert all(r.cooldown_until == 0 for row in old.records for r in row if r is not None)
+    assert _interval(old, opt, 200, [0.6, 0.4, 0.0]) == [("split", 2, "0")]

@@ -198,6 +198,67 @@ def test_death_count_per_live_expert_and_min_age():
     assert mech.birth_step[li, slot, sorted(born[(li, slot)])].eq(4).all()
 
 
+def rekill_rates(mech) -> dict[int, float]:
+    return {r["layer"]: r["value"] for r in mech.snapshot() if r["name"] == "rekill_rate"}
+
+
+def test_newborns_are_not_chosen_again_at_the_next_event():
+    # A newborn starts with zero outgoing weights, so its Taylor fitness over its first
+    # interval is tiny: without protection the next event kills most newborns again.
+    model, mech, opt = setup()
+    train(model, mech, opt, 2)
+    born = events_by_expert(act(mech, opt, 2, 0, probe(model)))
+    assert sum(map(len, born.values())) == 8, "2 deaths in each of 2 experts x 2 layers"
+    train(model, mech, opt, 2, start=2)
+    events = act(mech, opt, 4, 0, probe(model))
+    assert len(events) == 4
+    for key, units in events_by_expert(events).items():
+        assert not set(units) & set(born[key]), "a neuron born at step 2 died again at step 4"
+    assert rekill_rates(mech) == {0: 0.0, 1: 0.0}
+    # Matured: at the event after next (age 2 intervals) the step-2 newborns may die again,
+    # the step-4 ones may not; neither may the step-2 ones at a later event with 2 intervals.
+    for (li, slot), units in events_by_expert(events).items():
+        eligible = mech.eligible(li, slot, 6)
+        assert eligible[born[(li, slot)]].all() and not eligible[units].any()
+        assert eligible.sum() == H - len(units)
+    mech.section.maturity_intervals = 2
+    assert not mech.eligible(0, 0, 6)[born[(0, 0)]].any() and mech.eligible(0, 0, 8)[born[(0, 0)]].all()
+
+
+def test_rekill_rate_counts_deaths_of_the_previous_events_newborns():
+    model, mech, opt = setup(maturity_intervals=0)
+    assert rekill_rates(mech) == {}, "no event yet: nothing to report"
+    train(model, mech, opt, 2)
+    born = events_by_expert(act(mech, opt, 2, 0, probe(model)))
+    assert rekill_rates(mech) == {0: 0.0, 1: 0.0}, "the first event has no previous newborns"
+    train(model, mech, opt, 2, start=2)
+    events = act(mech, opt, 4, 0, probe(model))
+    expected = {}
+    for (li, slot), units in events_by_expert(events).items():
+        hit, total = expected.get(li, (0, 0))
+        expected[li] = (hit + len(set(units) & set(born[(li, slot)])), total + len(units))
+    assert rekill_rates(mech) == {li: hit / total for li, (hit, total) in expected.items()}
+    assert sum(hit for hit, _ in expected.values()) > 0, "unprotected newborns die again"
+
+
+def test_maturity_state_round_trips_and_old_checkpoints_load():
+    model, mech, opt = setup(maturity_intervals=0)
+    train(model, mech, opt, 2)
+    act(mech, opt, 2, 0, probe(model))
+    train(model, mech, opt, 2, start=2)
+    act(mech, opt, 4, 0, probe(model))
+    state = copy.deepcopy(mech.state_dict())
+    resumed = setup(maturity_intervals=0)[1]
+    resumed.load_state_dict(state)
+    assert resumed.last_event == mech.last_event == 4 and rekill_rates(resumed) == rekill_rates(mech)
+    # A checkpoint from before the re-kill count: the last event is the newest turnover birth.
+    for key in ("last_event", "rekills", "event_deaths"):
+        del state[key]
+    old = setup(maturity_intervals=0)[1]
+    old.load_state_dict(state)
+    assert old.last_event == 4 and rekill_rates(old) == {}
+
+
 @pytest.mark.parametrize("regrowth", ["random", "clone", "mutation", "functional"])
 def test_optimizer_state_follows_each_regrowth(regrowth):
     model, mech, opt = setup(regrowth=regrowth, prune_rate=0.1)
@@ -341,6 +402,7 @@ def test_a_new_expert_in_a_slot_restarts_its_neuron_records():
     ({"regrowth": "magic"}, "regrowth must be one of"),
     ({"composite_taylor": 0.0, "composite_gradient": 0.0, "composite_weight": 0.0}, "positive sum"),
     ({"min_age": -1}, "min_age must be >= 0"),
+    ({"maturity_intervals": -1}, "maturity_intervals must be >= 0"),
 ])
 def test_config_errors(neuron, words):
     layers = {"enabled": neuron.pop("layers", False)}

@@ -5,9 +5,11 @@ Two halves, kept apart so each can be read and tested alone:
 * policy -- `plan_layer` looks at one layer's expert records and usage over the
   last interval and returns the actions to take, in this order:
     1. probation review: a newborn whose probation ended graduates if its usage
-       reached `probation_min_usage`, else it is removed (`failed_probation`);
-    2. split: the most-used graduated expert above `split_usage` is cloned into a
-       free slot (with relative mutation noise);
+       reached `probation_min_usage`, else it is removed (`failed_probation`) and
+       its parents cool down: none of them may split in this decision and the
+       next `cooldown_intervals` - 1 (their `cooldown_until` step);
+    2. split: the most-used graduated expert above `split_usage` that is not
+       cooling down is cloned into a free slot (with relative mutation noise);
     3. crossover: if nothing split and a slot is free, with probability
        `crossover_prob`, two graduated parents drawn in proportion to their
        fitness are blended into a child;
@@ -66,6 +68,7 @@ class ExpertRecord:
     origin: str = "init"        # init | split | crossover
     usage: float = 0.0          # share of routed token-choices over the last interval
     usage_ema: float = 0.0      # fitness: usage averaged across intervals
+    cooldown_until: int = 0     # may not split before this step (a child of it failed probation)
 
     @property
     def on_probation(self) -> bool:
@@ -79,6 +82,7 @@ class Action:
     parents: tuple[int, ...] = ()   # parent slots for births
     usage: float = 0.0          # the usage the decision was based on
     threshold: float = 0.0      # the threshold it was compared with
+    cools: tuple[int, ...] = () # failed_probation: the parent slots that cool down
 
 
 # --------------------------------------------------------------------------- #
@@ -96,21 +100,28 @@ def plan_layer(records: list[ExpertRecord | None], usage: list[float], morph, to
     live = {s for s, r in enumerate(records) if r is not None}
     newborn = {s for s in live if records[s].on_probation}
 
-    # 1. Probation review.
+    slot_of = {records[s].id: s for s in live}
+    cooling = {s for s in live if records[s].cooldown_until > step}
+
+    # 1. Probation review; the parents of a failed newborn cool down.
     for s in sorted(newborn):
         if step >= records[s].probation_until:
             kind = "graduate" if usage[s] >= morph.probation_min_usage else "failed_probation"
-            actions.append(Action(kind, s, usage=usage[s], threshold=morph.probation_min_usage))
+            cools = ()
+            if kind == "failed_probation" and morph.cooldown_intervals > 0:
+                cools = tuple(slot_of[p] for p in records[s].parents if p in slot_of)
+                cooling.update(cools)
+            actions.append(Action(kind, s, usage=usage[s], threshold=morph.probation_min_usage, cools=cools))
             newborn.discard(s)
             if kind == "failed_probation":
                 live.discard(s)
     graduated = live - newborn
     free = [s for s in range(len(records)) if s not in live]
 
-    # 2. Split the most-used graduated expert above the threshold.
+    # 2. Split the most-used graduated expert above the threshold that is not cooling down.
     split = False
-    if free and graduated:
-        top = max(sorted(graduated), key=lambda s: usage[s])
+    if free and graduated - cooling:
+        top = max(sorted(graduated - cooling), key=lambda s: usage[s])
         if usage[top] > morph.split_usage:
             child = free.pop(0)
             actions.append(Action("split", child, (top,), usage[top], morph.split_usage))
@@ -322,6 +333,8 @@ class ExpertMorphogenesis(Mechanism):
             return row[action.slot]
         if action.kind in ("prune", "failed_probation"):
             record = row[action.slot]
+            for parent in action.cools:
+                row[parent].cooldown_until = step + m.cooldown_intervals * m.interval
             clear_slot(layer, optimizer, action.slot)
             row[action.slot] = None
             return record

@@ -27,6 +27,14 @@ Every newborn starts with zero outgoing weights, so at the event an expert loses
 only its dead neurons' contribution, and under `functional` the survivors take it
 over as far as a linear map of their activations can.
 
+Maturity: zero outgoing weights also make a newborn's fitness near zero until it
+has learned (its dL/dh is w_out_j . dL/dout), so without protection the next event
+kills it again. A neuron reborn by turnover sits out the next `maturity_intervals`
+events (continual backprop's maturity threshold, Dohare et al. 2024); `min_age`
+(steps, every neuron) applies on top. Each event measures the re-kill rate per
+layer: the share of its deaths that hit neurons reborn at the previous event
+(plasticity.csv `rekill_rate`).
+
 Optimizer state: a newborn's slices (w_in column, b_in entry, w_out row) get zero
 moments. Adam's step count is shared by the whole tensor and left alone, so the
 newborn's first update is bias-corrected like everyone's and about
@@ -35,7 +43,8 @@ their moments: the refit moves them a little, their gradient statistics stay val
 
 Records per (layer, slot, neuron), checkpointed: birth step, parent neuron (-1:
 none), generation (parent's + 1 for clone/mutation; 0 starts a fresh line) and the
-number of deaths at that position. When expert morphogenesis puts a new expert in
+number of deaths at that position (> 0: the neuron there was reborn by turnover at
+its birth step). When expert morphogenesis puts a new expert in
 a slot (a split or crossover event), that slot's records restart (born then, no
 parent, generation 0, fitness reset): an expert's neurons are judged from its own
 birth, not its parent's history. When layer senescence moves blocks, the records
@@ -188,6 +197,9 @@ class NeuronPlasticity(Mechanism):
         functional = s.regrowth == "functional"
         self.gram = torch.zeros(*shape[:2], self.width + 1, self.width + 1, **real) if functional else None
         self.last_fitness = torch.zeros(shape, **real)     # ... and the last event's fitness
+        self.rekills = torch.zeros(shape[0], **long)       # (L,) last event: deaths of the previous
+        self.event_deaths = torch.zeros(shape[0], **long)  # event's newborns, of all its deaths
+        self.last_event = -1                               # step of the last event (-1: none yet)
         self.step = 0
         self.captures = [HiddenCapture(layer.experts, functional) for layer in self.layers]
         for layer, capture in zip(self.layers, self.captures):
@@ -225,7 +237,7 @@ class NeuronPlasticity(Mechanism):
 
     # -- following the other mechanisms ------------------------------------------ #
     _PER_LAYER = ("birth_step", "parent", "generation", "deaths", "taylor", "grad_norm", "tokens", "gram",
-                  "last_fitness")
+                  "last_fitness", "rekills", "event_deaths")
 
     def on_events(self, events: list[Event]) -> None:
         """A new expert in a slot (split or crossover): its neurons' records restart."""
@@ -242,7 +254,8 @@ class NeuronPlasticity(Mechanism):
                 t.copy_(shift_rows(t, shift.sources))
         for slot in range(self.tokens.shape[1]):
             self._restart(shift.newborn, slot, shift.step)
-        self.last_fitness[shift.newborn] = 0
+        for t in (self.last_fitness, self.rekills, self.event_deaths):
+            t[shift.newborn] = 0
 
     @torch.no_grad()
     def _restart(self, li: int, slot: int, step: int) -> None:
@@ -265,6 +278,14 @@ class NeuronPlasticity(Mechanism):
                                          "gradient": s.composite_gradient, "weight": s.composite_weight})
 
     # -- acting ---------------------------------------------------------------- #
+    def eligible(self, li: int, slot: int, step: int) -> torch.Tensor:
+        """(H,) which neurons of (li, slot) may die at `step`: at least `min_age` steps old, and
+        not reborn by turnover within the last `maturity_intervals` intervals."""
+        s = self.section
+        age = step - self.birth_step[li, slot]
+        newborn = (self.deaths[li, slot] > 0) & (age <= s.maturity_intervals * s.interval)
+        return (age >= s.min_age) & ~newborn
+
     def act(self, ctx: ActContext) -> list[Event]:
         self.step = step = ctx.step
         # Activation statistics differ per data-parallel rank: sum them (gradients already agree).
@@ -272,6 +293,8 @@ class NeuronPlasticity(Mechanism):
             if t is not None:
                 sum_over_ranks_(t)
         events: list[Event] = []
+        self.rekills.zero_()
+        self.event_deaths.zero_()
         for li, layer in enumerate(self.layers):
             fitness = self._fitness(li)                                      # (E, H)
             self.last_fitness[li] = fitness
@@ -279,10 +302,13 @@ class NeuronPlasticity(Mechanism):
             for slot in range(len(live)):
                 if not live[slot] or traffic[slot] == 0:
                     continue   # a free slot, or no tokens this interval: no evidence
-                eligible = step - self.birth_step[li, slot] >= self.section.min_age
-                dead = select_dead(fitness[slot], self.n_deaths, eligible)
+                dead = select_dead(fitness[slot], self.n_deaths, self.eligible(li, slot, step))
                 if len(dead) == 0:
                     continue
+                # Reborn by turnover (deaths > 0) at the previous event: a re-kill.
+                rekilled = (self.deaths[li, slot, dead] > 0) & (self.birth_step[li, slot, dead] == self.last_event)
+                self.rekills[li] += int(rekilled.sum())
+                self.event_deaths[li] += len(dead)
                 before = ctx.probe()
                 parents, residual = self._turn_over(ctx.optimizer, li, slot, dead, fitness[slot], step)
                 events.append(self._event(ctx, li, slot, dead, parents, fitness[slot], residual, before,
@@ -290,6 +316,7 @@ class NeuronPlasticity(Mechanism):
         for t in (self.taylor, self.grad_norm, self.tokens, self.gram):
             if t is not None:
                 t.zero_()
+        self.last_event = step
         return events
 
     def _parents(self, fitness: torch.Tensor, dead: torch.Tensor) -> list[int]:
@@ -373,7 +400,8 @@ class NeuronPlasticity(Mechanism):
     # -- reporting and checkpoints ------------------------------------------------ #
     def snapshot(self) -> list[dict]:
         """Per layer, over live experts: mean neuron age, share of positions reborn at least
-        once, deaths so far, deepest generation, last event's fitness mean and minimum."""
+        once, deaths so far, deepest generation, last event's fitness mean and minimum and,
+        once the layer had deaths at an event, that event's re-kill rate."""
         rows = []
         for li, layer in enumerate(self.layers):
             live = layer.active.to(self.birth_step.device)
@@ -385,13 +413,15 @@ class NeuronPlasticity(Mechanism):
                       "deaths": int(self.deaths[li][live].sum()),
                       "max_generation": int(self.generation[li][live].max()),
                       "fitness_mean": float(fitness.mean()), "fitness_min": float(fitness.min())}
+            if self.event_deaths[li] > 0:
+                values["rekill_rate"] = float(self.rekills[li] / self.event_deaths[li])
             rows += [{"layer": li, "unit": "", "name": k, "value": v} for k, v in values.items()]
         return rows
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).cpu() for name in self._PER_LAYER if getattr(self, name) is not None}
         return state | {"generator": self.generator.get_state(), "step": self.step,
-                        "recording": self.captures[0].recording}
+                        "recording": self.captures[0].recording, "last_event": self.last_event}
 
     def load_state_dict(self, state: dict) -> None:
         for name in self._PER_LAYER:
@@ -400,6 +430,10 @@ class NeuronPlasticity(Mechanism):
                 mine.copy_(state[name])
         self.generator.set_state(state["generator"])
         self.step = state["step"]
+        # A checkpoint from before the re-kill count: the last event is the newest turnover birth
+        # (its re-kill rate is reported again from the next event on).
+        reborn = self.birth_step[self.deaths > 0]
+        self.last_event = state.get("last_event", int(reborn.max()) if len(reborn) else -1)
         for capture in self.captures:
             capture.recording = state["recording"]
             capture.clear()
