@@ -633,3 +633,10 @@ def test_real_run_summary(real_run):
     for expected in ("24 / 30 (80%)", "1,536 / 1,920", "finished", "nemo_ckpt_step24.pt",
                      "held-out loss, best", "experts per layer now"):
         assert expected in result.stdout, expected
+
+
+def test_soak_slope_is_mb_per_1000_steps():
+    from tools.soak import slope_per_1000
+    assert slope_per_1000([(0, 100.0), (500, 101.0), (1000, 102.0)]) == pytest.approx(2.0)
+    assert slope_per_1000([(200, 900.0), (400, 900.0)]) == 0.0
+    assert math.isnan(slope_per_1000([(10, 1.0)]))
