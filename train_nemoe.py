@@ -48,12 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:
-    """The --set items, with --cycles N and --init-from expanded in front of them (an explicit --set wins)."""
+    """The --set items, with --cycles N and --init-from expanded in front of them (an explicit --set wins)
+    and --mirror-dir after them (it wins over a --set checkpoint.mirror_dir)."""
     cycles = [] if args.cycles is None else [
         "plasticity.heads.enabled=true", "plasticity.heads.mode=cycle", f"plasticity.heads.cycles={args.cycles}"]
     # A JSON string is a YAML string: the source stays text whatever it looks like ("1e3", "null").
     source = [] if args.init_from is None else [f"model.init_from={json.dumps(args.init_from)}"]
-    return cycles + source + args.overrides
+    mirror = [] if args.mirror_dir is None else [f"checkpoint.mirror_dir={json.dumps(args.mirror_dir)}"]
+    return cycles + source + args.overrides + mirror
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_steps is not None and args.max_steps < 1:
             raise UserError("--max-steps must be >= 1")
         config = args.config or ("pretrained.yaml" if args.init_from else None)
-        # A run being resumed takes an imported model's shape from its own records, not from the source.
+        # A run being resumed takes an imported model's shape from its own records (in the run
+        # folder or the mirror), not from the source.
         resume = (Path(args.run_dir), args.run_name) if args.resume else None
         cfg = load_config(config, overrides_of(args), resume=resume)
-        if args.mirror_dir is not None:
-            cfg.checkpoint.mirror_dir = args.mirror_dir
         trainer = Trainer(cfg, RunPaths.of(Path(args.run_dir), args.run_name or cfg.name), resume=args.resume,
                           max_steps=args.max_steps, allow_config_change=args.allow_config_change)
         try:

@@ -2,7 +2,8 @@
 
 The run writes to its local run folder (fast disk); each checkpoint, once written there,
 is copied to `<mirror_dir>/checkpoints/<run>/` by a background thread, together with
-the logs of that moment (`<mirror_dir>/logs/<run>/`). A copy is written to a temporary
+the logs of that moment (`<mirror_dir>/logs/<run>/`, TensorBoard's event files in its
+`tensorboard/`). A copy is written to a temporary
 name, fsynced, read back and compared with what was read from the local file (size and
 SHA-256); only then is it renamed into place and its manifest written beside it:
 
@@ -13,6 +14,15 @@ A copy that fails (an I/O error, a mismatch) is retried and reported, and never 
 manifest, so a resume never trusts it. On `--resume` (rundir.py) the newest checkpoint
 that loads and verifies wins, local or mirrored: a fresh VM with an empty disk resumes
 from the mirror, a mirror that lags behind resumes from local.
+
+TensorBoard's event files are appended to while the run goes on (by the writer's own
+thread), so the mirror takes whole records only (a record half-written when the file is
+read stays for the next copy): its files are always readable to their end, each a prefix
+of the local one. A file the mirror has already copied in this process gets only the new
+records appended (what TensorBoard watching Drive expects of a growing file), read back
+and compared; any other file is copied whole (temporary name, read back, rename). Event
+files gone from the run folder (cut back by a resume) are removed from the mirror too, so
+the mirror shows one timeline, as the run folder does.
 
 When copies cannot keep up, the newest checkpoint waiting is copied next and older ones
 waiting are skipped (training never waits for the mirror). The mirror keeps the last
@@ -30,13 +40,17 @@ import time
 from pathlib import Path
 
 from nemoe.files import fsync_dir
-from nemoe.schema import CONFIG_YAML, CSV_LOGS, TEXT_LOG, RunPaths, checkpoint_step, list_checkpoints, manifest_name
+from nemoe.schema import (CONFIG_YAML, CSV_LOGS, TENSORBOARD_DIR, TEXT_LOG, RunPaths, checkpoint_step,
+                          list_checkpoints, manifest_name)
+from nemoe.tensorboard_log import event_files, whole_records_size
 
 MIRROR_ATTEMPTS = 3           # tries per checkpoint before the mirror gives it up (the next one comes)
 MIRROR_RETRY_S = 5.0          # pause before a retry, times the attempt number
 CLOSE_TIMEOUT_S = 900.0       # at the end of a run, how long to wait for the copy in flight
 CHUNK = 4 << 20
 LOG_FILES = CSV_LOGS + (TEXT_LOG, CONFIG_YAML)
+# A copy's temporary name in a TensorBoard folder: without "tfevents", which TensorBoard would read.
+TB_TMP = f".mirror.tmp{os.getpid()}"
 
 
 class MirrorMismatch(OSError):
@@ -92,11 +106,18 @@ def restore_logs(mirror: RunPaths, local: RunPaths) -> list[str]:
         if source.is_file() and not target.exists():
             _copy_atomic(source, target)
             copied.append(name)
+    # TensorBoard's history: the resume cuts it back to the checkpoint's step (a torn last record too).
+    local_tb = local.log_dir / TENSORBOARD_DIR
+    if not event_files(local_tb):
+        for source in event_files(mirror.log_dir / TENSORBOARD_DIR):
+            local_tb.mkdir(parents=True, exist_ok=True)
+            _copy_atomic(source, local_tb / source.name, tmp_name=TB_TMP)
+            copied.append(f"{TENSORBOARD_DIR}/{source.name}")
     return copied
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+def _copy_atomic(source: Path, target: Path, tmp_name: str | None = None) -> None:
+    tmp = target.with_name(tmp_name or f".{target.name}.tmp{os.getpid()}")
     try:
         copy_and_hash(source, tmp)
         os.replace(tmp, target)
@@ -116,6 +137,7 @@ class Mirror:
         self._lock = threading.Lock()
         self._next: Path | None = None   # the newest checkpoint waiting for its copy
         self._thread: threading.Thread | None = None
+        self._tb_copied: dict[str, int] = {}   # event file -> bytes of it in the mirror, copied by this process
 
     def submit(self, checkpoint: Path) -> None:
         """Copy this checkpoint (and the logs) next; one waiting but not started is skipped."""
@@ -198,8 +220,36 @@ class Mirror:
             for name in LOG_FILES:
                 if (self.local.log_dir / name).is_file():
                     _copy_atomic(self.local.log_dir / name, self.paths.log_dir / name)
+            self._copy_tensorboard()
         except OSError as err:
             self.messages.put(("warn", f"mirror: copying the logs to {self.paths.log_dir} failed ({err})"))
+
+    def _copy_tensorboard(self) -> None:
+        """The event files as whole records: new records appended to a copy made earlier by this
+        process, any other file copied whole; files the run folder no longer has removed."""
+        source_dir, target_dir = self.local.log_dir / TENSORBOARD_DIR, self.paths.log_dir / TENSORBOARD_DIR
+        files = event_files(source_dir)
+        if files:
+            target_dir.mkdir(parents=True, exist_ok=True)
+        for source in files:
+            target, done = target_dir / source.name, self._tb_copied.pop(source.name, None)
+            with open(source, "rb") as f:
+                if done is not None and _size(target) == done:
+                    f.seek(done)
+                    new = f.read()
+                    new = new[:whole_records_size(new)]
+                    if new:
+                        _append_verified(target, done, new)
+                    self._tb_copied[source.name] = done + len(new)
+                else:
+                    data = f.read()
+                    data = data[:whole_records_size(data)]
+                    _write_verified(target, data)
+                    self._tb_copied[source.name] = len(data)
+        names = {p.name for p in files}
+        for stale in event_files(target_dir):
+            if stale.name not in names:
+                stale.unlink()
 
     def _prune(self) -> None:
         """Keep the newest keep_last checkpoints in the mirror (with their manifests)."""
@@ -210,6 +260,46 @@ class Mirror:
                 old.with_name(manifest_name(old.name)).unlink(missing_ok=True)
         except OSError as err:
             self.messages.put(("warn", f"mirror: removing old checkpoints from {folder} failed ({err})"))
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _read_back(path: Path, offset: int, expected: bytes) -> None:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        back = f.read()
+    if back != expected:
+        raise MirrorMismatch(f"{path.name}: the copy read back differs ({len(back):,} bytes from offset {offset:,} "
+                             f"instead of {len(expected):,})")
+
+
+def _write_verified(target: Path, data: bytes) -> None:
+    """`data` as the event file `target`: temporary name, fsync, read back and compared, rename."""
+    tmp = target.with_name(TB_TMP)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _read_back(tmp, 0, data)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _append_verified(target: Path, offset: int, data: bytes) -> None:
+    """`data` appended to `target` (which holds `offset` bytes), fsynced, read back and compared.
+    A failure leaves at worst a cut-off last record, which readers skip and the next full copy replaces."""
+    with open(target, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _read_back(target, offset, data)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

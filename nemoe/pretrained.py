@@ -175,8 +175,9 @@ def adopt_source(raw: dict, resume: tuple[Path, str | None] | None = None) -> di
 
     A shape key the config sets to another value is an error naming both; model.seq_len may be
     shorter than the source's context, not longer. `resume` = (run dir, run name or None): a run
-    being resumed that has checkpoints takes the shape its config.yaml recorded, without reading
-    the source. Then the import defaults (`import_defaults`) fill the moe keys the config leaves out.
+    being resumed that has checkpoints, in its run folder or its mirror, takes the shape its
+    config.yaml recorded, without reading the source. Then the import defaults (`import_defaults`)
+    fill the moe keys the config leaves out.
     """
     from nemoe.config import ModelConfig
     raw = copy.deepcopy(raw)
@@ -218,18 +219,28 @@ def import_defaults(moe: dict) -> None:
 
 
 def _recorded_shape(raw: dict, resume) -> dict | None:
-    """The shape keys of a resumed run's config.yaml, when the run has checkpoints (else None)."""
-    import yaml
-
-    from nemoe.schema import CONFIG_YAML, RunPaths, list_checkpoints
+    """The shape keys of a resumed run's config.yaml, when the run has checkpoints (else None):
+    its run folder's, or, with an empty run folder (a fresh VM), its mirror's (checkpoint.mirror_dir)."""
+    from nemoe.schema import RunPaths, list_checkpoints
     if resume is None:
         return None
     run_dir, run_name = resume
-    paths = RunPaths.of(run_dir, run_name or str(raw.get("name") or "nemoe"))
-    if not list_checkpoints(paths.ckpt_dir):
-        return None
+    name = run_name or str(raw.get("name") or "nemoe")
+    checkpoint = raw.get("checkpoint")
+    mirror_dir = checkpoint.get("mirror_dir") if isinstance(checkpoint, dict) else None
+    for paths in [RunPaths.of(run_dir, name)] + ([RunPaths.of(str(mirror_dir), name)] if mirror_dir else []):
+        if list_checkpoints(paths.ckpt_dir) and (shape := _shape_in(paths.log_dir)) is not None:
+            return shape
+    return None
+
+
+def _shape_in(log_dir: Path) -> dict | None:
+    """The shape keys of the config.yaml in a run's log folder (None: missing or without them)."""
+    import yaml
+
+    from nemoe.schema import CONFIG_YAML
     try:
-        saved = yaml.safe_load((paths.log_dir / CONFIG_YAML).read_text(encoding="utf-8"))
+        saved = yaml.safe_load((log_dir / CONFIG_YAML).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     model = saved.get("model") if isinstance(saved, dict) else None

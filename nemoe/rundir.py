@@ -19,7 +19,7 @@ from nemoe.errors import UserError
 from nemoe import mirror as mirror_module
 from nemoe.files import remove_temporaries
 from nemoe.lock import RunLock
-from nemoe.schema import RunPaths, list_checkpoints
+from nemoe.schema import TENSORBOARD_DIR, RunPaths, list_checkpoints
 
 
 def _short(value, limit: int = 80) -> str:
@@ -98,7 +98,8 @@ class RunDir:
         notes = []
         folders = [self.paths] + ([self.mirror] if self.mirror else [])
         if self.info.is_main:
-            for leftover in [p for f in folders for p in remove_temporaries(f.ckpt_dir) + remove_temporaries(f.log_dir)]:
+            for leftover in [p for f in folders for d in (f.ckpt_dir, f.log_dir, f.log_dir / TENSORBOARD_DIR)
+                             for p in remove_temporaries(d)]:
                 where = "" if leftover.parent in (self.paths.ckpt_dir, self.paths.log_dir) else f" in {leftover.parent}"
                 notes.append(f"removed {leftover.name}{where}, left by a write that was cut off")
         if not resume:

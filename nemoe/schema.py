@@ -107,9 +107,10 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 #   loss_lb        the load-balance loss as the objective has it (n_live * sum f_i P_i, a ramping
 #                  newborn counted as a full expert); balance: the same over the experts that can
 #                  take traffic, 1.0 = even
+#   rss_mb         the process's resident memory (MB) when the row was written (rank 0 under DDP)
 TRAIN_COLUMNS = ["step", "tokens", "loss", "loss_ce", "loss_lb", "loss_z", "loss_lb_scaled",
                  "loss_z_scaled", "lr", "grad_norm", "grad_scale", "skipped_steps", "tokens_per_s", "elapsed_s",
-                 "balance"]
+                 "balance", "rss_mb"]
 LAYER_COLUMNS = ("experts", "usage_entropy", "max_load")   # experts_L0, usage_entropy_L0, ...
 
 
@@ -162,7 +163,7 @@ TB_TRAIN_TAGS = {"tokens": "progress/tokens", "elapsed_s": "progress/elapsed_s",
                  "loss_z": "loss/router_z", "loss_lb_scaled": "loss/load_balance_scaled",
                  "loss_z_scaled": "loss/router_z_scaled", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
                  "grad_scale": "optim/grad_scale", "skipped_steps": "optim/skipped_steps", "balance": "moe/balance",
-                 "tokens_per_s": "speed/tokens_per_s"}
+                 "tokens_per_s": "speed/tokens_per_s", "rss_mb": "host/rss_mb"}
 TB_EVENTS_TAG = "events"            # text: one table per step, events.csv's columns
 TB_CONFIG_TAG = "config"            # text: the resolved config at each start (fresh or resumed)
 TB_USAGE_TAG = "usage"              # histograms usage/L<i>: expert usage shares at each morph decision

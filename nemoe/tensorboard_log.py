@@ -165,15 +165,15 @@ def event_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and "tfevents" in p.name)
 
 
-def read_records(path: Path) -> list[bytes]:
-    """The whole TFRecords of an event file, each with its framing (length, CRCs), as written.
+def record_ends(data: bytes) -> list[int]:
+    """Where each whole TFRecord in `data` ends (offsets from its start), in order.
 
-    A record cut off by a kill, or one whose length CRC does not match (a torn write), ends
-    the file: everything from there on is dropped.
+    A record cut off (by a kill, or by reading a file while its writer appends to it), or one
+    whose length CRC does not match (a torn write), ends the data: nothing from there on counts.
     """
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-    data, records, at = path.read_bytes(), [], 0
+    ends, at = [], 0
     while at + 12 <= len(data):
         header = data[at:at + 8]
         (length,) = struct.unpack("<Q", header)
@@ -181,9 +181,23 @@ def read_records(path: Path) -> list[bytes]:
         end = at + 12 + length + 4
         if crc != masked_crc32c(header) or end > len(data):
             break
-        records.append(data[at:end])
+        ends.append(end)
         at = end
-    return records
+    return ends
+
+
+def whole_records_size(data: bytes) -> int:
+    """The length of the longest prefix of `data` made of whole records (what a copy may take)."""
+    ends = record_ends(data)
+    return ends[-1] if ends else 0
+
+
+def read_records(path: Path) -> list[bytes]:
+    """The whole TFRecords of an event file, each with its framing (length, CRCs), as written
+    (a cut-off or torn record ends the file: see `record_ends`)."""
+    data = path.read_bytes()
+    ends = record_ends(data)
+    return [data[start:end] for start, end in zip([0] + ends, ends)]
 
 
 def _payload(record: bytes) -> bytes:

@@ -27,7 +27,7 @@ from nemoe.errors import UserError
 from nemoe.evaluator import Evaluator
 from nemoe.files import atomic_write
 from nemoe.logs import NullLogger, RunLogger, start_line
-from nemoe.metrics import MetricsWindow
+from nemoe.metrics import MetricsWindow, release_free_memory
 from nemoe.plasticity import Plasticity
 from nemoe.rundir import RunDir, change_notes, incompatibility
 from nemoe.runtime import Runtime, on_stop_signal
@@ -189,6 +189,7 @@ class Trainer:
         """A training_log.csv row for the steps since the last one (and plasticity.csv rows)."""
         if not self.metrics.steps:
             return
+        release_free_memory()   # before rss_mb is measured: the row shows what the run holds
         experts = self.plasticity.experts.expert_counts()
         row = self.metrics.row(self.step, self.tokens, self.elapsed, self.tokens_per_step, self.world,
                                self.cfg.moe, experts, self.train.loss_scale)

@@ -40,7 +40,8 @@ def test_notebook_parameters_cell_and_colab_cells():
     nbformat.validate(nb)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    for name in ("CONFIG", "RUN_DIR", "RUN_NAME", "MIRROR_DIR", "MAX_STEPS", "SETTINGS", "SAMPLE_TOKENS"):
+    for name in ("CONFIG", "RUN_DIR", "RUN_NAME", "MIRROR_DIR", "MAX_STEPS", "SETTINGS", "SAMPLE_TOKENS",
+                 "PROJECT_DIR", "REPO_URL"):
         assert f"\n{name} = " in tagged[0].source, name
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     for colab_only in ("drive.mount", '"tensorboard"', "nvidia-smi", "git\", \"clone", "files.download"):
@@ -48,6 +49,28 @@ def test_notebook_parameters_cell_and_colab_cells():
         line = next(ln for ln in code.splitlines() if colab_only in ln)
         assert line.startswith((" ", "\t")), colab_only
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "committed without outputs"
+    text = "\n".join(c.source for c in nb.cells)
+    assert "OWNER" not in text and "REPO_URL = \"\"" in text, "no placeholder to fail on: empty until set"
+
+
+def test_notebook_with_no_code_source_stops_at_once_with_one_line(tmp_path):
+    """Opened outside a checkout (as on Colab) with neither PROJECT_DIR nor REPO_URL set: "Run all"
+    stops in the first cell after the parameters, with one line saying what to set."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    with pytest.raises(CellExecutionError):
+        NotebookClient(nb, timeout=120, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    ran = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    assert ran[-1] is nb.cells[at + 1], "stopped in the cell right after the parameters"
+    (error,) = [out for out in ran[-1].outputs if out.output_type == "error"]
+    assert error.ename == "Stop" and error.traceback == [
+        "Stop: set PROJECT_DIR (this repository's folder on Drive) or REPO_URL (its git URL) in the parameter "
+        "cell, then Run all again"], "one line, no traceback"
 
 
 @pytest.mark.slow

@@ -303,6 +303,25 @@ def test_resume_is_bit_exact_without_the_source(straight, vocab_source, tmp_path
     assert "resumed from nemo_ckpt_step7.pt" in text and text.count("Note | weights from") == 1
 
 
+@pytest.mark.slow
+def test_resume_from_the_mirror_alone_with_the_source_gone(straight, vocab_source, tmp_path):
+    copy = tmp_path / "source"
+    shutil.copytree(vocab_source, copy)
+    mirror = ["--mirror-dir", str(tmp_path / "mirror")]
+    assert train(tmp_path / "vm1", copy, "--max-steps", "7", *mirror) == 0
+    shutil.rmtree(copy)                                      # the source folder is gone,
+    shutil.rmtree(tmp_path / "vm1")                          # and so is the VM's disk: only the mirror is left
+    assert train(tmp_path / "vm2", copy, "--resume", *mirror) == 0
+    a = pd.read_csv(straight / "logs" / "up" / "training_log.csv")
+    b = pd.read_csv(tmp_path / "vm2" / "logs" / "up" / "training_log.csv")
+    assert list(b["step"]) == list(range(1, 15))
+    assert b["loss_ce"].tolist() == a["loss_ce"].tolist()      # bit for bit
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "vm2" / "logs" / "up" / "events.csv"),
+                                  pd.read_csv(straight / "logs" / "up" / "events.csv"))
+    text = (tmp_path / "vm2" / "logs" / "up" / "training_log.txt").read_text()
+    assert "using the mirror's verified copy" in text and "resumed from nemo_ckpt_step7.pt" in text
+
+
 def test_export_tool_writes_a_dense_model_as_gpt2(source, tmp_path, capsys):
     from tools import export_hf
     folder, _ = source

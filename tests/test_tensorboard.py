@@ -112,7 +112,7 @@ def row_at(step: int, experts=(2, 3)) -> dict:
            "loss_lb": 1.01, "loss_z": 0.3, "loss_lb_scaled": 0.0101, "loss_z_scaled": 0.0003,
            "lr": 1e-3 * step, "grad_norm": 0.5 + step / 100, "grad_scale": 1.0, "skipped_steps": step % 3,
            "tokens_per_s": 1000.0 + step, "balance": 1.0 + step / 200,
-           "elapsed_s": 0.1 * step}
+           "elapsed_s": 0.1 * step, "rss_mb": 500.0 + step}
     for i, n in enumerate(experts):
         row |= {f"experts_L{i}": n, f"usage_entropy_L{i}": 0.6 + step / 1000, f"max_load_L{i}": 1.2}
     return row
@@ -277,7 +277,78 @@ def test_every_training_column_has_a_group():
     tags = [tensorboard_tag(c) for c in train_columns(3)]
     assert tags[0] is None and None not in tags[1:], "step is the x axis, every other column a scalar"
     assert len(set(tags[1:])) == len(tags) - 1
-    assert {t.split("/")[0] for t in tags[1:]} == {"progress", "loss", "optim", "speed", "moe"}
+    assert {t.split("/")[0] for t in tags[1:]} == {"progress", "loss", "optim", "speed", "moe", "host"}
+
+
+# --------------------------------------------------------------------------- #
+# The mirror's copy of the event files
+# --------------------------------------------------------------------------- #
+
+def test_the_mirror_copies_whole_records_and_appends_what_follows(tmp_path):
+    from nemoe.mirror import Mirror
+    from nemoe.schema import RunPaths
+    from nemoe.tensorboard_log import whole_records_size
+    local = RunPaths.of(tmp_path / "run", "r")
+    logger = open_logger(local.log_dir)
+    write_steps(logger, range(1, 9))
+    logger.close()
+    (source,) = event_files(local.log_dir / TENSORBOARD_DIR)
+    full = source.read_bytes()
+    ends = [len(b"".join(read_records(source)[:n])) for n in range(1, len(read_records(source)) + 1)]
+    # The writer is halfway through a record when the mirror reads the file.
+    cut = ends[len(ends) // 2] + 7
+    source.write_bytes(full[:cut])
+    mirror = Mirror(tmp_path / "mirror", local, keep_last=2)
+    mirror._copy_logs()
+    target = mirror.paths.log_dir / TENSORBOARD_DIR / source.name
+    copied = target.read_bytes()
+    assert copied == full[:ends[len(ends) // 2]], "whole records only: the half-written one waits"
+    assert whole_records_size(copied) == len(copied)
+    assert 0 < max(s for _, s in raw_tag_steps(target.parent)) < 8
+    # The record completes and more follow: the copy grows in place (the same file, appended).
+    inode = target.stat().st_ino
+    source.write_bytes(full)
+    mirror._copy_logs()
+    assert target.read_bytes() == full and target.stat().st_ino == inode
+    assert [p.step for p in accumulator(target.parent).Scalars("loss/ce")] == list(range(1, 9))
+    # A file the run folder no longer has (cut back by a resume) leaves the mirror too.
+    source.rename(source.with_name(HISTORY_FILE))
+    mirror._copy_logs()
+    assert [p.name for p in event_files(target.parent)] == [HISTORY_FILE]
+    assert mirror.messages.empty(), "no warnings"
+
+
+@pytest.mark.slow
+def test_a_resume_from_the_mirror_alone_has_the_whole_tensorboard_history(tmp_path):
+    from tests.test_trainer import run
+    from nemoe.schema import manifest_name
+    from nemoe.tensorboard_log import whole_records_size
+    mirror = ["--mirror-dir", str(tmp_path / "mirror"), "--set", "checkpoint.every_steps=4"]
+    assert run(tmp_path / "vm1", "--max-steps", "10", *mirror) == 0
+    # The VM died after checkpoint 8 reached the mirror, and with it the local run folder; its
+    # TensorBoard files in the mirror already had steps 9 and 10 (copied with checkpoint 10's).
+    copies = tmp_path / "mirror" / "checkpoints" / "tiny"
+    for name in ("nemo_ckpt_step10.pt", manifest_name("nemo_ckpt_step10.pt")):
+        (copies / name).unlink()
+    mirrored_tb = tmp_path / "mirror" / "logs" / "tiny" / TENSORBOARD_DIR
+    assert max(step for _, step in raw_tag_steps(mirrored_tb)) == 10
+    assert run(tmp_path / "vm2", "--resume", "--max-steps", "12", *mirror) == 0
+    text = (tmp_path / "vm2" / "logs" / "tiny" / "training_log.txt").read_text()
+    assert "resumed from nemo_ckpt_step8.pt at step 8" in text
+    assert f"copied {TENSORBOARD_DIR}/events.out.tfevents" in text
+    for log_dir in (tmp_path / "vm2" / "logs" / "tiny", tmp_path / "mirror" / "logs" / "tiny"):
+        assert_tensorboard_matches_csv(log_dir)      # every tag, each step once (stored, not only shown)
+        acc = accumulator(log_dir / TENSORBOARD_DIR)
+        for tag in acc.Tags()["scalars"]:
+            steps = [p.step for p in acc.Scalars(tag)]
+            assert steps == sorted(set(steps)), tag
+        assert [p.step for p in acc.Scalars("loss/ce")] == list(range(1, 13))
+        assert sorted(text_of(acc, TB_CONFIG_TAG)) == [0, 8], "the config at each start, once"
+        for path in event_files(log_dir / TENSORBOARD_DIR):
+            data = path.read_bytes()
+            assert whole_records_size(data) == len(data), path.name
+    assert [p.name for p in event_files(mirrored_tb)] == [p.name for p in
+                                                          event_files(tmp_path / "vm2" / "logs" / "tiny" / TENSORBOARD_DIR)]
 
 
 # --------------------------------------------------------------------------- #

@@ -142,7 +142,8 @@ def train_row(step: int, counts: list[int], loss: float | None = None) -> dict:
     row = {"step": step, "tokens": 64 * step, "loss": loss, "loss_ce": loss, "loss_lb": 1.0 + 0.01 * step,
            "loss_z": 0.4 - 0.01 * step, "loss_lb_scaled": 0.0105, "loss_z_scaled": 0.0004,
            "lr": 1e-3 * min(step, 4) / 4, "grad_norm": 0.9, "grad_scale": 1.0, "skipped_steps": 0,
-           "tokens_per_s": 900.0 + step, "elapsed_s": 0.07 * step, "balance": 1.0 + 0.005 * step}
+           "tokens_per_s": 900.0 + step, "elapsed_s": 0.07 * step, "balance": 1.0 + 0.005 * step,
+           "rss_mb": 400.0 + step}
     for i, n in enumerate(counts):
         row |= {f"experts_L{i}": n, f"usage_entropy_L{i}": 0.6, f"max_load_L{i}": 1.3}
     return row
@@ -632,3 +633,10 @@ def test_real_run_summary(real_run):
     for expected in ("24 / 30 (80%)", "1,536 / 1,920", "finished", "nemo_ckpt_step24.pt",
                      "held-out loss, best", "experts per layer now"):
         assert expected in result.stdout, expected
+
+
+def test_soak_slope_is_mb_per_1000_steps():
+    from tools.soak import slope_per_1000
+    assert slope_per_1000([(0, 100.0), (500, 101.0), (1000, 102.0)]) == pytest.approx(2.0)
+    assert slope_per_1000([(200, 900.0), (400, 900.0)]) == 0.0
+    assert math.isnan(slope_per_1000([(10, 1.0)]))

@@ -1,6 +1,7 @@
 """End-to-end trainer runs: exact resume (invariant 5), checkpoints (6), signals, logs."""
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from nemoe import checkpoint as ckpt
+from nemoe.schema import train_columns
 from tests.conftest import REPO
 from train_nemoe import main
 
@@ -63,6 +65,10 @@ def test_run_writes_every_output(uninterrupted):
                 "elapsed_s", "experts_L0", "experts_L1"):
         assert col in train.columns
     assert train["tokens"].iloc[-1] == 24 * 4 * 16
+    assert list(train.columns[:16]) == list(train_columns(2)[:16]) and train.columns[15] == "rss_mb", "appended"
+    # This process's resident memory at each row: at least the model's, at most the process's peak.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6   # KiB on Linux
+    assert ((train["rss_mb"] > 100) & (train["rss_mb"] <= peak_mb + 0.1)).all()
     assert set(evals["source"]) == {"prose", "code", "all"}
     assert sorted(set(evals["step"])) == [0, 8, 16, 24]
     assert len(events) > 0 and {"split"} <= set(events["event"])
