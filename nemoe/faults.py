@@ -4,11 +4,15 @@ One classification for every place nemoe reads data (opening a source, the held-
 text at start-up, training batches), by what the error is, not by where it came from:
 
     "retry"      a transport failure: any transport error of httpx2 / httpx (the Hub client),
-                 requests or aiohttp (fsspec's HTTP files); a socket error (ConnectionError,
-                 TimeoutError, other OSErrors such as a storage mount gone); an HTTP status
+                 requests or aiohttp (fsspec's HTTP files: its whole ClientError family, which
+                 also holds the schemeless-URL error fsspec raises when it reopens a file during
+                 an outage); a socket error (ConnectionError,
+                 TimeoutError, other OSErrors of a failed system call such as a storage mount
+                 gone); an HTTP status
                  5xx, 429 or 408 from any of them (huggingface_hub's HfHubHTTPError included)
     "not_found"  401, 403, 404, or a file or dataset that does not exist
-    "data"       the bytes arrived but cannot be parsed (arrow, JSON, UTF-8): retrying cannot help
+    "data"       the bytes arrived but cannot be parsed (arrow, JSON, UTF-8; arrow reports a corrupt
+                 parquet page as a bare OSError without errno): retrying cannot help
     None         none of these (a bug, or an error a caller handles itself)
 
 The error's chain (`__cause__`, `__context__`) is walked, outermost first: libraries wrap
@@ -43,8 +47,7 @@ def transport_errors() -> tuple[type, ...]:
             + _types("requests.exceptions", "ConnectionError", "Timeout", "ChunkedEncodingError",
                      "ContentDecodingError")
             + _types("urllib3.exceptions", "ProtocolError", "TimeoutError", "NewConnectionError")
-            + _types("aiohttp", "ClientConnectionError", "ClientPayloadError", "ServerDisconnectedError",
-                     "ServerTimeoutError")
+            + _types("aiohttp", "ClientError")   # the family; a 4xx response is sorted by its status first
             + _types("fsspec.exceptions", "FSTimeoutError") + (ConnectionError, TimeoutError))
 
 
@@ -83,7 +86,9 @@ def _one(err: BaseException, transport: tuple[type, ...], data: tuple[type, ...]
         return "retry"
     if isinstance(err, (FileNotFoundError, PermissionError)):
         return "not_found"
-    if isinstance(err, OSError):   # arrow's I/O errors, EIO from a storage mount, ...
+    if type(err) is OSError and err.errno is None:   # arrow's "IOError" status: bytes that do not
+        return "data"                                # parse (a corrupt parquet page), no system call failed
+    if isinstance(err, OSError):   # a system call failed: EIO from a storage mount gone, ...
         return "retry"
     if isinstance(err, data):
         return "data"

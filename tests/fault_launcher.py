@@ -8,7 +8,8 @@ MODE:
     pause-mirror:STEP   the mirror copy of checkpoint STEP does the same in the mirror
     slow:SECONDS        every background write and mirror copy sleeps SECONDS between two halves
                         (random kills then often land inside one)
-    fail-fast           no pause; read faults reach nemoe's own retries at once (see fail_fast)
+    fail-fast           no pause; read faults reach nemoe's own retries at once (see fail_fast), and
+                        no host but the loopback can be looked up (see loopback_only)
 
 Only test code patches nemoe here; the trainer runs unchanged otherwise.
 """
@@ -56,9 +57,30 @@ def fail_fast() -> None:
     sources.MAP_BATCH_ROWS, sources.WIKITEXT_BATCH_ROWS = 4, 16
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def loopback_only() -> None:
+    """No name outside the loopback is looked up (so nothing can be reached outside 127.0.0.1):
+    each refused lookup fails as an unknown host would and is reported on stderr."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name is not None and name not in LOOPBACK:
+            print(f"fault_launcher: blocked a lookup of {name}", file=sys.stderr, flush=True)
+            raise socket.gaierror(socket.EAI_NONAME, f"{name}: only the loopback is reachable in tests")
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
+
+
 def install(mode: str, marker: Path) -> None:
     kind, _, value = mode.partition(":")
     if kind == "fail-fast":
+        loopback_only()
         return fail_fast()
     real_save, real_copy = torch.save, mirror.copy_and_hash
 

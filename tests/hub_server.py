@@ -17,7 +17,8 @@ whose "METHOD path" matches the regex `match` (counted from the first request ma
     500, 429     an error status (429 with Retry-After: 1)
     reset        headers and half the body, then a TCP reset (RST)
     truncated    headers and half the body, then a clean close (FIN) short of Content-Length
-    stall        headers and half the body, then silence for `stall_s` seconds (a read timeout)
+    stall        headers and half the body, then silence for `stall_s` seconds or until the client
+                 hangs up (its read timed out; `hung_up` holds how long each waited)
     refuse       the listening socket closes for `refuse_s` seconds: connections are refused, and
                  requests on connections kept alive from before are dropped unanswered
                  (`refuse_first_s`: the same from the start, before anything was served)
@@ -31,6 +32,7 @@ import hashlib
 import http.server
 import json
 import re
+import select
 import socket
 import struct
 import threading
@@ -158,12 +160,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             if fault == "stall":
-                time.sleep(self.server.stall_s)
+                self._stall()
             elif fault == "reset":   # SO_LINGER 0: close() sends a RST
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             return
         self.wfile.write(body)
+
+
+    def _stall(self) -> None:
+        """Send nothing for stall_s seconds, or until the client hangs up (its read timed out):
+        the seconds it waited go to `server.hung_up`."""
+        start = time.monotonic()
+        while time.monotonic() - start < self.server.stall_s:
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            try:
+                gone = bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+            except OSError:
+                gone = True
+            if gone:
+                with self.server.lock:
+                    self.server.hung_up.append(time.monotonic() - start)
+                return
 
 
 class HubServer(http.server.ThreadingHTTPServer):
@@ -181,6 +199,7 @@ class HubServer(http.server.ThreadingHTTPServer):
         self.log: list[str] = []
         self.times: list[float] = []
         self.fired: list[tuple[str, str]] = []
+        self.hung_up: list[float] = []   # per stall: seconds until the client gave up
         self.refused_until, self._closing = time.monotonic() + refuse_first_s, False
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()

@@ -5,6 +5,7 @@ raise for real against 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 
@@ -12,6 +13,7 @@ import aiohttp
 import datasets
 import httpx2
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import requests
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
@@ -82,6 +84,8 @@ CASES = {
     "aiohttp ServerDisconnectedError": (aiohttp.ServerDisconnectedError(), "retry"),
     "aiohttp ClientPayloadError": (aiohttp.ClientPayloadError("Response payload is not completed"), "retry"),
     "aiohttp ClientOSError": (aiohttp.ClientOSError(104, "Connection reset by peer"), "retry"),
+    "aiohttp NonHttpUrlClientError (fsspec reopening during an outage)":
+        (aiohttp.NonHttpUrlClientError("127.0.0.1:8000/alpaca.jsonl"), "retry"),
     "aiohttp ClientResponseError 500": (aiohttp_error(500), "retry"),
     "aiohttp ClientResponseError 429": (aiohttp_error(429), "retry"),
     "aiohttp ClientResponseError 403": (aiohttp_error(403), "not_found"),
@@ -89,6 +93,7 @@ CASES = {
     "ConnectionResetError": (ConnectionResetError(104, "Connection reset by peer"), "retry"),
     "TimeoutError": (TimeoutError("timed out"), "retry"),
     "OSError EIO (a mount gone)": (OSError(5, "Input/output error"), "retry"),
+    "OSError without errno (arrow: a page that does not decode)": (OSError("Couldn't deserialize thrift"), "data"),
     "FileNotFoundError": (FileNotFoundError(2, "No such file"), "not_found"),
     "datasets DatasetNotFoundError": (datasets.exceptions.DatasetNotFoundError("no such dataset"), "not_found"),
     # data that arrived but cannot be parsed
@@ -118,6 +123,19 @@ def test_classification_by_what_the_error_is(name):
     err, kind = CASES[name]
     assert classify(err) == kind
     assert is_read_fault(err) == (kind in ("retry", "not_found")), "mid-run: retried until data.retry_minutes"
+
+
+def test_a_corrupt_parquet_page_is_data_not_an_outage():
+    """pyarrow reports a page it cannot decode as a bare OSError (no errno): a data error."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": [f"row {i} " * 20 for i in range(40)]}), buffer, row_group_size=10)
+    data = bytearray(buffer.getvalue())
+    column = pq.ParquetFile(io.BytesIO(bytes(data))).metadata.row_group(2).column(0)
+    start = column.data_page_offset
+    data[start:start + column.total_compressed_size] = bytes(column.total_compressed_size)
+    with pytest.raises(OSError) as info:
+        pq.ParquetFile(io.BytesIO(bytes(data))).read_row_group(2)
+    assert classify(info.value) == "data", info.value
 
 
 def closed_port() -> int:
