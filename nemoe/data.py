@@ -34,14 +34,15 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import pyarrow
 import torch
 
-from nemoe import distributed
+from nemoe import distributed, faults
 from nemoe.errors import UserError
+from nemoe.faults import brief as _brief, duration as _duration
 from nemoe.documents import alpaca_document, is_heldout, wikitext_articles
-from nemoe.sources import (DataConfig, SourceConfig, builtin_corpus, heldout_batches, source_documents,
-                           source_of_error, training_mixture)
+from nemoe.heldout import heldout_batches
+from nemoe.sources import (DataConfig, SourceConfig, builtin_corpus, source_documents, source_of_error,
+                           training_mixture)
 
 __all__ = ["DataConfig", "DataExhausted", "DataInterrupted", "DataStopped", "DataUnavailable", "Position",
            "SourceConfig", "TokenStream", "alpaca_document", "builtin_corpus", "heldout_batches", "is_heldout",
@@ -91,19 +92,9 @@ class Position:
 
 
 def is_read_fault(err: BaseException) -> bool:
-    """A failed read that may succeed later: retried. (OSError covers ConnectionError, TimeoutError,
-    the Hub's HTTP errors and arrow's I/O errors; aiohttp's errors come from fsspec's HTTP files.)"""
-    aiohttp = sys.modules.get("aiohttp")
-    return isinstance(err, OSError) or (aiohttp is not None and isinstance(err, aiohttp.ClientError))
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def _brief(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {text[:300]}"
+    """A failed read that may succeed later (nemoe/faults.py): a transport failure, or a file or
+    dataset not found mid-run (a storage mount gone, the Hub answering 404 for a moment)."""
+    return faults.classify(err) in ("retry", "not_found")
 
 
 class _Backoff:
@@ -268,8 +259,8 @@ class _Reader:
                     yield batch, position
             except Exception as err:  # noqa: BLE001 -- sorted below
                 if not is_read_fault(err):
-                    if isinstance(err, pyarrow.ArrowException):  # unparseable data: retrying cannot help
-                        raise DataUnavailable(f"the training data cannot be read ({source_of_error(err, self.cfg.sources)}: "
+                    if faults.classify(err) == "data":  # unparseable data: retrying cannot help
+                        raise DataUnavailable(f"the training data cannot be parsed ({source_of_error(err, self.cfg.sources)}: "
                                               f"{_brief(err)}); fix the file, then --resume") from None
                     raise
                 self.stale = True

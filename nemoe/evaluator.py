@@ -13,7 +13,7 @@ import math
 import torch
 
 from nemoe import distributed as dist
-from nemoe.sources import describe_heldout, heldout_sets
+from nemoe.heldout import describe_heldout, heldout_sets
 from nemoe.model import NemoeLM, split_block
 from nemoe.runtime import Runtime
 

@@ -69,7 +69,6 @@ def flops_split(model, seq_len: int, live: Sequence[int]) -> dict[str, float]:
     experts = sum(layer.top_k * sum(p[0].numel() for p in layer.experts.parameters())
                   for layer in model.moe_layers)
     router = d_model * sum(live)
-    total = matmul_params_per_token(model, live)
     parts = {"lm_head": 6 * head, "attention": 6 * attention + 12 * len(model.blocks) * seq_len * d_model,
              "experts": 6 * experts, "router": 6 * router}
     parts["other"] = flops_per_token(model, seq_len, live) - sum(parts.values())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import codecs
 import glob
-import logging
 import math
 import os
 import sys
@@ -30,22 +29,22 @@ from typing import Literal
 from urllib.parse import urlparse
 
 import datasets
-import pyarrow
-import torch
 from datasets import Features, IterableDataset, Value, interleave_datasets, load_dataset
 
-from nemoe import configlib
+from nemoe import configlib, faults
 from nemoe.builtin_corpus import BUILTIN_CORPORA, builtin_corpus
 from nemoe.configlib import setting
 from nemoe.documents import format_batch, is_heldout, required_columns
 from nemoe.errors import UserError
+from nemoe.faults import brief as _brief, duration as _duration
 
 FILE_LOADERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 DOC_FEATURES = Features({"text": Value("string"), "source": Value("string")})
 
-# Reaching the Hub: attempts and the first back-off delay (doubling). Tests patch these.
-HUB_ATTEMPTS = 3
+# Start-up reads that fail: the first back-off delay (doubling) and its cap; they go on for up to
+# data.retry_minutes. Tests patch these.
 HUB_BACKOFF_S = 2.0
+HUB_MAX_BACKOFF_S = 120.0
 # Rows per batched formatting call. WikiText rows are lines and articles are grouped
 # within one call, so an article that straddles two calls becomes two documents:
 # larger calls cut fewer articles (WikiText-103 averages ~60 lines per article).
@@ -124,7 +123,8 @@ class DataConfig:
     retry_minutes: float = setting(30.0, ge=0)
     """A read that fails mid-run (connection dropped, HTTP 5xx / 429 after `datasets`' own retries,
     a Drive mount gone) reopens the stream at its exact position and retries with back-off for up
-    to this many minutes; past that the run saves a checkpoint and exits 2."""
+    to this many minutes; past that the run saves a checkpoint and exits 2. Start-up reads (opening
+    a source, the held-out text, also on --resume) retry as long, then exit 2 with one line."""
     prefetch_batches: int = setting(8, ge=0)
     """Micro-batches a background thread reads, tokenizes and packs ahead of training (0: read on
     the training thread). The checkpointed position is the last batch training took, not the
@@ -245,8 +245,13 @@ def _describe(src: SourceConfig) -> str:
     return f"data source {src.name!r} ({src.kind}: {src.path}{config})"
 
 
-def _hub_failure_message(src: SourceConfig, err: Exception, kind: str) -> str:
+def _failure_message(src: SourceConfig, err: BaseException, kind: str) -> str:
+    if kind == "data":
+        return (f"{_describe(src)} cannot be parsed: {_brief(err)}. Check that its files are "
+                f"{src.format} data of the type their names say (fix or remove the file)")
     what = "was not found or is not accessible" if kind == "not_found" else "cannot be reached"
+    if src.kind != "hf":
+        return f"{_describe(src)} {what}: {_brief(err)}"
     hint = ("Check its path and config against huggingface.co (a gated dataset needs "
             "`huggingface-cli login`). To train without it, " if kind == "not_found"
             else "Without access to the Hugging Face Hub, ")
@@ -255,37 +260,40 @@ def _hub_failure_message(src: SourceConfig, err: Exception, kind: str) -> str:
             "`kind: files` and `path: <file or glob>`.")
 
 
-def _hub_error_kind(err: BaseException) -> str | None:
-    """'transient' (worth retrying), 'unreachable', 'not_found', or None (not a data access error)."""
-    if not isinstance(err, OSError):  # ConnectionError, TimeoutError and the Hub's HTTP errors are
-        return None
-    if datasets.config.HF_HUB_OFFLINE:
-        return "unreachable"
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, (FileNotFoundError, PermissionError)) or status in (401, 403, 404):
-        return "not_found"
-    return "transient"
-
-
-def _with_hub_retries(action, src: SourceConfig):
-    """Run `action()` for an hf source, retrying transient failures with a doubling back-off."""
-    for attempt in range(HUB_ATTEMPTS):
+def _with_retries(action, src: SourceConfig, cfg: DataConfig):
+    """Run a start-up read of `src` (opening it, its first row, its held-out text): a transport
+    failure (nemoe/faults.py) is retried with a doubling back-off for up to data.retry_minutes,
+    then, like any other access or parse error, it becomes one UserError naming the source."""
+    since, attempt = time.monotonic(), 0
+    while True:
         try:
             return action()
+        except UserError:
+            raise
         except Exception as err:  # noqa: BLE001 -- classified below; anything else re-raises
-            kind = _hub_error_kind(err)
+            kind = faults.classify(err)
             if kind is None:
                 raise
-            if kind == "transient" and attempt + 1 < HUB_ATTEMPTS:
-                delay = HUB_BACKOFF_S * 2**attempt
-                # A formatted string, not `err` itself: a log record holding the exception
-                # would keep every frame of its traceback (and their streams) alive.
-                logging.getLogger(__name__).warning(
-                    f"{_describe(src)}: {type(err).__name__}: {err}; retrying in {delay:.0f} s")
-                time.sleep(delay)
-                continue
-            raise UserError(_hub_failure_message(src, err, kind)) from None
-    raise AssertionError("unreachable")
+            if kind == "retry" and src.kind == "hf" and datasets.config.HF_HUB_OFFLINE:
+                kind = "unreachable"   # offline mode: the client refuses at once, every time
+            if kind != "retry":
+                raise UserError(_failure_message(src, err, kind)) from None
+            waited = time.monotonic() - since
+            left = cfg.retry_minutes * 60 - waited
+            if left <= 0:
+                raise UserError(
+                    f"{_describe(src)} cannot be reached: reading it failed for {_duration(waited)}, longer than "
+                    f"data.retry_minutes ({cfg.retry_minutes:g}); last error: {_brief(err)}. Nothing was "
+                    "lost: run the same command again (with --resume to continue a run) once it is reachable"
+                ) from None
+            delay = min(HUB_BACKOFF_S * 2**attempt, HUB_MAX_BACKOFF_S, left)
+            attempt += 1
+            # A formatted string, not `err` itself: a record holding the exception would keep
+            # every frame of its traceback (and their streams) alive.
+            print(f"warning: {_describe(src)}: {_brief(err)}; retrying in {delay:.1f} s (attempt {attempt}; "
+                  f"gives up in {_duration(left)}, data.retry_minutes {cfg.retry_minutes:g})",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
 
 
 def source_of_error(err: BaseException, sources: list[SourceConfig]) -> str:
@@ -347,9 +355,8 @@ def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool =
     reshard: parquet files become one shard per row group (a no-op for other formats), so
     resuming skips whole row groups instead of reading them; False gives the layout that
     stream states written before row-group shards (no "shards" key) point into.
-    strict (start-up): errors a user can cause become UserErrors naming the source and Hub
-    failures are retried here; False (a reopen after a read fault): errors propagate as they
-    are, for the caller's retries.
+    strict (start-up): a bad option or pattern is a UserError naming the source, and the
+    non-UTF-8 warning is printed. Read failures propagate: source_documents retries them.
     """
     if src.kind == "builtin":
         corpus = builtin_corpus(src.path, max_chars)
@@ -374,54 +381,47 @@ def _load_raw(src: SourceConfig, part: str, reshard: bool = True, strict: bool =
                 return table.shuffle(seed=order_seed).to_iterable_dataset(num_shards=1)
             raw = load_dataset(loader, data_files=files, split="train", streaming=True, **options)
             return raw.reshard() if reshard else raw
-        except (OSError, ValueError) as err:
-            if not strict:
-                raise  # unreadable file (pyarrow's errors are ValueErrors)
+        except ValueError as err:
+            if not strict or faults.classify(err) is not None:
+                raise  # a read that failed: classified by the caller
             raise UserError(f"{_describe(src)}: cannot read {pattern!r}: {type(err).__name__}: {err}") from None
     split = src.eval_split if part == "heldout" and src.eval_split else src.split
-
-    def load():
-        try:
-            raw = load_dataset(src.path, src.config, split=split, streaming=True)
-            return raw.reshard() if reshard else raw
-        except ValueError as err:  # unknown config or split name
-            raise UserError(f"{_describe(src)}: {err}") from None
-    return _with_hub_retries(load, src) if strict else load()
-
-
-def _columns(raw: IterableDataset, src: SourceConfig, strict: bool = True) -> list[str]:
-    """Column names of a raw source, reading the first row when the loader does not declare them."""
-    if raw.column_names is not None:
-        return raw.column_names
-    first = _first_row(raw, src, strict)
-    return list(first) if first is not None else required_columns(src)
-
-
-def _first_row(ds: IterableDataset, src: SourceConfig, strict: bool = True) -> dict | None:
-    """The first row of `ds` (None when empty); access errors become UserErrors naming the source
-    (strict), or propagate as they are (not strict)."""
-    def read():
-        rows = iter(ds)
-        try:
-            return next(rows, None)
-        finally:
-            rows.close()  # end the probe now rather than at garbage collection
-    if not strict:
-        return read()
-    if src.kind == "hf":
-        return _with_hub_retries(read, src)
     try:
-        return read()
-    except (OSError, pyarrow.ArrowException) as err:  # an unreadable local file
-        raise UserError(f"{_describe(src)}: cannot read it: {type(err).__name__}: {err}") from None
+        raw = load_dataset(src.path, src.config, split=split, streaming=True)
+        return raw.reshard() if reshard else raw
+    except ValueError as err:
+        if faults.classify(err) is not None:
+            raise
+        raise UserError(f"{_describe(src)}: {err}") from None  # unknown config or split name
+
+
+def _first_row(ds: IterableDataset) -> dict | None:
+    """The first row of `ds` (None when empty); errors propagate."""
+    rows = iter(ds)
+    try:
+        return next(rows, None)
+    finally:
+        rows.close()  # end the probe now rather than at garbage collection
+
+
+def _guarded(action, src: SourceConfig, cfg: DataConfig, strict: bool = True):
+    """`action()`: at start-up (strict) under the retries and messages of _with_retries."""
+    return _with_retries(action, src, cfg) if strict and src.kind != "builtin" else action()
 
 
 def source_documents(src: SourceConfig, cfg: DataConfig, part: str, reshard: bool = True,
                      strict: bool = True) -> IterableDataset:
-    """One source as a stream of {"text", "source"} documents; part "train" or "heldout"
-    (reshard, strict: see _load_raw)."""
-    raw = _load_raw(src, part, reshard, strict, _order_seed(src, cfg, part), cfg.max_doc_chars)
-    columns = _columns(raw, src, strict)
+    """One source as a stream of {"text", "source"} documents; part "train" or "heldout".
+    reshard: see _load_raw. strict (start-up): read failures are retried (_with_retries) and
+    errors a user can cause become UserErrors naming the source; False (a reopen after a read
+    fault): errors propagate as they are, for the caller's retries."""
+    def load():
+        raw = _load_raw(src, part, reshard, strict, _order_seed(src, cfg, part), cfg.max_doc_chars)
+        if raw.column_names is not None:
+            return raw, raw.column_names
+        first = _first_row(raw)   # the loader does not declare them: read the first row
+        return raw, list(first) if first is not None else required_columns(src)
+    raw, columns = _guarded(load, src, cfg, strict)
     missing = [c for c in required_columns(src) if c not in columns]
     if missing:
         raise UserError(f"{_describe(src)} has no column {', '.join(map(repr, missing))} "
@@ -450,7 +450,7 @@ def training_mixture(cfg: DataConfig, reshard: bool = True, strict: bool = True)
     parts = []
     for src in cfg.sources:
         docs = source_documents(src, cfg, "train", reshard, strict)
-        if strict and _first_row(docs, src) is None:
+        if strict and _guarded(lambda: _first_row(docs), src, cfg) is None:
             raise UserError(f"{_describe(src)} yields no training documents (is it empty, or all held out?)")
         parts.append(docs.repeat(None) if cfg.on_exhausted == "cycle" else docs)
     # With every source repeating forever, "first_exhausted" never triggers under "cycle";
@@ -458,64 +458,3 @@ def training_mixture(cfg: DataConfig, reshard: bool = True, strict: bool = True)
     seed = 0 if cfg.seed is None else cfg.seed  # None only for a DataConfig used outside a Config
     return interleave_datasets(parts, probabilities=_weights(cfg), seed=seed,
                                stopping_strategy="first_exhausted")
-
-
-def heldout_batches(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int,
-                    batch_size: int) -> dict[str, list[torch.Tensor]]:
-    """Fixed evaluation batches per source name, each (B, seq_len+1), from that source's held-out text.
-
-    Deterministic: the first held-out documents of each source (in corpus order, or in the
-    fixed held-out permutation under data.shuffle), packed like training data, at most
-    data.heldout_doc_tokens of each. A source with too little held-out text gives fewer
-    batches (at least one).
-    """
-    return {name: held.batches for name, held in heldout_sets(cfg, tokenizer, seq_len, n_batches, batch_size).items()}
-
-
-@dataclass
-class HeldOut:
-    batches: list[torch.Tensor]
-    documents: int
-    """How many documents the batches' tokens come from."""
-
-    @property
-    def tokens(self) -> int:
-        return sum(b.numel() for b in self.batches)
-
-
-def describe_heldout(sets: dict[str, HeldOut]) -> str:
-    """"prose 76 documents, 32,896 tokens; code ..." (the run's log, the comparison report)."""
-    return "; ".join(f"{name} {held.documents:,} document{'s' * (held.documents != 1)}, {held.tokens:,} tokens"
-                     for name, held in sets.items())
-
-
-def heldout_sets(cfg: DataConfig, tokenizer, seq_len: int, n_batches: int, batch_size: int) -> dict[str, HeldOut]:
-    """heldout_batches with each source's document count."""
-    return {src.name: _source_heldout(src, cfg, tokenizer, seq_len + 1, n_batches, batch_size)
-            for src in cfg.sources}
-
-
-def _source_heldout(src: SourceConfig, cfg: DataConfig, tokenizer, block_len: int,
-                    n_batches: int, batch_size: int) -> HeldOut:
-    batch_tokens = batch_size * block_len
-    documents = source_documents(src, cfg, "heldout")
-    tokens: list[int] = []
-    ends: list[int] = []  # where each document's tokens end
-    # The probe reads under the Hub retries/messages; the loop then reads from the start again.
-    if _first_row(documents, src) is not None:
-        for doc in documents:
-            ids = tokenizer.encode(doc["text"]) + [tokenizer.eot_id]
-            tokens += ids[:cfg.heldout_doc_tokens] if cfg.heldout_doc_tokens else ids
-            ends.append(len(tokens))
-            if len(tokens) >= n_batches * batch_tokens:
-                break
-    n_full = min(n_batches, len(tokens) // batch_tokens)
-    if n_full == 0:
-        rule = f"split {src.eval_split!r}" if src.eval_split else f"heldout_fraction {cfg.heldout_fraction}"
-        raise UserError(f"{_describe(src)}: its held-out text ({rule}) has {len(tokens)} tokens, fewer than one "
-                        f"evaluation batch ({batch_size} x {block_len} = {batch_tokens}); raise "
-                        "data.heldout_fraction, give the source an eval_split, or lower eval.batch_size")
-    used = n_full * batch_tokens
-    blocks = torch.tensor(tokens[:used], dtype=torch.int64)
-    return HeldOut(list(blocks.view(n_full, batch_size, block_len).unbind(0)),
-                   documents=sum(1 for start in [0] + ends[:-1] if start < used))

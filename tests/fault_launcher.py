@@ -8,6 +8,8 @@ MODE:
     pause-mirror:STEP   the mirror copy of checkpoint STEP does the same in the mirror
     slow:SECONDS        every background write and mirror copy sleeps SECONDS between two halves
                         (random kills then often land inside one)
+    fail-fast           no pause; read faults reach nemoe's own retries at once (see fail_fast), and
+                        no host but the loopback can be looked up (see loopback_only)
 
 Only test code patches nemoe here; the trainer runs unchanged otherwise.
 """
@@ -34,8 +36,52 @@ def _halves(data: bytes, write, pause) -> None:
     write(data[len(data) // 2:])
 
 
+def fail_fast() -> None:
+    """Read faults reach nemoe's retries at once and sources are read in small steps (the Hub
+    stand-in tests, tests/test_hub.py): one read attempt and no sleeps in `datasets`, short
+    back-offs in huggingface_hub's retries (their number unchanged) and in nemoe's."""
+    import datasets
+    from huggingface_hub.utils import _http
+
+    from nemoe import data, sources
+    for name, value in (("STREAMING_READ_MAX_RETRIES", 1), ("STREAMING_READ_RETRY_INTERVAL", 0),
+                        ("STREAMING_READ_SERVER_UNAVAILABLE_RETRY_INTERVAL", 0),
+                        ("STREAMING_READ_RATE_LIMIT_RETRY_INTERVAL", 0),
+                        ("STREAMING_OPEN_MAX_RETRIES", 1), ("STREAMING_OPEN_RETRY_INTERVAL", 0),
+                        ("SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)):
+        setattr(datasets.config, name, value)
+    for function in (_http.http_backoff, _http.http_stream_backoff.__wrapped__):
+        function.__kwdefaults__.update(base_wait_time=0.05, max_wait_time=0.2)
+    data.RETRY_FIRST_DELAY_S, sources.HUB_BACKOFF_S = 0.05, 0.05
+    # Small formatting calls: the sources are read all along the run, not in one go at its start.
+    sources.MAP_BATCH_ROWS, sources.WIKITEXT_BATCH_ROWS = 4, 16
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def loopback_only() -> None:
+    """No name outside the loopback is looked up (so nothing can be reached outside 127.0.0.1):
+    each refused lookup fails as an unknown host would and is reported on stderr."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name is not None and name not in LOOPBACK:
+            print(f"fault_launcher: blocked a lookup of {name}", file=sys.stderr, flush=True)
+            raise socket.gaierror(socket.EAI_NONAME, f"{name}: only the loopback is reachable in tests")
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo
+
+
 def install(mode: str, marker: Path) -> None:
     kind, _, value = mode.partition(":")
+    if kind == "fail-fast":
+        loopback_only()
+        return fail_fast()
     real_save, real_copy = torch.save, mirror.copy_and_hash
 
     def stop_here():

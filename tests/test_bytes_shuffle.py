@@ -15,7 +15,7 @@ from nemoe.data import DataConfig, SourceConfig, TokenStream, source_documents
 from nemoe.errors import UserError
 from nemoe.flops import flops_per_token, flops_split
 from nemoe.rundir import incompatibility
-from nemoe.sources import heldout_sets
+from nemoe.heldout import heldout_sets
 from nemoe.tokenizer import get_tokenizer
 from tests.test_tools import assert_one_error, run_script
 from tests.test_trainer import run

@@ -112,7 +112,7 @@ def events_by_layer(events: pd.DataFrame, n_layers: int) -> str:
 
 def heldout_sizes(cfg: Config) -> str:
     """Each source's evaluation set as a run builds it: "prose 76 documents, 32,896 tokens; ..."."""
-    from nemoe.sources import describe_heldout, heldout_sets
+    from nemoe.heldout import describe_heldout, heldout_sets
     from nemoe.tokenizer import get_tokenizer
     return describe_heldout(heldout_sets(cfg.data, get_tokenizer(cfg.data.tokenizer), cfg.model.seq_len,
                                          cfg.eval.batches, cfg.eval.batch_size))
