@@ -81,6 +81,6 @@ def plan_lines(effect: float, pilot_sd: float | None, folder: str | None) -> lis
                      f"at sd {upper:.4f} (80% upper bound): "
                      + (f"{at_upper} seeds" if at_upper else f"more than {LIMIT:,} seeds"))
     if worst:
-        lines.append(f"  the largest, at the observed sds: "
+        lines.append("  the largest, at the observed sds: "
                      + (f"{worst} seeds" if worst <= LIMIT else f"more than {LIMIT:,} seeds"))
     return lines
