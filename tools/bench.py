@@ -59,7 +59,7 @@ from nemoe.tokenizer import get_tokenizer
 from nemoe.train_module import TrainModule
 from tools._common import guard, note, resolve_device
 from tools.bench_dispatch import DISPATCH, use_dispatch
-from tools.bench_report import table_lines, targets
+from tools.bench_report import flops_split_lines, table_lines, targets
 from tools.bench_t4 import bench_gpu, bench_memory
 from tools.bench_unattended import bench_parquet, bench_prefetch, measure_saves
 
@@ -411,23 +411,6 @@ class Context:
 RUNNERS = {"throughput": bench_throughput, "mfu": bench_mfu, "moe_layer": bench_moe_layer, "morph": bench_morph,
            "checkpoint": bench_checkpoint, "data": bench_data, "memory": bench_memory, "gpu": bench_gpu,
            "prefetch": bench_prefetch, "parquet": bench_parquet}
-
-
-def flops_split_lines(configs: list[str]) -> list[str]:
-    """A markdown table: per config, training FLOPs per token and each part's share (nemoe.flops)."""
-    from nemoe.config import load_config
-    from nemoe.flops import flops_split
-    from tools.comparison.results import meta_model
-    lines = ["| config | tokenizer | FLOPs/token | LM head | attention | experts | router | rest |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in configs:
-        cfg = load_config(name.strip())
-        parts = flops_split(meta_model(cfg), cfg.model.seq_len, [cfg.moe.experts_init] * cfg.model.n_layers)
-        total = sum(parts.values())
-        lines.append(f"| {cfg.name} | {cfg.data.tokenizer} | {total / 1e6:.2f} M | "
-                     + " | ".join(f"{parts[k] / total:.1%}" for k in ("lm_head", "attention", "experts", "router", "other"))
-                     + " |")
-    return lines
 
 
 def parse_args(argv):

@@ -1,5 +1,5 @@
-"""tools/bench.py's verdicts and its printed table: each target against its measured figure,
-and one line per figure, grouped by section."""
+"""tools/bench.py's verdicts and its printed tables: each target against its measured figure,
+one line per figure, grouped by section, and (--flops) the training FLOPs split per token."""
 
 from __future__ import annotations
 
@@ -133,3 +133,18 @@ def table_lines(results: dict) -> list[str]:
     return lines
 
 
+def flops_split_lines(configs: list[str]) -> list[str]:
+    """A markdown table: per config, training FLOPs per token and each part's share (nemoe.flops)."""
+    from nemoe.config import load_config
+    from nemoe.flops import flops_split
+    from tools.comparison.results import meta_model
+    lines = ["| config | tokenizer | FLOPs/token | LM head | attention | experts | router | rest |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in configs:
+        cfg = load_config(name.strip())
+        parts = flops_split(meta_model(cfg), cfg.model.seq_len, [cfg.moe.experts_init] * cfg.model.n_layers)
+        total = sum(parts.values())
+        lines.append(f"| {cfg.name} | {cfg.data.tokenizer} | {total / 1e6:.2f} M | "
+                     + " | ".join(f"{parts[k] / total:.1%}" for k in ("lm_head", "attention", "experts", "router", "other"))
+                     + " |")
+    return lines
