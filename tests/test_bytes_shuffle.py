@@ -202,3 +202,11 @@ def test_max_doc_chars_cuts_the_largest_builtin_documents_only_when_asked():
     cfg = DataConfig(sources=[SourceConfig(name="code", kind="builtin", path="code")], max_doc_chars=8192)
     first = next(iter(source_documents(cfg.sources[0], cfg, "train")))["text"]
     assert len(first) <= 8192 and whole[0].startswith(first)
+
+
+def test_bench_flops_prints_each_configs_split(capsys):
+    from tools import bench
+    assert bench.main(["--flops", "study.yaml,study_bytes.yaml"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    assert rows["study"][3] == "86.6%" and rows["study_bytes"][1] == "bytes"
+    assert float(rows["study_bytes"][5].rstrip("%")) >= 30   # experts' share of the training FLOPs
