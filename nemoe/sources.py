@@ -49,9 +49,9 @@ HUB_MAX_BACKOFF_S = 120.0
 # within one call, so an article that straddles two calls becomes two documents:
 # larger calls cut fewer articles (WikiText-103 averages ~60 lines per article).
 MAP_BATCH_ROWS = 256
+WIKITEXT_BATCH_ROWS = 2048
 # data.tokenizer bytes: a larger LM head than this is only padding, and a sign of a forgotten model.vocab_size.
 BYTES_MAX_VOCAB = 1024
-WIKITEXT_BATCH_ROWS = 2048
 
 
 
