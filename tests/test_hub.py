@@ -98,12 +98,13 @@ def test_t4_trains_from_the_stand_in_through_the_real_clients(reference):
                     "GET /datasets/yahma/alpaca-cleaned/resolve/<sha>/alpaca_data_cleaned.json",
                     "GET /datasets/Salesforce/wikitext/resolve/<sha>/wikitext-103-raw-v1/validation-00000-of-00001"):
         assert pattern in asked, f"{pattern} not among:\n{asked}"
-    # The one host outside the stand-in a client asked for: `datasets` looks for exported dataset
-    # infos at datasets-server.<the endpoint's host> (it treats the failure as "none"); the
-    # launcher refuses that lookup, so nothing leaves 127.0.0.1.
+    # The hosts outside the stand-in a client asked for: `datasets` looks for exported dataset
+    # infos at datasets-server.<the endpoint's host> (it treats the failure as "none") and may
+    # ping its download counter on s3.amazonaws.com (datasets.load.increase_load_count, errors
+    # ignored); the launcher refuses those lookups, so nothing leaves 127.0.0.1.
     blocked = {line.split()[-1] for line in stderr.splitlines() if "blocked a lookup of" in line}
     print(f"lookups refused by the launcher: {sorted(blocked)}")
-    assert blocked <= {"datasets-server.127.0.0.1"}, blocked
+    assert blocked <= {"datasets-server.127.0.0.1", "s3.amazonaws.com"}, blocked
 
 
 # Each fault at each place: opening a source, the held-out text, the first batch, a shard mid-run.
@@ -128,8 +129,10 @@ def test_transport_faults_everywhere_are_outlasted_with_the_same_losses(repos, r
     assert "retrying in" in proc.stderr and "data source 'wikitext'" in proc.stderr, proc.stderr[-3000:]
     assert "reopening the stream at its position" in text_log(tmp_path)
     assert "Traceback" not in proc.stderr
-    if kind == "stall":   # every stall ended by the client's read timeout (HF_HUB_*_TIMEOUT=1), not the server
-        assert len(server.hung_up) == len(server.fired) and max(server.hung_up) < 10, server.hung_up
+    if kind == "stall":   # the stalls end by the client's read timeout (HF_HUB_*_TIMEOUT=1), not the server's 60 s
+        # (one hang-up can go unseen: a CI run saw 21 of 22, each ~1 s, the handler of the other
+        # not yet woken when the server closed)
+        assert len(server.hung_up) >= len(server.fired) - 1 and max(server.hung_up) < 10, server.hung_up
     assert_same_run(tmp_path, reference[0])
     print(f"\n{kind}: {len(server.fired)} faulty answers at 4 places; losses equal to the fault-free run")
 
