@@ -31,12 +31,12 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
 
-from nemoe import distributed, faults
+from nemoe import configlib, distributed, faults
 from nemoe.errors import UserError
 from nemoe.faults import brief as _brief, duration as _duration
 from nemoe.documents import alpaca_document, is_heldout, wikitext_articles
@@ -89,6 +89,8 @@ class Position:
 
     dataset: dict          # the `datasets` mixture state
     pending: list[int]     # tokens read but not yet emitted: the packer's leftovers
+    window: int = 0        # data.mix_blocks: the index of the window `dataset`/`pending` start,
+    served: int = 0        # and how many of its blocks were emitted (0, 0 without mixing)
 
 
 def is_read_fault(err: BaseException) -> bool:
@@ -245,6 +247,35 @@ class _Reader:
             tokens.append(self.tokenizer.eot_id)
         return torch.tensor(tokens[:need], dtype=torch.int64).view(batch_size, self.block_len), tokens[need:]
 
+    def window(self, documents, start: Position) -> tuple[torch.Tensor, Position]:
+        """(the data.mix_blocks blocks of the window that starts at `start`, in their seeded order;
+        the position where the next window starts)."""
+        blocks, pending = self.pack(documents, start.pending, self.cfg.mix_blocks)
+        seed = configlib.derive_seed(self.cfg.seed or 0, f"data/mix/{self.rank}/{start.window}")
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+        return blocks[order], Position(self.dataset_state(), pending, start.window + 1, 0)
+
+    def batches(self, documents, batch_size: int, position: Position) -> Iterator[tuple[torch.Tensor, Position]]:
+        """(batch, position after it) from the open `documents`, which start where `position` says."""
+        if not self.cfg.mix_blocks:
+            while True:
+                batch, pending = self.pack(documents, position.pending, batch_size)
+                position = Position(self.dataset_state(), pending)
+                yield batch, position
+        start = replace(position, served=0)  # the window being served
+        blocks, after = self.window(documents, start)
+        served = position.served
+        while True:
+            rows = []
+            while sum(len(r) for r in rows) < batch_size:
+                take = min(batch_size - sum(len(r) for r in rows), len(blocks) - served)
+                rows.append(blocks[served:served + take])
+                served += take
+                if served == len(blocks):
+                    start, served = after, 0
+                    blocks, after = self.window(documents, start)
+            yield torch.cat(rows), replace(start, served=served)
+
     def generate(self, batch_size: int, start: Position, note, stopped) -> Iterator[tuple[torch.Tensor, Position]]:
         """(batch, position after it), forever from `start`; a failed read reopens at the last whole batch."""
         backoff, position = _Backoff(self.cfg.retry_minutes, self.cfg.sources, note, stopped), start
@@ -252,9 +283,7 @@ class _Reader:
             documents = None
             try:
                 documents = self.open(position.dataset)
-                while True:
-                    batch, pending = self.pack(documents, position.pending, batch_size)
-                    position = Position(self.dataset_state(), pending)
+                for batch, position in self.batches(documents, batch_size, position):
                     backoff.reset()
                     yield batch, position
             except Exception as err:  # noqa: BLE001 -- sorted below
@@ -380,9 +409,13 @@ class TokenStream:
     def state_dict(self) -> dict:
         """Plain python: the `datasets` mixture state, the pending tokens, the shard layout."""
         self._settle()
-        return {"sources": self.source_names, "dataset": self._position.dataset,
-                "pending_tokens": list(self._position.pending),
-                "shards": ROW_GROUP_SHARDS if self.reader.row_groups else "files"}
+        state = {"sources": self.source_names, "dataset": self._position.dataset,
+                 "pending_tokens": list(self._position.pending),
+                 "shards": ROW_GROUP_SHARDS if self.reader.row_groups else "files"}
+        if self.cfg.mix_blocks:
+            state["mix"] = {"blocks": self.cfg.mix_blocks, "window": self._position.window,
+                            "served": self._position.served}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("sources") != self.source_names:
@@ -392,7 +425,12 @@ class TokenStream:
         row_groups = state.get("shards") == ROW_GROUP_SHARDS
         if row_groups != self.reader.row_groups:  # a state written before row-group shards: the old layout
             self.reader.row_groups, self.reader.stale = row_groups, True
-        self._position = Position(state["dataset"], [int(t) for t in state["pending_tokens"]])
+        mix = state.get("mix") or {}
+        if mix and mix.get("blocks") != self.cfg.mix_blocks:
+            raise UserError(f"the data state was saved with data.mix_blocks {mix.get('blocks')}, this run has "
+                            f"{self.cfg.mix_blocks}: resume with the value it was saved with")
+        self._position = Position(state["dataset"], [int(t) for t in state["pending_tokens"]],
+                                  int(mix.get("window", 0)), int(mix.get("served", 0)))
 
 
 class _Holder:

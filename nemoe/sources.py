@@ -118,6 +118,13 @@ class DataConfig:
     heldout_doc_tokens: int = setting(0, ge=0, unsafe=True)
     """At most this many tokens of each held-out document go into the evaluation batches, so they
     are drawn from many documents rather than a few long ones (0: whole documents)."""
+    mix_blocks: int = setting(0, ge=0, unsafe=True)
+    """Serve the packed training blocks (rows of seq_len+1 tokens) in a seeded random order within
+    consecutive windows of this many blocks, so a batch's rows come from many documents instead of
+    one stretch of one or two (packed in reading order, a 16 x 256-byte batch is 4 KB of one
+    document, and its gradient is that document's). Each window is a permutation, drawn from the
+    data seed and the window's index: every block is trained on once, and resume stays exact (it
+    re-reads the current window). Memory: one window of int64 tokens. 0: reading order."""
     on_exhausted: Literal["cycle", "stop"] = "cycle"
     """When a source runs out: cycle (start it again) or stop (end training data with an error)."""
     retry_minutes: float = setting(30.0, ge=0)

@@ -120,6 +120,42 @@ def test_shuffled_stream_resumes_exactly(numbered):
     again.close()
 
 
+def rows(batches) -> list[tuple]:
+    return sorted(tuple(r) for b in batches for r in b.tolist())
+
+
+def test_mixed_blocks_are_each_window_permuted_once_and_resume_exactly(numbered):
+    plain = TokenStream(config(numbered, 3), BYTES, seq_len=15)
+    in_order = [plain.next_batch(4) for _ in range(6)]                  # 24 blocks: two windows of 12
+    plain.close()
+    cfg = config(numbered, 3, mix_blocks=12)
+    stream = TokenStream(cfg, BYTES, seq_len=15)
+    mixed = [stream.next_batch(4), stream.next_batch(4)]
+    state = json.loads(json.dumps(stream.state_dict()))
+    assert state["mix"] == {"blocks": 12, "window": 0, "served": 8}
+    mixed += [stream.next_batch(5) for _ in range(2)] + [stream.next_batch(3) for _ in range(2)]  # across windows
+    stream.close()
+    assert rows(in_order[:3]) == rows([torch.cat(mixed)[:12]])  # window 0 holds its own blocks, permuted
+    assert rows(in_order) == rows(mixed) and not torch.equal(torch.cat(in_order), torch.cat(mixed))
+    again = TokenStream(cfg, BYTES, seq_len=15)
+    again.load_state_dict(state)
+    assert torch.equal(torch.cat(mixed[2:]), torch.cat([again.next_batch(5) for _ in range(2)]
+                                                       + [again.next_batch(3) for _ in range(2)]))
+    again.close()
+    other = TokenStream(config(numbered, 4, mix_blocks=12), BYTES, seq_len=15)
+    assert not torch.equal(other.next_batch(12), torch.cat(mixed)[:12])  # another seed, another order
+    other.close()
+
+
+def test_resuming_with_another_mix_window_is_refused(numbered):
+    stream = TokenStream(config(numbered, 3, mix_blocks=12), BYTES, seq_len=15)
+    stream.next_batch(4)
+    state = stream.state_dict()
+    stream.close()
+    with pytest.raises(UserError, match="data.mix_blocks 12"):
+        TokenStream(config(numbered, 3, mix_blocks=8), BYTES, seq_len=15).load_state_dict(state)
+
+
 def test_heldout_cap_spreads_evaluation_over_many_documents(numbered):
     whole = heldout_sets(config(numbered, 0), BYTES, seq_len=15, n_batches=2, batch_size=4)["docs"]
     capped = heldout_sets(config(numbered, 0, heldout_doc_tokens=4), BYTES, seq_len=15, n_batches=2,
