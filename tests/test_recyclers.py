@@ -256,7 +256,8 @@ def test_resume_is_bit_exact_across_recycler_events(tmp_path, method):
     (a_train, a_events, a_eval), (b_train, b_events, b_eval) = logs(a), logs(b)
     assert b_train["loss_ce"].tolist() == a_train["loss_ce"].tolist()
     pd.testing.assert_frame_equal(b_events, a_events)
-    pd.testing.assert_frame_equal(b_eval, a_eval)
+    # b also evaluated at step 4, the first invocation's target; every other row is a's
+    pd.testing.assert_frame_equal(b_eval[b_eval["step"] != 4].reset_index(drop=True), a_eval)
     assert (b_events[b_events["granularity"] == "neuron"]["step"] == 6).any(), "an event after the resume"
     state = lambda d: pd.read_csv(d / "logs" / "tiny" / "plasticity.csv")  # noqa: E731
     pd.testing.assert_frame_equal(state(b), state(a))
