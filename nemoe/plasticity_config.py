@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 class NeuronPlasticityConfig:
     enabled: bool = False
     """Neuron apoptosis inside experts: the least fit hidden neurons die and are reborn."""
+    method: Literal["functional", "redo", "cbp", "shrink_perturb"] = "functional"
+    """functional: fitness-ranked turnover (metric, regrowth, prune_rate below); redo: recycle the
+    tau-dormant (Sokar et al. 2023); cbp: continual backprop's utility-ranked replacement (Dohare et
+    al. 2024); shrink_perturb: theta <- shrink * theta + perturb * fresh init (Ash & Adams 2020)."""
     interval: int = setting(500, gt=0)
     """Optimizer steps between neuron turnover events."""
     prune_rate: float = setting(0.05, gt=0, lt=1)
@@ -50,6 +54,19 @@ class NeuronPlasticityConfig:
     """A neuron reborn by turnover cannot die at the next `maturity_intervals` events: it starts
     with zero outgoing weights, so its fitness is near zero until it has learned (0: no protection).
     Neurons of a new expert (a split or crossover copy) are not newborns in this sense."""
+    redo_tau: float = setting(0.1, ge=0)
+    """redo: a neuron whose mean |h| over the interval is at most tau times its expert's mean over
+    neurons is dormant and recycled."""
+    cbp_decay: float = setting(0.99, ge=0, lt=1)
+    """cbp: decay of the running averages (utility |h| * sum|w_out| and mean h) per step."""
+    cbp_replacement_rate: float = setting(1e-4, gt=0, le=1)
+    """cbp: share of an expert's mature neurons replaced per step (accumulated; replaced at events)."""
+    cbp_maturity: int = setting(100, ge=0)
+    """cbp: a neuron is replaceable only when older than this many steps (founders included)."""
+    sp_shrink: float = setting(0.4, gt=0, le=1)
+    """shrink_perturb: factor on the live experts' weights at each event."""
+    sp_perturb: float = setting(0.1, ge=0)
+    """shrink_perturb: scale of the added fresh initialisation (the pool's init distributions)."""
     seed: int | None = None
     """Seed of the mechanism's own generator (random / mutation newborns, mutation parents). None
     (default): derived from train.seed when the config is built; an explicit value always wins."""
@@ -59,6 +76,15 @@ class NeuronPlasticityConfig:
         problems = []
         if self.composite_taylor + self.composite_gradient + self.composite_weight <= 0:
             problems.append("plasticity.neuron.composite_* weights must have a positive sum")
+        if self.method != "functional":
+            # Keys only the functional method reads: a changed value would silently do nothing.
+            unused = [f"{key} ({getattr(self, key)})" for key in ("metric", "regrowth", "prune_rate")
+                      if getattr(self, key) != getattr(NeuronPlasticityConfig, key)]
+            if unused:
+                problems.append(f"plasticity.neuron.{', '.join(unused)}: only method functional reads "
+                                f"{'it' if len(unused) == 1 else 'them'}; method {self.method} chooses "
+                                f"and regrows neurons by its own rule (docs/plasticity_neuron.md)")
+            return problems
         width = cfg.d_expert
         deaths = int(self.prune_rate * width)
         if self.enabled and 0 < self.prune_rate < 1 and not 1 <= deaths <= width - 1:

@@ -125,7 +125,7 @@ def train_columns(n_layers: int) -> list[str]:
 # events.csv: one row per structural event at any granularity (nemoe.plasticity.Event).
 #   granularity  expert | neuron | head | layer
 #   event        what happened: split, crossover, prune, failed_probation, graduate (expert);
-#                turnover (neuron); prune, grow, measure (head); death, birth (layer)
+#                turnover, shrink_perturb (neuron); prune, grow, measure (head); death, birth (layer)
 #   unit         what changed, e.g. e7, n3 n17, h2, L3 id5
 #   expert       the expert's id (-1: not inside an expert); parents: parent ids or units
 #   value        the measurement the decision compared with `threshold` (a usage share,

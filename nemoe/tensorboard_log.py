@@ -5,7 +5,8 @@
 What goes in (tag names in nemoe.schema):
     scalars     every training_log.csv column (loss/..., moe/..., optim/..., speed/..., progress/...),
                 held-out loss and perplexity per source (heldout/...), every plasticity.csv
-                row (plasticity/<granularity>/<name>/L<i>[.<unit>]: head gates, layer vitality, ...)
+                row (plasticity/<granularity>/<name>/L<i>[.<unit>]: head gates, layer vitality, the
+                dormant expert neurons of every run, plasticity/neuron/dormant_<tau>/L<i>, ...)
     text        `events`: one table per step with events.csv's columns; `config` at each start
     histograms  `usage/L<i>` at each morph decision: the usage share of every expert that was live
                 when the controller decided (what split and prune compared with their thresholds)
@@ -47,6 +48,7 @@ LAYOUT = {
         "train CE vs held-out (all)": ["Multiline", [r"loss/ce$", r"heldout/loss/all$"]],
         "usage entropy per layer": ["Multiline", [r"moe/usage_entropy/L\d+"]],
         "max load per layer": ["Multiline", [r"moe/max_load/L\d+"]],
+        "dormant expert neurons (tau 0.1) per layer": ["Multiline", [r"plasticity/neuron/dormant_0\.1/L\d+"]],
     },
 }
 # Charts of the plasticity mechanisms, by config section, shown when the section is on.

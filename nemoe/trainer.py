@@ -23,6 +23,7 @@ from nemoe import distributed as dist
 from nemoe.checkpoint import Checkpointer, replicated
 from nemoe.config import Config, dump_config
 from nemoe.data import DataStopped, TokenStream
+from nemoe.dormancy import probe_dormancy
 from nemoe.errors import UserError
 from nemoe.evaluator import Evaluator
 from nemoe.files import atomic_write
@@ -186,7 +187,8 @@ class Trainer:
             self.write_metrics()
 
     def write_metrics(self) -> None:
-        """A training_log.csv row for the steps since the last one (and plasticity.csv rows)."""
+        """A training_log.csv row for the steps since the last one, and plasticity.csv rows (the
+        mechanisms' state and, in every run, the dormant expert neurons on the probe batch)."""
         if not self.metrics.steps:
             return
         release_free_memory()   # before rss_mb is measured: the row shows what the run holds
@@ -195,7 +197,10 @@ class Trainer:
                                self.cfg.moe, experts, self.train.loss_scale)
         self.log.train_row(row)
         self.metrics = self._new_window()
-        if states := self.plasticity.snapshot():
+        states = self.plasticity.snapshot()
+        if self.runtime.dist.is_main:   # dormant expert neurons, every run (measuring changes nothing)
+            states += probe_dormancy(self.model, self.evaluator.probe_batch, self.runtime.autocast)
+        if states:
             self.log.state_rows([{"step": self.step, "tokens": self.tokens, **row} for row in states])
 
     def _new_window(self) -> MetricsWindow:

@@ -1,5 +1,9 @@
 """Neuron apoptosis inside experts (`plasticity.neuron`): the least fit die and are reborn.
 
+`method` picks the rule: functional (below, the default), or one of the recyclers of the
+literature, redo / cbp / shrink_perturb (nemoe/plasticity/recyclers.py). They share the
+records, the events, the re-kill rate and the optimizer surgery here.
+
 Neuron j of expert e is column j of w_in[e], entry j of b_in[e] and row j of
 w_out[e]:  h = gelu(x @ w_in[e] + b_in[e])  (n, H);  out = h @ w_out[e] + b_out[e].
 Every `interval` steps, in each live expert that received tokens, the
@@ -59,17 +63,16 @@ scale changes rarely); rankings inside one expert are unaffected.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from nemoe.distributed import sum_over_ranks_
+from nemoe.dormancy import activity_scores
 from nemoe.moe import ExpertPool
+from nemoe.plasticity import recyclers
 from nemoe.plasticity.base import ActContext, Event, LayerShift, Mechanism, element_states, shift_rows
-
-INIT_STD = 0.02   # ExpertPool's init of w_in
-RIDGE = 1e-6      # functional refit: Tikhonov term relative to the mean activation energy
+from nemoe.plasticity.neuron_rules import composite_fitness, neuron_norms, refit_outgoing, select_dead
+from nemoe.plasticity.recyclers import INIT_STD
 
 
 class HiddenCapture:
@@ -81,19 +84,22 @@ class HiddenCapture:
     next step's first forward (gradients just set to None) drops them.
     """
 
-    def __init__(self, pool: ExpertPool, record_gram: bool):
+    def __init__(self, pool: ExpertPool, record_gram: bool, record_activity: bool = False):
         n_slots, _, width = pool.w_in.shape
         kw = {"dtype": torch.float64, "device": pool.w_in.device}
         self.pool = pool
         self.taylor = torch.zeros(n_slots, width, **kw)          # (E, H) sum |h * dL/dh|
         self.tokens = torch.zeros(n_slots, **kw)                  # (E,) tokens seen
+        # redo / cbp: (E, H) sums of |h| and of h over the tokens
+        self.abs_sum = torch.zeros(n_slots, width, **kw) if record_activity else None
+        self.h_sum = torch.zeros(n_slots, width, **kw) if record_activity else None
         # (E, H+1, H+1) sum of a a^T with a = [h, 1]: all the refit needs.
         self.gram = torch.zeros(n_slots, width + 1, width + 1, **kw) if record_gram else None
         self.recording = False   # record the Gram matrix in this step (the refit window)
         self.dirty = False
 
     def clear(self) -> None:
-        for t in (self.taylor, self.tokens, self.gram):
+        for t in (self.taylor, self.tokens, self.gram, self.abs_sum, self.h_sum):
             if t is not None:
                 t.zero_()
         self.dirty = False
@@ -110,62 +116,15 @@ class HiddenCapture:
             hf = seen.float()                                        # (n, H)
             self.taylor[slot] += (hf * grad.float()).abs().sum(0)
             self.tokens[slot] += hf.shape[0]
+            if self.abs_sum is not None:
+                self.abs_sum[slot] += hf.abs().sum(0)
+                self.h_sum[slot] += hf.sum(0)
             if record:
                 a = F.pad(hf, (0, 1), value=1.0)                     # (n, H+1)
                 self.gram[slot] += a.T @ a
 
         h.register_hook(on_grad)
         return h
-
-
-# --------------------------------------------------------------------------- #
-# Fitness, selection and the refit: small pure functions
-# --------------------------------------------------------------------------- #
-
-def neuron_norms(w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
-    """||theta_j|| per neuron. w_in (E, C, H), b_in (E, H), w_out (E, H, C) -> (E, H)."""
-    sq = w_in.double().pow(2).sum(1) + b_in.double().pow(2) + w_out.double().pow(2).sum(2)
-    return sq.sqrt()
-
-
-def composite_fitness(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """sum_m c_m * F_m / mean_j(F_m), per expert row. parts: name -> (E, H)."""
-    total = 0
-    for name, f in parts.items():
-        if weights[name] > 0:
-            total = total + weights[name] * f / f.mean(dim=-1, keepdim=True).clamp_min(1e-30)
-    return total
-
-
-def select_dead(fitness: torch.Tensor, n_deaths: int, eligible: torch.Tensor) -> torch.Tensor:
-    """The n_deaths eligible neurons of lowest fitness, worst first (ties: lower index)."""
-    masked = torch.where(eligible, fitness, torch.full_like(fitness, math.inf))
-    order = torch.sort(masked, stable=True).indices
-    return order[:min(n_deaths, int(eligible.sum()))]
-
-
-def refit_outgoing(gram: torch.Tensor, w_out: torch.Tensor, dead: torch.Tensor):
-    """Survivors' outgoing rows that re-express the dead neurons' output (least squares).
-
-    gram: (H+1, H+1) sum over recorded tokens of a a^T, a = [h, 1]; w_out: (H, C);
-    dead: (k,) indices. Solves min ||[H_s, 1] X - H W||^2 (+ ridge) through the
-    normal equations, which need only the Gram matrix. Returns the survivors' new
-    rows (H-k, C, in index order), the shift of b_out (C,) and the relative RMS
-    residual ||[H_s, 1] X - H W|| / ||H W|| on the recorded tokens.
-    """
-    width = w_out.shape[0]
-    keep_mask = torch.ones(width + 1, dtype=torch.bool, device=gram.device)
-    keep_mask[dead] = False
-    keep = keep_mask.nonzero().squeeze(1)                 # survivors, then the constant
-    A, W = gram.double(), w_out.double()
-    cross = A[keep][:, :width] @ W                        # (S+1, C) sum a_S (h W)
-    A_kk = A[keep][:, keep]                               # (S+1, S+1)
-    ridge = RIDGE * A_kk.diagonal().mean()
-    X = torch.linalg.solve(A_kk + ridge * torch.eye(len(keep), dtype=A.dtype, device=A.device), cross)
-    target = (W.T @ A[:width, :width] @ W).trace()        # ||H W||^2
-    error = (X.T @ A_kk @ X).trace() - 2 * (X.T @ cross).trace() + target
-    relative = float((error.clamp_min(0) / target).sqrt()) if target > 0 else 0.0
-    return X[:-1], X[-1], relative
 
 
 # --------------------------------------------------------------------------- #
@@ -179,9 +138,14 @@ class NeuronPlasticity(Mechanism):
     def __init__(self, cfg, model: torch.nn.Module, probe_batch: torch.Tensor):
         super().__init__(cfg, model, probe_batch)
         s = self.section
+        self.method = s.method
+        # redo and cbp regrow as `random` does: fresh incoming weights, outgoing zero.
+        self.regrowth = s.regrowth if self.method == "functional" else "random"
         self.layers = model.moe_layers
         n_slots, _, self.width = self.layers[0].experts.w_in.shape
         self.n_deaths = int(s.prune_rate * self.width)
+        # w_out's init std (NemoeLM: GPT-2's residual scaling), for shrink_perturb's fresh draw
+        self.out_std = INIT_STD / (2 * cfg.model.n_layers) ** 0.5
         device = self.layers[0].experts.w_in.device
         shape = (len(self.layers), n_slots, self.width)
         long = {"dtype": torch.long, "device": device}
@@ -194,14 +158,20 @@ class NeuronPlasticity(Mechanism):
         self.taylor = torch.zeros(shape, **real)           # interval accumulators ...
         self.grad_norm = torch.zeros(shape, **real)
         self.tokens = torch.zeros(shape[:2], **real)       # (L, E)
-        functional = s.regrowth == "functional"
+        functional = self.regrowth == "functional"
         self.gram = torch.zeros(*shape[:2], self.width + 1, self.width + 1, **real) if functional else None
+        redo, cbp = self.method == "redo", self.method == "cbp"
+        self.activity = torch.zeros(shape, **real) if redo else None         # redo: interval sum of |h|
+        self.util = torch.zeros(shape, **real) if cbp else None             # cbp: running averages ...
+        self.mean_act = torch.zeros(shape, **real) if cbp else None
+        self.updates = torch.zeros(shape, **long) if cbp else None          # ... and their update counts
+        self.pending = torch.zeros(shape[:2], **real) if cbp else None      # cbp: replacements due (L, E)
         self.last_fitness = torch.zeros(shape, **real)     # ... and the last event's fitness
         self.rekills = torch.zeros(shape[0], **long)       # (L,) last event: deaths of the previous
         self.event_deaths = torch.zeros(shape[0], **long)  # event's newborns, of all its deaths
         self.last_event = -1                               # step of the last event (-1: none yet)
         self.step = 0
-        self.captures = [HiddenCapture(layer.experts, functional) for layer in self.layers]
+        self.captures = [HiddenCapture(layer.experts, functional, redo or cbp) for layer in self.layers]
         for layer, capture in zip(self.layers, self.captures):
             layer.experts.capture = capture
         self._set_recording(0)
@@ -226,6 +196,10 @@ class NeuronPlasticity(Mechanism):
             self.tokens[li] += capture.tokens
             if self.gram is not None and capture.recording:
                 self.gram[li] += capture.gram
+            if self.activity is not None:
+                self.activity[li] += capture.abs_sum
+            if self.util is not None:
+                self._cbp_step(li, capture, step + 1)
             capture.clear()
             if uses_gradient:
                 pool = layer.experts
@@ -235,9 +209,22 @@ class NeuronPlasticity(Mechanism):
         self._set_recording(step + 1)
         self.step = step + 1
 
+    def _cbp_step(self, li: int, capture: HiddenCapture, done: int) -> None:
+        """Continual backprop after applied step `done`: the running averages (summed over ranks:
+        every rank decides alike) and the replacements due in each live expert."""
+        for t in (capture.abs_sum, capture.h_sum, capture.tokens):
+            sum_over_ranks_(t)
+        layer = self.layers[li]
+        recyclers.cbp_update_(self.util[li], self.mean_act[li], self.updates[li], capture.abs_sum,
+                              capture.h_sum, capture.tokens, layer.experts.w_out, self.section.cbp_decay)
+        mature = torch.stack([self.eligible(li, slot, done) for slot in range(self.pending.shape[1])])
+        live = layer.active.to(mature.device)
+        due = recyclers.cbp_due(self.pending[li], mature.sum(-1), self.section.cbp_replacement_rate)
+        self.pending[li] = torch.where(live, due, self.pending[li])
+
     # -- following the other mechanisms ------------------------------------------ #
     _PER_LAYER = ("birth_step", "parent", "generation", "deaths", "taylor", "grad_norm", "tokens", "gram",
-                  "last_fitness", "rekills", "event_deaths")
+                  "last_fitness", "rekills", "event_deaths", "activity", "util", "mean_act", "updates", "pending")
 
     def on_events(self, events: list[Event]) -> None:
         """A new expert in a slot (split or crossover): its neurons' records restart."""
@@ -262,7 +249,8 @@ class NeuronPlasticity(Mechanism):
         """Fresh records for every neuron of one slot: born at `step`, no parent, no history."""
         self.birth_step[li, slot] = step
         self.parent[li, slot] = -1
-        for t in (self.generation, self.deaths, self.taylor, self.grad_norm, self.tokens, self.gram):
+        for t in (self.generation, self.deaths, self.taylor, self.grad_norm, self.tokens, self.gram,
+                  self.activity, self.util, self.mean_act, self.updates, self.pending):
             if t is not None:
                 t[li, slot] = 0
 
@@ -270,6 +258,10 @@ class NeuronPlasticity(Mechanism):
     def _fitness(self, li: int) -> torch.Tensor:
         """(E, H) fitness of layer li's neurons under the configured metric."""
         s, pool = self.section, self.layers[li].experts
+        if self.method == "redo":       # ReDo's score: mean |h| / the expert's mean over neurons
+            return activity_scores(self.activity[li], self.tokens[li])
+        if self.method == "cbp":        # the bias-corrected contribution utility
+            return recyclers.corrected(self.util[li], self.updates[li], s.cbp_decay)
         parts = {"grad_activation": self.taylor[li], "gradient": self.grad_norm[li],
                  "weight": neuron_norms(pool.w_in, pool.b_in, pool.w_out).to(self.taylor.device)}
         if s.metric != "composite":
@@ -280,29 +272,37 @@ class NeuronPlasticity(Mechanism):
     # -- acting ---------------------------------------------------------------- #
     def eligible(self, li: int, slot: int, step: int) -> torch.Tensor:
         """(H,) which neurons of (li, slot) may die at `step`: at least `min_age` steps old, and
-        not reborn by turnover within the last `maturity_intervals` intervals."""
+        (functional) not reborn by turnover within the last `maturity_intervals` intervals, or
+        (cbp) older than cbp_maturity steps; redo protects no one."""
         s = self.section
         age = step - self.birth_step[li, slot]
+        if self.method == "redo":       # ReDo protects no one: a newborn is active by construction
+            return age >= s.min_age
+        if self.method == "cbp":        # continual backprop's maturity threshold, in steps
+            return (age >= s.min_age) & (age > s.cbp_maturity)
         newborn = (self.deaths[li, slot] > 0) & (age <= s.maturity_intervals * s.interval)
         return (age >= s.min_age) & ~newborn
 
     def act(self, ctx: ActContext) -> list[Event]:
         self.step = step = ctx.step
         # Activation statistics differ per data-parallel rank: sum them (gradients already agree).
-        for t in (self.taylor, self.tokens, self.gram):
+        for t in (self.taylor, self.tokens, self.gram, self.activity):
             if t is not None:
                 sum_over_ranks_(t)
         events: list[Event] = []
         self.rekills.zero_()
         self.event_deaths.zero_()
         for li, layer in enumerate(self.layers):
+            if self.method == "shrink_perturb":
+                events += self._shrink_perturb(ctx, li)
+                continue
             fitness = self._fitness(li)                                      # (E, H)
             self.last_fitness[li] = fitness
             live, traffic = layer.active.tolist(), self.tokens[li].tolist()
             for slot in range(len(live)):
                 if not live[slot] or traffic[slot] == 0:
                     continue   # a free slot, or no tokens this interval: no evidence
-                dead = select_dead(fitness[slot], self.n_deaths, self.eligible(li, slot, step))
+                dead = self._select(li, slot, fitness[slot], step)
                 if len(dead) == 0:
                     continue
                 # Reborn by turnover (deaths > 0) at the previous event: a re-kill.
@@ -313,15 +313,41 @@ class NeuronPlasticity(Mechanism):
                 parents, residual = self._turn_over(ctx.optimizer, li, slot, dead, fitness[slot], step)
                 events.append(self._event(ctx, li, slot, dead, parents, fitness[slot], residual, before,
                                           ctx.probe.measure()))
-        for t in (self.taylor, self.grad_norm, self.tokens, self.gram):
+        for t in (self.taylor, self.grad_norm, self.tokens, self.gram, self.activity):
             if t is not None:
                 t.zero_()
         self.last_event = step
         return events
 
+    def _select(self, li: int, slot: int, fitness: torch.Tensor, step: int) -> torch.Tensor:
+        """The neurons of (li, slot) that die at `step`, worst first, by the method's rule."""
+        eligible = self.eligible(li, slot, step)
+        if self.method == "redo":
+            return recyclers.redo_candidates(fitness, self.section.redo_tau, eligible)
+        if self.method == "cbp":
+            dead = select_dead(fitness, int(self.pending[li, slot]), eligible)
+            self.pending[li, slot] -= len(dead)
+            return dead
+        return select_dead(fitness, self.n_deaths, eligible)
+
+    def _shrink_perturb(self, ctx: ActContext, li: int) -> list[Event]:
+        """Shrink & Perturb on the live experts of layer li: one event (probe loss around it)."""
+        s, layer = self.section, self.layers[li]
+        slots = layer.active.nonzero().squeeze(1)
+        if len(slots) == 0:
+            return []
+        before = ctx.probe()
+        recyclers.shrink_perturb_(layer.experts, slots, s.sp_shrink, s.sp_perturb, self.out_std, self.generator)
+        unit = " ".join(f"e{ctx.expert_id(li, slot)}" for slot in slots.tolist())
+        return [Event(step=ctx.step, tokens=ctx.tokens, granularity="neuron", event="shrink_perturb", layer=li,
+                      unit=unit, value=s.sp_shrink, threshold=s.sp_perturb, n_before=self.width,
+                      n_after=self.width, probe_loss_before=before, probe_loss_after=ctx.probe.measure(),
+                      cause=f"theta <- {s.sp_shrink:g} theta + {s.sp_perturb:g} fresh init, "
+                            f"{len(slots)} live experts")]
+
     def _parents(self, fitness: torch.Tensor, dead: torch.Tensor) -> list[int]:
         """Parent neuron of each newborn (-1 for none), by the regrowth rule."""
-        rule, k = self.section.regrowth, len(dead)
+        rule, k = self.regrowth, len(dead)
         if rule in ("random", "functional"):
             return [-1] * k
         alive = torch.ones_like(fitness, dtype=torch.bool)
@@ -339,10 +365,12 @@ class NeuronPlasticity(Mechanism):
     def _turn_over(self, optimizer, li: int, slot: int, dead: torch.Tensor, fitness: torch.Tensor,
                    step: int) -> tuple[list[int], float | None]:
         """Kill `dead` in (li, slot) and write the newborns; returns (parents, refit residual)."""
-        s, pool = self.section, self.layers[li].experts
+        pool = self.layers[li].experts
         dead = dead.to(pool.w_in.device)
         residual = None
-        if s.regrowth == "functional" and self.gram[li, slot, -1, -1] > 0:
+        if self.method == "cbp":
+            self._cbp_handover(li, slot, dead)
+        if self.regrowth == "functional" and self.gram[li, slot, -1, -1] > 0:
             rows, shift, residual = refit_outgoing(self.gram[li, slot], pool.w_out[slot], dead)
             alive = torch.ones(self.width, dtype=torch.bool, device=dead.device)
             alive[dead] = False
@@ -364,8 +392,18 @@ class NeuronPlasticity(Mechanism):
         self.deaths[li, slot, dead] += 1
         return parents, residual
 
+    def _cbp_handover(self, li: int, slot: int, dead: torch.Tensor) -> None:
+        """Continual backprop: b_out takes the dead neurons' mean contribution (bias-corrected mean
+        activation times their outgoing rows), and their running averages restart."""
+        pool, decay = self.layers[li].experts, self.section.cbp_decay
+        mean = recyclers.corrected(self.mean_act[li, slot, dead], self.updates[li, slot, dead], decay)
+        shift = (mean.unsqueeze(1) * pool.w_out[slot, dead].double()).sum(0)        # (C,)
+        pool.b_out[slot] += shift.to(pool.b_out.dtype)
+        for t in (self.util, self.mean_act, self.updates):
+            t[li, slot, dead] = 0
+
     def _write_incoming(self, pool: ExpertPool, slot: int, dead: torch.Tensor, parents: list[int]) -> None:
-        rule, k = self.section.regrowth, len(dead)
+        rule, k = self.regrowth, len(dead)
         w_in, b_in = pool.w_in[slot], pool.b_in[slot]            # (C, H), (H,) views
         if rule in ("random", "functional"):
             noise = torch.randn(w_in.shape[0], k, generator=self.generator)   # CPU: same on every device
@@ -387,8 +425,10 @@ class NeuronPlasticity(Mechanism):
         s = self.section
         dead_fitness = fitness[dead.to(fitness.device)]
         cutoff = float(dead_fitness.max())
-        cause = f"{s.metric} <= {cutoff:.4g}; {s.regrowth}"
-        if s.regrowth == "functional":
+        cause = {"redo": f"redo score <= {cutoff:.4g} (tau {s.redo_tau:g}); fresh incoming, outgoing 0",
+                 "cbp": f"cbp utility <= {cutoff:.4g}; fresh incoming, outgoing 0, b_out takes the mean"
+                 }.get(self.method, f"{s.metric} <= {cutoff:.4g}; {s.regrowth}")
+        if self.regrowth == "functional":
             cause += f" refit residual {residual:.4g}" if residual is not None else " (no recorded tokens)"
         return Event(
             step=ctx.step, tokens=ctx.tokens, granularity="neuron", event="turnover", layer=li,

@@ -57,6 +57,19 @@ def _dense(cfg: Config) -> list[str]:
             "morph.enabled=false", f"model.d_expert={cfg.moe.top_k * cfg.d_expert}", *_only_mechanism(None)]
 
 
+# plasticity.neuron variants (static experts): functional turnover with and without newborn
+# protection (maturity_intervals; today's default is 1, so `neuron` = `neuron_protect`), and the
+# recyclers of the literature (docs/plasticity_neuron.md).
+NEURON_METHODS = [
+    ("neuron_protect", "functional turnover, newborns protected for 1 event (maturity_intervals=1, the default)",
+     ["method=functional", "maturity_intervals=1"]),
+    ("neuron_unprotected", "functional turnover without newborn protection (maturity_intervals=0)",
+     ["method=functional", "maturity_intervals=0"]),
+    ("redo", "ReDo: recycle tau-dormant neurons (Sokar et al. 2023)", ["method=redo"]),
+    ("cbp", "continual backprop: replace low-utility mature neurons (Dohare et al. 2024)", ["method=cbp"]),
+    ("shrink_perturb", "Shrink & Perturb of the experts' weights (Ash & Adams 2020)", ["method=shrink_perturb"]),
+]
+
 # Every strategy but morph_bias balances as the config says (moe.balance, aux_loss by default).
 STRATEGIES = {s.name: s for s in [
     Strategy("dense", "one FFN, same active parameters per token as the MoE", _dense),
@@ -73,6 +86,11 @@ STRATEGIES = {s.name: s for s in [
     *[Strategy(m, f"plasticity.{m} alone (static experts)",
                (lambda cfg, m=m: ["morph.enabled=false", *_only_mechanism(m)]), mechanism=m)
       for m in MECHANISMS],
+    Strategy("static_wd0", "static_moe with train.weight_decay=0 (to induce plasticity loss)",
+             lambda cfg: ["morph.enabled=false", "train.weight_decay=0", *_only_mechanism(None)]),
+    *[Strategy(name, about, (lambda cfg, sets=sets: ["morph.enabled=false", *_only_mechanism("neuron"),
+                                                      *[f"plasticity.neuron.{x}" for x in sets]]),
+               mechanism="neuron") for name, about, sets in NEURON_METHODS],
 ]}
 
 
