@@ -67,7 +67,7 @@ from tools.bench_unattended import bench_parquet, bench_prefetch, measure_saves
 
 SECTIONS = ("throughput", "mfu", "moe_layer", "morph", "checkpoint", "data", "memory", "gpu", "prefetch", "parquet")
 NEEDS = {"mfu": ("throughput",), "data": ("throughput",)}   # sections that read another's figures
-FREE_SLOTS_RUN = (4, 3, 2)   # --free-slots: batch (sequences), timed steps per round, rounds
+FREE_SLOTS_RUN = (2, 1, 3)   # --free-slots: batch (sequences), timed steps per round, rounds
 T4_MORPH_INTERVAL = 1000   # configs/t4.yaml morph.interval, the interval the overhead target is for
 
 
