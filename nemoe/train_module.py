@@ -31,7 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from nemoe import memory
 from nemoe.distributed import sum_over_ranks
 from nemoe.model import NemoeLM, split_block
+from nemoe.plasticity.experts import slot_params
 from nemoe.runtime import Runtime
+from nemoe.slot_optim import SlotAdamW
 
 # fp16: a step that overflows after the GradScaler backed off below this scale overflows
 # even unscaled (fp16's largest value is 65504): real divergence, not the early back-off.
@@ -87,8 +89,10 @@ class TrainModule:
         self.memory_note = memory.guard(cfg, runtime)
         self.model = NemoeLM(cfg).to(runtime.device)
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(
+        # SlotAdamW: torch's AdamW on the live expert slots only (free slots cost no time, no state).
+        self.optimizer = SlotAdamW(
             self.model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+            slotted=[(layer, slot_params(layer)) for layer in self.model.moe_layers],
             # fused: one kernel over all parameters, on CUDA and CPU alike; on CPU it measured
             # 5x faster than the default per-parameter loop (t4 shapes, one thread).
             fused=True)

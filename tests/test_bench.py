@@ -15,6 +15,7 @@ import pytest
 
 from nemoe.config import find_config, read_yaml
 from tools import bench
+from tools.bench_slots import VARIANTS, bench_free_slots, free_slot_lines
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +161,15 @@ def test_unknown_section_is_one_clear_error(capsys):
     assert bench.main(["--only", "speed"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 1 and "throughput" in err
+
+
+def test_free_slots_cost_no_optimizer_state_and_the_table_has_every_pool():
+    results = bench_free_slots(["study_bytes.yaml"], batch=1, steps=1, rounds=1)
+    rows = {r["variant"]: r for r in results["study_bytes.yaml"]}
+    assert list(rows) == [name for name, *_ in VARIANTS]
+    small, free, before, full = (rows[name]["state_bytes"] for name, *_ in VARIANTS)
+    assert free == small, "6 free slots add no optimizer state"
+    assert before > 3 * small and abs(before - full) < 1024, "before: every slot had moments, as if all were live"
+    assert all(r["step_s"] > 0 and r["optim_s"] > 0 for r in rows.values())
+    table = free_slot_lines(results, 1, 1, 1)
+    assert sum(line.startswith("| 8 slots") for line in table) == 3 and "| 2 slots, 2 live |" in "\n".join(table)

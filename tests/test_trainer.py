@@ -119,6 +119,28 @@ def test_resume_is_bit_exact_across_events(uninterrupted, tmp_path):
     assert "resumed from nemo_ckpt_step10.pt at step 10" in text
 
 
+def test_a_checkpoint_from_before_free_slots_resumes_and_both_optimizers_train_alike(uninterrupted, tmp_path,
+                                                                                      monkeypatch):
+    """The saved-state builder: the run as it was before nemoe.slot_optim, torch's AdamW over every
+    expert slot (moments for free slots too), to step 13 with births and deaths; resumed by today's
+    code, its checkpoint is upgraded on load. Rows 1-13 (old optimizer) and 14-24 (resumed) are the
+    uninterrupted run of today's code bit for bit."""
+    with monkeypatch.context() as patch:
+        patch.setattr("nemoe.train_module.SlotAdamW", lambda params, slotted=(), **kw: torch.optim.AdamW(params, **kw))
+        assert run(tmp_path, "--max-steps", "13") == 0
+    saved = torch.load(tmp_path / "checkpoints" / "tiny" / "nemo_ckpt_step13.pt", weights_only=False)
+    moments = saved["train_module"]["optimizer"]["state"].values()
+    assert all("slots" not in m for m in moments) and any(m["exp_avg"].dim() == 3 for m in moments), "old layout"
+    assert run(tmp_path, "--resume", "--max-steps", "24") == 0
+    straight_train, straight_events, straight_eval = logs(uninterrupted)
+    train, events, evals = logs(tmp_path)
+    assert train["loss_ce"].tolist() == straight_train["loss_ce"].tolist()
+    assert train["grad_norm"].tolist() == straight_train["grad_norm"].tolist()
+    pd.testing.assert_frame_equal(events, straight_events)
+    assert evals["loss"].tolist() == straight_eval["loss"].tolist()
+    assert {"split", "prune"} & set(events[events["step"] <= 13]["event"]), "births or deaths before the checkpoint"
+
+
 def test_same_seed_same_events(uninterrupted, tmp_path):
     assert run(tmp_path, "--max-steps", "24") == 0
     pd.testing.assert_frame_equal(logs(tmp_path)[1], logs(uninterrupted)[1])

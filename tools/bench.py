@@ -6,6 +6,7 @@
     python tools/bench.py --only moe_layer,data --json bench.json
     python tools/bench.py --device cuda            # on a GPU: also fp16 + GradScaler, 15 GB cap, compile
     python tools/bench.py --only parquet --parquet-mb 2048   # parquet resume on a 2 GB file
+    python tools/bench.py --free-slots --threads 1   # what free expert slots cost (8 slots, 2 live)
 
 Everything runs in one process on one device and measures the real code paths:
 nemoe.model.NemoeLM with AdamW over `param_groups`, the real Trainer (built-in
@@ -60,11 +61,13 @@ from nemoe.train_module import TrainModule
 from tools._common import guard, note, resolve_device
 from tools.bench_dispatch import DISPATCH, use_dispatch
 from tools.bench_report import flops_split_lines, table_lines, targets
+from tools.bench_slots import bench_free_slots, free_slot_lines
 from tools.bench_t4 import bench_gpu, bench_memory
 from tools.bench_unattended import bench_parquet, bench_prefetch, measure_saves
 
 SECTIONS = ("throughput", "mfu", "moe_layer", "morph", "checkpoint", "data", "memory", "gpu", "prefetch", "parquet")
 NEEDS = {"mfu": ("throughput",), "data": ("throughput",)}   # sections that read another's figures
+FREE_SLOTS_RUN = (2, 1, 3)   # --free-slots: batch (sequences), timed steps per round, rounds
 T4_MORPH_INTERVAL = 1000   # configs/t4.yaml morph.interval, the interval the overhead target is for
 
 
@@ -426,6 +429,11 @@ def parse_args(argv):
     p.add_argument("--flops", metavar="CONFIG[,CONFIG]", default=None,
                    help="only print each config's training FLOPs per token, split into LM head, attention, "
                         "experts and router (at experts_init live experts), e.g. --flops study.yaml,study_bytes.yaml")
+    p.add_argument("--free-slots", metavar="CONFIG[,CONFIG]", nargs="?", const="study_bytes.yaml,t4.yaml",
+                   default=None,
+                   help="only time a train step and the optimizer step, and measure AdamW's state, of an 8-slot "
+                        "pool with 2 live experts against a 2-slot pool and 8 live, at each config's model "
+                        "shapes on the CPU (default: study_bytes.yaml,t4.yaml; tools/bench_slots.py)")
     p.add_argument("--only", default=",".join(SECTIONS), metavar="A,B",
                    help=f"comma list of sections ({', '.join(SECTIONS)}); those they need run too")
     return p.parse_args(argv)
@@ -452,6 +460,11 @@ def main(argv=None) -> int:
         if args.threads < 1:
             raise UserError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.free_slots:
+        batch, steps, rounds = (1, 1, 1) if args.quick else FREE_SLOTS_RUN
+        results = bench_free_slots(args.free_slots.split(","), batch, steps, rounds)
+        print("\n".join(free_slot_lines(results, batch, steps, rounds)))
+        return 0
     device = resolve_device(args.device)
     shapes = QUICK if args.quick else FULL
     header = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"

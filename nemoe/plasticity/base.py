@@ -182,9 +182,16 @@ def element_states(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> 
     Scalars such as Adam's `step` are shared by every slice of a parameter and left
     alone by slice surgery: a newborn slice with copied moments is consistent with
     the shared bias correction, one with zero moments takes a small first step.
+    An expert slot parameter under nemoe.slot_optim.SlotAdamW has per-slot entries
+    instead: its moments come as `SlotMoments`, indexed like the stacked tensor (slot
+    first), and writing 0 to a whole slot gives that slot's state back.
     """
     if optimizer is None:
         return []
+    slot_moments = getattr(optimizer, "slot_moments", None)
+    moments = slot_moments(p) if slot_moments is not None else None
+    if moments is not None:
+        return moments
     return [t for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t) and t.shape == p.shape]
 
 

@@ -253,11 +253,20 @@ class LayerSenescence(Mechanism):
 # Surgery on whole blocks: parameters, buffers and optimizer state
 # --------------------------------------------------------------------------- #
 
+def clone_state(value):
+    """A deep copy of optimizer state: tensors cloned, dicts (SlotAdamW's per-slot entries) copied."""
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: clone_state(v) for k, v in value.items()}
+    return value
+
+
 def block_state(block: torch.nn.Module, optimizer) -> dict:
     """Copies of a block's parameters, buffers and per-parameter optimizer state, in module order."""
     return {"params": [p.detach().clone() for p in block.parameters()],
             "buffers": [b.clone() for b in block.buffers()],
-            "optim": [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+            "optim": [clone_state(optimizer.state[p])
                       if optimizer is not None and p in optimizer.state else None
                       for p in block.parameters()]}
 
@@ -279,9 +288,9 @@ def load_block_state(block: torch.nn.Module, optimizer, state: dict) -> None:
                 if torch.is_tensor(v):
                     optimizer.state[p][k].copy_(v)
                 else:
-                    optimizer.state[p][k] = v
+                    optimizer.state[p][k] = clone_state(v)
         else:
-            optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in moments.items()}
+            optimizer.state[p] = clone_state(moments)
 
 
 @torch.no_grad()
@@ -312,6 +321,8 @@ def fresh_init_(block: torch.nn.Module, optimizer, n_layers: int, experts_init: 
         for v in state.values():
             if torch.is_tensor(v):
                 v.zero_()
+            elif isinstance(v, dict):
+                v.clear()   # SlotAdamW's per-slot entries: live slots restart at zero moments, step 0
     moe = block.moe
     moe.active.zero_()
     moe.active[:experts_init] = True
