@@ -167,7 +167,7 @@ TB_TRAIN_TAGS = {"tokens": "progress/tokens", "elapsed_s": "progress/elapsed_s",
                  "loss_z_scaled": "loss/router_z_scaled", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
                  "grad_scale": "optim/grad_scale", "skipped_steps": "optim/skipped_steps", "balance": "moe/balance",
                  "tokens_per_s": "speed/tokens_per_s", "rss_mb": "host/rss_mb",
-                 "expert_param_steps": "cost/expert_param_steps", "optim_state_bytes": "cost/optim_state_bytes"}
+                 "expert_param_steps": "progress/expert_param_steps", "optim_state_bytes": "optim/state_bytes"}
 TB_EVENTS_TAG = "events"            # text: one table per step, events.csv's columns
 TB_CONFIG_TAG = "config"            # text: the resolved config at each start (fresh or resumed)
 TB_USAGE_TAG = "usage"              # histograms usage/L<i>: expert usage shares at each morph decision
