@@ -138,11 +138,36 @@ class MorphConfig:
     seed: int | None = None
     """Seed of the controller's own generator (decisions and mutation noise). None (default):
     derived from train.seed when the config is built; an explicit value always wins."""
+    grow_until: float | None = setting(None, gt=0, le=1)
+    """Growth schedule: the share of the run (train.total_tokens) by which every layer has grown from
+    moe.experts_init to moe.experts_max experts; the target rises linearly over the decisions up to
+    there, and births follow it only (split_usage and crossover_prob play no part; probation and
+    pruning still apply, and the schedule refills what they free). None: no schedule."""
+    split_by: Literal["usage", "gradient"] = "usage"
+    """Growth schedule: which graduated expert a scheduled birth copies: usage (the most used over
+    the last interval) or gradient (the largest gradient utility: the sum over the interval's
+    applied steps of the squared norm of its weights' gradient; README, Expert morphogenesis)."""
 
     def check(self, cfg: Config) -> list[str]:
-        if self.prune_usage < self.split_usage:
-            return []
-        return [f"morph.prune_usage ({self.prune_usage}) must be < morph.split_usage ({self.split_usage})"]
+        problems = []
+        if self.prune_usage >= self.split_usage:
+            problems.append(f"morph.prune_usage ({self.prune_usage}) must be < morph.split_usage ({self.split_usage})")
+        if self.grow_until is not None:
+            moe = cfg.moe
+            if not self.enabled:
+                problems.append("morph.grow_until needs morph.enabled: true (the schedule's births are "
+                                "morphogenesis decisions)")
+            if moe.experts_max <= moe.experts_init:
+                problems.append(f"morph.grow_until: moe.experts_max ({moe.experts_max}) must be > "
+                                f"moe.experts_init ({moe.experts_init}), else there is nothing to grow")
+            if 0 < self.grow_until <= 1 and self.grow_until * cfg.total_steps() < self.interval:
+                problems.append(f"morph.grow_until ({self.grow_until}) x {cfg.total_steps()} steps leaves no "
+                                f"morph decision (morph.interval {self.interval}) to grow at: raise grow_until "
+                                f"or lower morph.interval")
+        elif self.split_by == "gradient":
+            problems.append(f"morph.split_by: {self.split_by} chooses the parents of scheduled births; "
+                            f"set morph.grow_until too")
+        return problems
 
 
 @dataclass

@@ -64,6 +64,11 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    """Ranks in the process group (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _flags_device() -> torch.device:
     # NCCL reduces CUDA tensors only; gloo CPU tensors.
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \

@@ -108,9 +108,12 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 #                  newborn counted as a full expert); balance: the same over the experts that can
 #                  take traffic, 1.0 = even
 #   rss_mb         the process's resident memory (MB) when the row was written (rank 0 under DDP)
+#   expert_param_steps  cumulative: the sum over the run's steps of the parameters of the experts
+#                  live at each step (every expert's w_in, b_in, w_out, b_out; router rows not counted)
+#   optim_state_bytes  bytes held by the optimizer's state tensors when the row was written (one rank's)
 TRAIN_COLUMNS = ["step", "tokens", "loss", "loss_ce", "loss_lb", "loss_z", "loss_lb_scaled",
                  "loss_z_scaled", "lr", "grad_norm", "grad_scale", "skipped_steps", "tokens_per_s", "elapsed_s",
-                 "balance", "rss_mb"]
+                 "balance", "rss_mb", "expert_param_steps", "optim_state_bytes"]
 LAYER_COLUMNS = ("experts", "usage_entropy", "max_load")   # experts_L0, usage_entropy_L0, ...
 
 
@@ -163,7 +166,8 @@ TB_TRAIN_TAGS = {"tokens": "progress/tokens", "elapsed_s": "progress/elapsed_s",
                  "loss_z": "loss/router_z", "loss_lb_scaled": "loss/load_balance_scaled",
                  "loss_z_scaled": "loss/router_z_scaled", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
                  "grad_scale": "optim/grad_scale", "skipped_steps": "optim/skipped_steps", "balance": "moe/balance",
-                 "tokens_per_s": "speed/tokens_per_s", "rss_mb": "host/rss_mb"}
+                 "tokens_per_s": "speed/tokens_per_s", "rss_mb": "host/rss_mb",
+                 "expert_param_steps": "progress/expert_param_steps", "optim_state_bytes": "optim/state_bytes"}
 TB_EVENTS_TAG = "events"            # text: one table per step, events.csv's columns
 TB_CONFIG_TAG = "config"            # text: the resolved config at each start (fresh or resumed)
 TB_USAGE_TAG = "usage"              # histograms usage/L<i>: expert usage shares at each morph decision

@@ -28,7 +28,7 @@ from nemoe.errors import UserError
 from nemoe.evaluator import Evaluator
 from nemoe.files import atomic_write
 from nemoe.logs import NullLogger, RunLogger, start_line
-from nemoe.metrics import MetricsWindow, release_free_memory
+from nemoe.metrics import MetricsWindow, optimizer_state_bytes, params_per_expert, release_free_memory
 from nemoe.plasticity import Plasticity
 from nemoe.rundir import RunDir, change_notes, incompatibility
 from nemoe.runtime import Runtime, on_stop_signal
@@ -61,6 +61,8 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.tokenizer, self.model, self.runtime)
         self.plasticity = Plasticity(cfg, self.model, self.evaluator.probe_batch)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        # Live-expert parameter-steps so far: each step adds the parameters of the experts live in it.
+        self.expert_params, self.expert_param_steps = params_per_expert(self.model), 0
         self.metrics, self.stop_requested = self._new_window(), False
         if info.rank > 0:
             # Same initial weights on every rank (seeded above), its own dropout stream.
@@ -88,6 +90,9 @@ class Trainer:
             except (RuntimeError, KeyError, ValueError) as err:
                 raise UserError(f"the checkpoint does not fit this model ({str(err)[:300]})") from None
             notes += more + [f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)"]
+            if "expert_param_steps" not in state:
+                notes.append(f"the checkpoint predates expert_param_steps: the steps up to {self.step} are "
+                             f"counted at the experts live now ({self.expert_param_steps:,} parameter-steps)")
         else:
             notes += self.train.start_fresh()   # a pretrained source is read on a fresh start only
         if not self.runtime.dist.is_main:
@@ -168,6 +173,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step on the next batches; step, tokens and the log window advance."""
         batches = self.stream.next_batches(self.cfg.train.grad_accum, self.cfg.train.batch_size)
+        self.expert_param_steps += self.expert_params * sum(self.plasticity.experts.expert_counts())
         result = self.train.train_batch(batches, self.step, self.plasticity)
         if not result.finite:
             self.log.warn(self.step + 1, result.skip_note)
@@ -195,6 +201,8 @@ class Trainer:
         experts = self.plasticity.experts.expert_counts()
         row = self.metrics.row(self.step, self.tokens, self.elapsed, self.tokens_per_step, self.world,
                                self.cfg.moe, experts, self.train.loss_scale)
+        row.update(expert_param_steps=self.expert_param_steps,
+                   optim_state_bytes=optimizer_state_bytes(self.train.optimizer))
         self.log.train_row(row)
         self.metrics = self._new_window()
         states = self.plasticity.snapshot()
@@ -223,6 +231,7 @@ class Trainer:
         mine = {"rng": Runtime.rng_state(), "data": self.stream.state_dict(),
                 "metrics": self.metrics.state_dict(), "plasticity": self.plasticity.state_dict()}
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "world_size": self.world,
+                "expert_param_steps": self.expert_param_steps,
                 "config": self.cfg.to_dict(), "train_module": self.train.state_dict(),
                 "ranks": dist.gather_objects(mine)}
 
@@ -233,6 +242,9 @@ class Trainer:
         if restore_data:
             self.stream.load_state_dict(mine["data"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        # A checkpoint written before the count: its steps at the experts live now (a note says so).
+        self.expert_param_steps = state.get("expert_param_steps", self.step * self.expert_params
+                                            * sum(self.plasticity.experts.expert_counts()))
         self.metrics = MetricsWindow.from_state(mine["metrics"], self.runtime.device)
         Runtime.set_rng_state(mine["rng"])
 

@@ -112,7 +112,8 @@ def row_at(step: int, experts=(2, 3)) -> dict:
            "loss_lb": 1.01, "loss_z": 0.3, "loss_lb_scaled": 0.0101, "loss_z_scaled": 0.0003,
            "lr": 1e-3 * step, "grad_norm": 0.5 + step / 100, "grad_scale": 1.0, "skipped_steps": step % 3,
            "tokens_per_s": 1000.0 + step, "balance": 1.0 + step / 200,
-           "elapsed_s": 0.1 * step, "rss_mb": 500.0 + step}
+           "elapsed_s": 0.1 * step, "rss_mb": 500.0 + step, "expert_param_steps": 1000 * step,
+           "optim_state_bytes": 4096 + step}
     for i, n in enumerate(experts):
         row |= {f"experts_L{i}": n, f"usage_entropy_L{i}": 0.6 + step / 1000, f"max_load_L{i}": 1.2}
     return row

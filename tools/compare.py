@@ -72,6 +72,9 @@ def parse_args(argv):
     d.add_argument("--primary", default=None, metavar="ARM-BASE,...",
                    help="primary comparisons, arm minus baseline on held-out all, e.g. static_max-static_moe")
     d.add_argument("--margin", type=float, default=None, help="equivalence margin in nats (TOST at +-M)")
+    p.add_argument("--target-baseline", default=None, metavar="STRATEGY",
+                   help="tokens-to-target: the first evaluation at which a run reaches this strategy's final "
+                        "held-out loss (mean over its seeds); default static_max when it runs")
     d.add_argument("--noninferiority", type=float, default=None, metavar="M",
                    help="non-inferiority margin in nats: the upper 95%% bound of arm - baseline below +M")
     c = p.add_argument_group("committed rows")

@@ -10,7 +10,10 @@ Two halves, kept apart so each can be read and tested alone:
        next `cooldown_intervals` - 1 (their `cooldown_until` step);
     2. split: the most-used graduated expert above `split_usage` that is not
        cooling down is cloned into a free slot (with relative mutation noise);
-    3. crossover: if nothing split and a slot is free, with probability
+       under a growth schedule (morph.grow_until, nemoe/plasticity/growth.py)
+       instead: as many graduated experts as the layer lacks of the schedule's
+       target, chosen by usage or gradient utility (morph.split_by);
+    3. crossover (never under a growth schedule): if nothing split and a slot is free, with probability
        `crossover_prob`, two graduated parents drawn in proportion to their
        fitness are blended into a child;
     4. prune: the least-used graduated expert below `prune_usage` is removed,
@@ -51,10 +54,11 @@ from dataclasses import dataclass
 
 import torch
 
-from nemoe.distributed import sum_over_ranks
+from nemoe.distributed import sum_over_ranks, world_size
 from nemoe.moe import MoELayer
 from nemoe.plasticity.base import (ActContext, Event, LayerShift, Mechanism, add_relative_noise_, element_states,
                                    shift_rows)
+from nemoe.plasticity.growth import Growth, growth_decisions, growth_target, slot_grad_sq
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Action:
     usage: float = 0.0          # the usage the decision was based on
     threshold: float = 0.0      # the threshold it was compared with
     cools: tuple[int, ...] = () # failed_probation: the parent slots that cool down
+    cause: str = ""             # events.csv's cause; "" = the usage rule's "usage U vs T"
 
 
 # --------------------------------------------------------------------------- #
@@ -90,11 +95,13 @@ class Action:
 # --------------------------------------------------------------------------- #
 
 def plan_layer(records: list[ExpertRecord | None], usage: list[float], morph, top_k: int,
-               experts_min: int, step: int, generator: torch.Generator) -> list[Action]:
+               experts_min: int, step: int, generator: torch.Generator,
+               growth: Growth | None = None) -> list[Action]:
     """Decide one layer's actions for this interval (pure except for `generator`).
 
     records: per slot, the live expert or None; usage: per slot share of
-    token-choices over the interval; morph: the MorphConfig.
+    token-choices over the interval; morph: the MorphConfig; growth: the schedule's
+    births at this decision (None: no schedule, births by the usage rule and crossover).
     """
     actions: list[Action] = []
     live = {s for s, r in enumerate(records) if r is not None}
@@ -118,9 +125,20 @@ def plan_layer(records: list[ExpertRecord | None], usage: list[float], morph, to
     graduated = live - newborn
     free = [s for s in range(len(records)) if s not in live]
 
-    # 2. Split the most-used graduated expert above the threshold that is not cooling down.
+    # 2. Split: as many as the growth schedule asks for, else the most-used graduated expert
+    # above the threshold that is not cooling down.
     split = False
-    if free and graduated - cooling:
+    if growth is not None:
+        births = min(growth.target - len(live), len(free))
+        candidates = sorted(graduated - cooling) or sorted(graduated)
+        if births > 0 and candidates:
+            n_live = len(live)
+            for parent in growth.parents(candidates, births):
+                child = free.pop(0)
+                actions.append(Action("split", child, (parent,), growth.scores[parent], growth.target,
+                                      cause=growth.cause(parent, n_live, len(candidates))))
+                live.add(child)
+    elif free and graduated - cooling:
         top = max(sorted(graduated - cooling), key=lambda s: usage[s])
         if usage[top] > morph.split_usage:
             child = free.pop(0)
@@ -129,7 +147,7 @@ def plan_layer(records: list[ExpertRecord | None], usage: list[float], morph, to
             split = True
 
     # 3. Crossover: fitness-proportional parents, only when nothing split.
-    if not split and free and len(graduated) >= 2 and morph.crossover_prob > 0:
+    if growth is None and not split and free and len(graduated) >= 2 and morph.crossover_prob > 0:
         if torch.rand((), generator=generator).item() < morph.crossover_prob:
             order = sorted(graduated)
             fitness = torch.tensor([records[s].usage_ema for s in order], dtype=torch.float64)
@@ -238,6 +256,14 @@ class ExpertMorphogenesis(Mechanism):
         # (L, E) this rank's token-choices per slot over the applied steps since the last decision.
         self.usage_counts = torch.zeros(cfg.model.n_layers, cfg.moe.experts_max, dtype=torch.long,
                                         device=self.layers[0].usage_counts.device)
+        # Growth schedule (morph.grow_until): the run's steps (the schedule is a share of them) and,
+        # for split_by: gradient, the (L, E) gradient utility since the last decision (sum over the
+        # applied steps of each slot's squared expert-gradient norm; the same on every rank).
+        self.total_steps = cfg.total_steps(world_size())
+        self.grad_utility = None
+        if cfg.morph.grow_until is not None and cfg.morph.split_by == "gradient":
+            self.grad_utility = torch.zeros(cfg.model.n_layers, cfg.moe.experts_max, dtype=torch.float64,
+                                            device=self.usage_counts.device)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -272,6 +298,8 @@ class ExpertMorphogenesis(Mechanism):
         """The step's update is applied: its routing counts join the interval's."""
         for li, layer in enumerate(self.layers):
             self.usage_counts[li] += layer.usage_counts
+            if self.grad_utility is not None:
+                self.grad_utility[li] += slot_grad_sq(layer)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -294,6 +322,7 @@ class ExpertMorphogenesis(Mechanism):
     def act(self, ctx: ActContext) -> list[Event]:
         """Read usage, decide and operate on every layer; returns the events."""
         usage = self._read_usage()
+        utility = self._read_utility()
         self.last_decision = (ctx.step, [[usage[li][s] for s, r in enumerate(row) if r is not None]
                                          for li, row in enumerate(self.records)])
         events: list[Event] = []
@@ -303,7 +332,7 @@ class ExpertMorphogenesis(Mechanism):
                     r.usage = usage[li][slot]
                     r.usage_ema = self.morph.usage_ema * r.usage_ema + (1 - self.morph.usage_ema) * r.usage
             actions = plan_layer(row, usage[li], self.morph, self.moe.top_k, self.moe.experts_min,
-                                 ctx.step, self.generator)
+                                 ctx.step, self.generator, self._growth(ctx.step, usage[li], utility, li))
             for action in actions:
                 n_before, before = self.expert_counts()[li], ctx.probe()
                 record = self._operate(layer, ctx.optimizer, row, action, ctx.step)
@@ -314,7 +343,7 @@ class ExpertMorphogenesis(Mechanism):
                     parents=" ".join(str(row[p].id) for p in action.parents), value=action.usage,
                     threshold=action.threshold, n_before=n_before, n_after=self.expert_counts()[li],
                     probe_loss_before=before, probe_loss_after=after,
-                    cause=f"usage {action.usage:.4f} vs {action.threshold:g}", slot=action.slot))
+                    cause=action.cause or f"usage {action.usage:.4f} vs {action.threshold:g}", slot=action.slot))
         self.update_routing(ctx.step)
         return events
 
@@ -324,6 +353,24 @@ class ExpertMorphogenesis(Mechanism):
         self.usage_counts.zero_()
         totals = counts.sum(dim=1, keepdim=True).clamp_min(1)
         return (counts / totals).tolist()
+
+    def _read_utility(self) -> list[list[float]] | None:
+        """Gradient utility per slot over the interval (split_by: gradient); resets it."""
+        if self.grad_utility is None:
+            return None
+        utility = self.grad_utility.tolist()
+        self.grad_utility.zero_()
+        return utility
+
+    def _growth(self, step: int, usage: list[float], utility: list[list[float]] | None, layer: int) -> Growth | None:
+        """The schedule's births for one layer at this decision (None: no schedule)."""
+        m = self.morph
+        target = growth_target(step, m, self.moe.experts_init, self.moe.experts_max, self.total_steps)
+        if target is None:
+            return None
+        scores = usage if utility is None else utility[layer]
+        return Growth(target, self.moe.experts_max, growth_decisions(m, self.total_steps) * m.interval, m.split_by,
+                      scores)
 
     def _operate(self, layer: MoELayer, optimizer, row, action: Action, step: int) -> ExpertRecord:
         """Apply one action to parameters, optimizer state and records; returns the expert acted on."""
@@ -361,6 +408,10 @@ class ExpertMorphogenesis(Mechanism):
         self.usage_counts = shift_rows(self.usage_counts, shift.sources)
         if shift.parent < 0:
             self.usage_counts[shift.newborn] = 0
+        if self.grad_utility is not None:
+            self.grad_utility = shift_rows(self.grad_utility, shift.sources)
+            if shift.parent < 0:
+                self.grad_utility[shift.newborn] = 0
         if shift.parent >= 0:
             row = []
             for r in old[shift.parent]:
@@ -372,11 +423,15 @@ class ExpertMorphogenesis(Mechanism):
 
     # -- checkpointing --------------------------------------------------------- #
     def state_dict(self) -> dict:
-        """Records and generator (the same on every rank) and this rank's usage counts since
-        the last decision (summed over ranks only when the next decision reads them)."""
-        return {"next_id": self.next_id, "generator": self.generator.get_state(),
-                "records": [[None if r is None else dataclasses.asdict(r) for r in row] for row in self.records],
-                "usage_counts": [row.cpu() for row in self.usage_counts]}
+        """Records and generator (the same on every rank), this rank's usage counts since
+        the last decision (summed over ranks only when the next decision reads them) and, with
+        split_by: gradient, the gradient utility since the last decision."""
+        state = {"next_id": self.next_id, "generator": self.generator.get_state(),
+                 "records": [[None if r is None else dataclasses.asdict(r) for r in row] for row in self.records],
+                 "usage_counts": [row.cpu() for row in self.usage_counts]}
+        if self.grad_utility is not None:
+            state["grad_utility"] = self.grad_utility.cpu()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.next_id = state["next_id"]
@@ -385,6 +440,11 @@ class ExpertMorphogenesis(Mechanism):
                          for r in row] for row in state["records"]]
         for row, counts in zip(self.usage_counts, state.get("usage_counts", [])):
             row.copy_(counts)
+        if self.grad_utility is not None:
+            # Absent: a checkpoint of a run without it (split_by changed on resume): from zero.
+            self.grad_utility.zero_()
+            if "grad_utility" in state:
+                self.grad_utility.copy_(state["grad_utility"])
         for layer in self.layers:
             # Zero at every step boundary; a checkpoint written before the interval counts
             # moved here holds them in the model's buffers too (they would count twice).

@@ -28,7 +28,10 @@ from tools.comparison.declared import Declaration
 BASELINE = "static_moe"
 # Paired comparisons besides every strategy vs BASELINE, reported when both ran: does growing
 # match having the final size from the start, and what does the balancing mode change.
-EXTRA_PAIRS = (("morph", "static_max"), ("morph_bias", "morph"), ("morph_bias", "static_max"))
+EXTRA_PAIRS = (("morph", "static_max"), ("morph_bias", "morph"), ("morph_bias", "static_max"),
+               ("grow", "static_max"), ("grow_grad", "static_max"), ("grow_grad", "grow"))
+TARGET_BASELINE = "static_max"   # tokens-to-target aims at its final held-out loss when it is in the grid
+GROW_UNTIL = 0.5                 # the growth strategies reach experts_max by this share of the run
 OFF_PHASE_WEIGHT = 1e-9  # a source outside its phase: kept (so it is evaluated), never drawn in practice
 MECHANISMS = ("neuron", "heads", "layers")
 
@@ -48,6 +51,13 @@ class Strategy:
 def _only_mechanism(name: str | None) -> list[str]:
     """Every plasticity mechanism off except `name`, so a strategy measures one thing at a time."""
     return [f"plasticity.{m}.enabled={str(m == name).lower()}" for m in MECHANISMS]
+
+
+def _grow(split_by: str) -> Callable[[Config], list[str]]:
+    # Births by the schedule only; no pruning (prune_usage 0) and every newborn graduates
+    # (probation_min_usage 0), so the pool grows as scheduled and stays at experts_max.
+    return lambda cfg: ["morph.enabled=true", f"morph.grow_until={GROW_UNTIL}", f"morph.split_by={split_by}",
+                        "morph.prune_usage=0", "morph.probation_min_usage=0", *_only_mechanism(None)]
 
 
 def _dense(cfg: Config) -> list[str]:
@@ -83,6 +93,12 @@ STRATEGIES = {s.name: s for s in [
     Strategy("morph_bias", "morphogenesis with auxiliary-loss-free balancing (moe.balance=bias: a selection "
              "bias instead of the load-balance loss)",
              lambda cfg: ["morph.enabled=true", "moe.balance=bias", *_only_mechanism(None)]),
+    Strategy("grow", f"growth schedule: from experts_init to experts_max experts by {GROW_UNTIL:g} of the run "
+             "(morph.grow_until), each birth copying the most-used expert (split_by usage); no pruning, every "
+             "newborn graduates", _grow("usage")),
+    Strategy("grow_grad", f"growth schedule: from experts_init to experts_max experts by {GROW_UNTIL:g} of the run, "
+             "each birth copying the expert of largest gradient utility (split_by gradient); no pruning, every "
+             "newborn graduates", _grow("gradient")),
     *[Strategy(m, f"plasticity.{m} alone (static experts)",
                (lambda cfg, m=m: ["morph.enabled=false", *_only_mechanism(m)]), mechanism=m)
       for m in MECHANISMS],
@@ -168,6 +184,7 @@ class Plan:
     study: Path | None = None      # committed rows (tools/comparison/committed.py), if kept
     rebuild: bool = False          # report only: run nothing
     declared: Declaration = field(default_factory=Declaration)   # set by compare.py (declared.settle)
+    target_baseline: str | None = None   # tokens-to-target: the strategy whose final held-out loss is the target
 
     @property
     def record_folder(self) -> Path:
@@ -217,7 +234,17 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
         raise UserError("--jobs must be >= 1 and --within in (0, 1)")
     command = "python tools/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     return Plan(args.config, out, args.protocol, runs, base, notes, jobs, max(1, cpu_count() // jobs), command,
-                args.within, study, bool(getattr(args, "rebuild", False)))
+                args.within, study, bool(getattr(args, "rebuild", False)),
+                target_baseline=target_baseline(getattr(args, "target_baseline", None), strategies))
+
+
+def target_baseline(name: str | None, strategies: list[str]) -> str | None:
+    """--target-baseline, checked; default TARGET_BASELINE when it runs, else none."""
+    if name is None:
+        return TARGET_BASELINE if TARGET_BASELINE in strategies else None
+    if name not in strategies:
+        raise UserError(f"--target-baseline {name}: not among the strategies run ({', '.join(strategies)})")
+    return name
 
 
 def parse_seeds(args: argparse.Namespace) -> list[int]:

@@ -14,7 +14,7 @@ from tools._common import pyplot, save_figure
 from tools.comparison.comparisons import compare, comparison_lines, fmt_diff, fmt_p, of
 from tools.comparison.declared import declared_lines
 from tools.comparison.plan import BASELINE, STRATEGIES, Plan
-from tools.comparison.results import FINGERPRINT_STEPS, eval_curves, heldout_sizes
+from tools.comparison.results import FINGERPRINT_STEPS, add_tokens_to_target, eval_curves, heldout_sizes
 from tools.comparison.stats import mean_sd
 
 
@@ -22,8 +22,10 @@ def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
     """Write report.md, results.csv, summary.csv and curves.png into plan.out (and plan.study);
     the report's text."""
     write = grid_report if plan.protocol == "grid" else shift_report
-    text, summary = write(plan, results, failures)
     curves = eval_curves(plan, [r for r in plan.runs if r.name not in failures])
+    if plan.protocol == "grid":
+        results = add_tokens_to_target(results, curves, plan.target_baseline)
+    text, summary = write(plan, results, failures)
     phases = plan.runs[0].phases
     title = f"held-out loss, {plan.config}"
     if plan.protocol == "shift":
@@ -127,7 +129,7 @@ def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> 
     losses = ["loss_all", *[f"loss_{s}" for s in sources]]
     events = event_columns(results)
     metrics = [*losses, "flops", "flops_per_token", "wall_s", "tokens_per_s", "params_total",
-               "params_active", "params_live", "events", *events]
+               "params_active", "params_live", *COST_METRICS, "events", *events]
     summary = summarize(results, metrics, ["strategy"])
     comparisons = compare(results, losses, plan.declared, strategy_order(plan))
     lines = report_header(plan, f"Comparison on `{plan.config}`: {plan.base.total_steps():,} steps, "
@@ -140,6 +142,7 @@ def grid_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> 
               "(training_log.csv elapsed_s, evaluation and checkpoints excluded); tokens/s = tokens / train s. "
               f"Tokens/s were measured with {plan.jobs} runs in parallel ({plan.threads} threads each) "
               "and depend on what else the machine did.", ""]
+    lines += cost_lines(plan, summary, results)
     if BASELINE not in set(results["strategy"]):
         lines += [f"No `{BASELINE}` runs in this grid, so no default pairs to it.", ""]
     lines += comparison_lines(comparisons, plan.declared, loss_label)
@@ -181,6 +184,58 @@ def grid_table(summary: pd.DataFrame, sources: list[str], comparisons: pd.DataFr
             f"{r.loc['params_total', 'mean']:,.0f}", f"{r.loc['params_active', 'mean']:,.0f}",
             f"{r.loc['params_live', 'mean']:,.0f}", cell("events", 1)]) + " |")
     return lines
+
+
+COST_METRICS = ("expert_param_steps", "optim_state_peak_bytes", "rss_peak_mb", "tokens_to_target")
+
+
+def cost_lines(plan: Plan, summary: pd.DataFrame, results: pd.DataFrame, to_target: bool = True) -> list[str]:
+    """What each strategy's expert pool cost and (to_target) when it reached the target: one table (—
+    where a run's files predate a column, e.g. committed rows written before it). Ratios are to
+    plan.target_baseline."""
+    baseline = plan.target_baseline
+    means = {(r["strategy"], r["metric"]): (r["mean"], r["sd"]) for _, r in summary.iterrows()}
+
+    def cell(strategy: str, metric: str, show) -> str:
+        mean, sd = means.get((strategy, metric), (math.nan, math.nan))
+        return "—" if math.isnan(mean) else show(mean) if math.isnan(sd) else f"{show(mean)} ± {show(sd)}"
+
+    def ratio(strategy: str, metric: str) -> str:
+        mine = means.get((strategy, metric), (math.nan,))[0]
+        base = means.get((baseline, metric), (math.nan,))[0] if baseline else math.nan
+        return "—" if math.isnan(mine) or math.isnan(base) or base == 0 else f"{mine / base:.2f}"
+
+    target = results["target_loss"].iloc[0] if "target_loss" in results else math.nan
+    reached = results.groupby("strategy")["tokens_to_target"].apply(lambda v: int(v.notna().sum())) \
+        if "tokens_to_target" in results else {}
+    n_runs = results.groupby("strategy").size()
+    vs = f"× {baseline}" if baseline else "× baseline"
+    head = ["strategy", "n", "live-expert param·steps", vs, "train s", vs, "optimizer state peak", "peak RSS",
+            "tokens to target", "reached"]
+    target_text, every = "", plan.base.eval.every_steps
+    if to_target:
+        target_text = (f"Tokens to target: tokens trained at the first evaluation whose held-out loss (all) is at "
+                       f"or below `{baseline}`'s final one, mean over its seeds ({fmt(target)}); evaluations every "
+                       f"{every} steps ({every * plan.base.tokens_per_step():,} tokens) resolve it; the mean is "
+                       f"over the runs that reached it (`reached`)." if baseline
+                       else "Tokens to target: no target baseline in this grid (--target-baseline).")
+    lines = ["## What the expert pool cost", "",
+             "Live-expert param·steps: Σ over steps of the parameters of the experts live in the step (their "
+             "MLP weights; training_log.csv expert_param_steps). Optimizer state peak: the largest size of the "
+             "optimizer's state tensors at any log row (optim_state_bytes). Peak RSS: the largest rss_mb of a "
+             "log row. " + target_text, "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for strategy in strategy_order(plan):
+        if strategy not in n_runs:
+            continue
+        lines.append("| " + " | ".join([
+            strategy, str(int(n_runs[strategy])), cell(strategy, "expert_param_steps", fmt_si),
+            ratio(strategy, "expert_param_steps"), cell(strategy, "wall_s", lambda x: f"{x:.0f}"),
+            ratio(strategy, "wall_s"), cell(strategy, "optim_state_peak_bytes", lambda x: fmt_si(x) + "B"),
+            cell(strategy, "rss_peak_mb", lambda x: f"{x:,.0f} MB"),
+            cell(strategy, "tokens_to_target", fmt_si),
+            f"{reached.get(strategy, 0)}/{int(n_runs[strategy])}" if baseline and to_target else "—"]) + " |")
+    return lines + [""]
 
 
 EXPERT_EVENTS = ("split", "crossover", "graduate", "failed_probation", "prune")   # the controller's order
@@ -268,6 +323,8 @@ def shift_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
               "reads its opening documents again; with one source per phase, data.seed changes little and "
               "seeds differ mainly in initialisation and the controller's draws", ""]
     lines += declared_lines(plan.declared)
+    runs = results.drop_duplicates("run")   # the cost columns are the run's, repeated on each phase's row
+    lines += cost_lines(plan, summarize(runs, ["wall_s", *COST_METRICS], ["strategy"]), runs, to_target=False)
     head = ["strategy", "phase", "metric", "n", "mean ± sd"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for _, r in summary.iterrows():

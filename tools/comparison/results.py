@@ -52,6 +52,18 @@ def compute(model, cfg: Config, train_log: pd.DataFrame) -> dict[str, float]:
             "tokens_per_s": float(last["tokens"] / last["elapsed_s"])}
 
 
+def size_costs(train_log: pd.DataFrame) -> dict[str, float]:
+    """What the run's expert pool cost, from training_log.csv: live-expert parameter-steps (the
+    cumulative expert_param_steps of the last row), the optimizer-state peak (the largest
+    optim_state_bytes of any row) and the peak resident memory (the largest rss_mb). NaN where
+    the log predates the column."""
+    def largest(column: str) -> float:
+        return float(train_log[column].max()) if column in train_log and train_log[column].notna().any() \
+            else math.nan
+    return {"expert_param_steps": largest("expert_param_steps"),
+            "optim_state_peak_bytes": largest("optim_state_bytes"), "rss_peak_mb": largest("rss_mb")}
+
+
 def run_results(out: Path, run: Run) -> dict:
     """One run's final numbers, read from its own eval.csv, training_log.csv, events.csv, config.yaml."""
     log_dir = run.paths(out).log_dir
@@ -70,6 +82,7 @@ def run_results(out: Path, run: Run) -> dict:
     row.update({f"loss_{r.source}": float(r.loss) for r in final.itertuples()})
     model = meta_model(cfg)
     row.update(compute(model, cfg, train_log))
+    row.update(size_costs(train_log))
     row.update(param_counts(model, sum(train[c] for c in layer_columns(train_log))))
     row["events"] = len(events)
     for kind, count in events["granularity"].value_counts().items():
@@ -142,14 +155,43 @@ def data_fingerprint(cfg: Config, steps: int = FINGERPRINT_STEPS) -> str:
 
 
 def eval_curves(plan: Plan, runs: list[Run]) -> pd.DataFrame:
-    """Every run's held-out losses: strategy, seed, step, source, loss (committed ones from the study folder)."""
+    """Every run's held-out losses: strategy, seed, step, tokens, source, loss (committed ones from the
+    study folder)."""
     frames = []
     for run in runs:
         evals = (committed_eval(plan.study, run) if has_summary(plan.study, run)
                  else read_eval(run.paths(plan.out).log_dir / schema.EVAL_CSV))
-        frames.append(evals.assign(strategy=run.strategy, seed=run.seed)[["strategy", "seed", "step",
+        frames.append(evals.assign(strategy=run.strategy, seed=run.seed)[["strategy", "seed", "step", "tokens",
                                                                             "source", "loss"]])
     return pd.concat(frames, ignore_index=True)
+
+
+def target_loss(results: pd.DataFrame, baseline: str | None) -> float:
+    """The baseline's final held-out loss (all), mean over its seeds; NaN without such runs."""
+    if baseline is None or "loss_all" not in results:
+        return math.nan
+    return float(results.loc[results["strategy"] == baseline, "loss_all"].mean())
+
+
+def tokens_to_target(curves: pd.DataFrame, target: float) -> dict[tuple[str, int], float]:
+    """(strategy, seed) -> tokens trained at the first evaluation whose held-out loss (all) is at or
+    below `target` (NaN: never reached)."""
+    mixed = curves[curves["source"] == "all"].sort_values("step")
+    found = {}
+    for (strategy, seed), frame in mixed.groupby(["strategy", "seed"], sort=False):
+        hits = frame[frame["loss"] <= target]
+        found[(strategy, int(seed))] = float(hits["tokens"].iloc[0]) if len(hits) else math.nan
+    return found
+
+
+def add_tokens_to_target(results: pd.DataFrame, curves: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
+    """results with `tokens_to_target` (and `target_loss`, the loss it is measured against) per run."""
+    target = target_loss(results, baseline)
+    if math.isnan(target):
+        return results
+    found = tokens_to_target(curves, target)
+    return results.assign(target_loss=target, tokens_to_target=[
+        found.get((s, int(seed)), math.nan) for s, seed in zip(results["strategy"], results["seed"])])
 
 
 # --------------------------------------------------------------------------- #
@@ -198,7 +240,8 @@ def shift_results(plan: Plan, run: Run) -> list[dict]:
     if missing:
         raise UserError(f"{log_dir / schema.EVAL_CSV}: no evaluation at phase end(s) {missing}")
     base = run_results(plan.out, run)
-    keep = {k: base[k] for k in ("strategy", "seed", "run", "tokens_per_s", "data_fingerprint")}
+    keep = {k: base[k] for k in ("strategy", "seed", "run", "tokens_per_s", "wall_s", "expert_param_steps",
+                                 "optim_state_peak_bytes", "rss_peak_mb", "data_fingerprint")}
     return [{**keep, **row} for row in shift_metrics(evals, events, bounds, plan.within)]
 
 
