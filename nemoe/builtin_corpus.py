@@ -9,8 +9,8 @@ Splits of those two, for protocols that need several distinguishable sources
 (tools/compare.py --protocol cycles): `docs` (the documentation topics) and
 `docstrings` (the modules' docstrings) partition `prose`; `code_net` (the
 standard library's network and mail packages, NET_PACKAGES) and `code_core` (the
-rest of its source, less pydoc_data, whose topics are `docs`' text) are disjoint
-parts of `code`.
+rest of its source, less pydoc_data, whose topics are `docs`' text, and less any
+chunk that also occurs in code_net) are disjoint parts of `code`.
 """
 
 from __future__ import annotations
@@ -109,9 +109,15 @@ def builtin_corpus(name: str, max_chars: int = 0) -> Dataset:
     if name == "code":
         texts = [chunk for _, source in _stdlib_files() for chunk in _code_chunks(source)]
     elif name in ("code_net", "code_core"):
-        net = name == "code_net"
-        texts = [chunk for path, source in _stdlib_files() if (_top_level(path) in NET_PACKAGES) == net
-                 and _top_level(path) not in CODE_EXCLUDED for chunk in _code_chunks(source)]
+        net = [chunk for path, source in _stdlib_files() if _top_level(path) in NET_PACKAGES
+               for chunk in _code_chunks(source)]
+        if name == "code_net":
+            texts = net
+        else:   # a chunk that also occurs in a network package (a copied helper) stays in code_net only
+            seen = set(net)
+            texts = [chunk for path, source in _stdlib_files()
+                     if _top_level(path) not in NET_PACKAGES | CODE_EXCLUDED
+                     for chunk in _code_chunks(source) if chunk not in seen]
     elif name not in BUILTIN_CORPORA:
         raise UserError(f"unknown builtin corpus {name!r} (valid: {', '.join(BUILTIN_CORPORA)})")
     texts = [t for t in texts if t.strip()]
