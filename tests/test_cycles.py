@@ -301,3 +301,15 @@ def test_cycles_resume_is_exact(tiny, config, tmp_path, keep):
     assert eval_of(out, "static_moe-s0").equals(eval_of(tiny, "static_moe-s0")), "the same losses, bit for bit"
     assert pd.read_csv(out / "results.csv").equals(pd.read_csv(tiny / "results.csv").assign(
         **{c: pd.read_csv(out / "results.csv")[c] for c in ("tokens_per_s", "wall_s")}))
+
+
+def test_plan_from_a_cycles_folder_reads_the_slopes(tmp_path):
+    pd.DataFrame({"strategy": ["static_moe"] * 3 + ["morph"] * 3, "seed": [0, 1, 2] * 2, "phase": [1] * 6,
+                  "end_loss_all": [1.0] * 6}).to_csv(tmp_path / "results.csv", index=False)
+    pd.DataFrame({"strategy": ["static_moe"] * 3 + ["morph"] * 3, "seed": [0, 1, 2] * 2,
+                  "slope_area_all": [0.01, 0.02, 0.03, 0.0, 0.03, 0.01]}).to_csv(tmp_path / "trends.csv", index=False)
+    from tools.comparison.seeds import pilot_pairs
+    metric, found = pilot_pairs(tmp_path)
+    # differences morph - static_moe: -0.01, +0.01, -0.02 -> sd 0.01527525
+    assert metric == "slope_area_all" and found[0][:3] == ("morph", "static_moe", 3)
+    assert found[0][3] == pytest.approx(0.0152752523)
