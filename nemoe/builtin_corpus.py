@@ -4,6 +4,13 @@ Ships with every interpreter, so `kind: builtin` sources work offline anywhere:
 `prose` is the documentation topics (pydoc_data) plus every standard-library
 module's docstrings (read with `ast`, never imported); `code` is the
 standard-library source cut into chunks. Deterministic for a Python version.
+
+Splits of those two, for protocols that need several distinguishable sources
+(tools/compare.py --protocol cycles): `docs` (the documentation topics) and
+`docstrings` (the modules' docstrings) partition `prose`; `code_net` (the
+standard library's network and mail packages, NET_PACKAGES) and `code_core` (the
+rest of its source, less pydoc_data, whose topics are `docs`' text, and less any
+chunk that also occurs in code_net) are disjoint parts of `code`.
 """
 
 from __future__ import annotations
@@ -18,7 +25,13 @@ from datasets import Dataset
 from nemoe.documents import pieces
 from nemoe.errors import UserError
 
-BUILTIN_CORPORA = ("prose", "code")
+BUILTIN_CORPORA = ("prose", "code", "docs", "docstrings", "code_net", "code_core")
+# Top-level standard-library modules and packages of code_net: protocols, mail, the web.
+NET_PACKAGES = frozenset({
+    "email", "http", "urllib", "xmlrpc", "wsgiref", "mailbox", "imaplib", "smtplib", "smtpd", "poplib",
+    "nntplib", "ftplib", "socket", "socketserver", "ssl", "cgi", "cgitb", "mimetypes", "telnetlib",
+    "asynchat", "asyncore", "ipaddress", "webbrowser", "mailcap", "quopri", "uu", "base64", "binhex"})
+CODE_EXCLUDED = frozenset({"pydoc_data"})   # its topics are the docs corpus, as text in a .py file
 # Folders of the standard library that are not its own prose/code
 # (tests, third-party packages, the IDE, the retired 2to3 tool).
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
@@ -55,6 +68,11 @@ def _module_docstrings(source: str) -> str:
     return "\n\n".join(d for d in docs if d and d.strip())
 
 
+def _top_level(path: str) -> str:
+    """The top-level module or package of a standard-library path: 'email/utils.py' -> 'email'."""
+    return path.split("/", 1)[0].removesuffix(".py")
+
+
 def _code_chunks(source: str) -> list[str]:
     """A module's source cut at top-level def/class/decorator lines into documents of ~CODE_CHUNK_LINES."""
     chunks, current = [], []
@@ -75,17 +93,32 @@ def builtin_corpus(name: str, max_chars: int = 0) -> Dataset:
 
     prose: the interpreter's documentation topics (pydoc_data) and, per standard-library
     module, its docstrings (read with `ast`, never imported). code: the standard-library
-    source, cut into chunks. Deterministic for a given Python version; needs no network.
+    source, cut into chunks. docs / docstrings: prose's two parts; code_net / code_core:
+    the network packages' source and the rest (see the module docstring). Deterministic for
+    a given Python version; needs no network.
     max_chars > 0: documents longer than that are cut at line ends into pieces of at most
     max_chars characters, each a document (data.max_doc_chars).
     """
-    if name == "prose":
+    if name in ("prose", "docs"):
         from pydoc_data.topics import topics
         texts = [topics[key] for key in sorted(topics)]
-        texts += [_module_docstrings(source) for _, source in _stdlib_files()]
-    elif name == "code":
-        texts = [chunk for _, source in _stdlib_files() for chunk in _code_chunks(source)]
     else:
+        texts = []
+    if name in ("prose", "docstrings"):
+        texts += [_module_docstrings(source) for _, source in _stdlib_files()]
+    if name == "code":
+        texts = [chunk for _, source in _stdlib_files() for chunk in _code_chunks(source)]
+    elif name in ("code_net", "code_core"):
+        net = [chunk for path, source in _stdlib_files() if _top_level(path) in NET_PACKAGES
+               for chunk in _code_chunks(source)]
+        if name == "code_net":
+            texts = net
+        else:   # a chunk that also occurs in a network package (a copied helper) stays in code_net only
+            seen = set(net)
+            texts = [chunk for path, source in _stdlib_files()
+                     if _top_level(path) not in NET_PACKAGES | CODE_EXCLUDED
+                     for chunk in _code_chunks(source) if chunk not in seen]
+    elif name not in BUILTIN_CORPORA:
         raise UserError(f"unknown builtin corpus {name!r} (valid: {', '.join(BUILTIN_CORPORA)})")
     texts = [t for t in texts if t.strip()]
     if max_chars:

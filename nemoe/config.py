@@ -179,7 +179,10 @@ class TrainConfig:
     lr: float = setting(2e-4, gt=0)
     """Peak learning rate (AdamW)."""
     min_lr: float = setting(2e-5, ge=0)
-    """Learning rate at the end of the cosine decay (at most lr)."""
+    """Learning rate at the end of the cosine decay (at most lr; unused by schedule constant)."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """The learning rate after warm-up: cosine (decay from lr to min_lr at the token target) or
+    constant (lr to the end, no decay: every phase of a many-shift protocol trains at the same rate)."""
     warmup_steps: int = setting(200, ge=0)
     """Linear warm-up steps."""
     weight_decay: float = setting(0.1, ge=0)

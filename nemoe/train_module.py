@@ -42,10 +42,13 @@ ADVICE = "; the checkpoint holds the last finite weights. Lower train.lr or chec
 
 
 def lr_at(step: int, train_cfg, total_steps: int) -> float:
-    """Linear warm-up to train.lr, then cosine decay to train.min_lr at the token target."""
+    """Linear warm-up to train.lr, then cosine decay to train.min_lr at the token target
+    (train.schedule constant: train.lr to the end)."""
     t = train_cfg
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
     span = max(1, total_steps - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))

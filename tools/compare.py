@@ -4,6 +4,7 @@
     python tools/compare.py --config local.yaml                        # default grid, 3 seeds
     python tools/compare.py --config local.yaml --strategies static_moe,morph --seeds 5
     python tools/compare.py --config local.yaml --protocol shift --phases prose:300,code:300,prose:300
+    python tools/compare.py --config study_cycles.yaml --protocol cycles --strategies static_moe,morph --seeds 5
     python tools/compare.py --config study.yaml --strategies dense,static_moe,static_max --seeds 5 \
         --primary static_moe-dense,static_max-dense,static_max-static_moe --margin 0.02 --study studies/gate
     python tools/compare.py --plan --pilot-sd 0.03 --effect 0.02          # seeds needed (also --from DIR)
@@ -22,6 +23,12 @@ grid:  per strategy, the final held-out loss per source and mixed (mean +- sd ov
 shift: phase after phase on one source each (the others keep a weight of 1e-9 so
        every source is still evaluated); each source's held-out loss at each phase
        end, adaptation and recovery speed, forgetting and events per phase.
+cycles: many shifts: the sources (--cycle, default the config's) visited in a fixed cycle
+       --cycles-repeats times, --phase-steps each, an evaluation every --eval-every steps;
+       per visit the adaptation area and the loss after --k-steps, their slope per visit
+       (per run with its CI; paired across seeds between arms), forgetting, and a fresh
+       reference run per source and seed (tools/comparison/cycles.py). Also writes
+       trends.csv (one row per run) and adaptation.png.
 Writes report.md, results.csv (one row per run, or per run and phase),
 summary.csv (per strategy, then one row per comparison) and curves.png into the out folder.
 
@@ -55,7 +62,7 @@ from tools.comparison.seeds import plan_lines
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="local.yaml", help="NAME, configs/NAME or configs/NAME.yaml")
-    p.add_argument("--protocol", choices=("grid", "shift"), default="grid")
+    p.add_argument("--protocol", choices=("grid", "shift", "cycles"), default="grid")
     p.add_argument("--strategies", default=None,
                    help=f"comma-separated, from: {', '.join(STRATEGIES)} (default: every available one)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
@@ -68,9 +75,19 @@ def parse_args(argv):
     p.add_argument("--phases", default=None, help="shift: SOURCE:STEPS,... (default: first:300,second:300,first:300)")
     p.add_argument("--within", type=float, default=0.05,
                    help="shift: 'within x of' threshold for adaptation and recovery (default 0.05 = 5%%)")
+    y = p.add_argument_group("cycles protocol (--protocol cycles)")
+    y.add_argument("--cycle", default=None, metavar="SRC,SRC,...", help="the sources in visiting order "
+                   "(default: the config's)")
+    y.add_argument("--phase-steps", type=int, default=60, help="steps per visit (default 60)")
+    y.add_argument("--cycles-repeats", type=int, default=8,
+                   help="times round the cycle (default 8: 32 phases with four sources)")
+    y.add_argument("--eval-every", type=int, default=10, help="steps between evaluations (default 10)")
+    y.add_argument("--k-steps", type=int, default=20, help="the loss after k steps of a visit (default 20)")
+    y.add_argument("--no-fresh", action="store_true", help="no fresh reference runs")
     d = p.add_argument_group("declared before running (recorded in declared.json)")
     d.add_argument("--primary", default=None, metavar="ARM-BASE,...",
-                   help="primary comparisons, arm minus baseline on held-out all, e.g. static_max-static_moe")
+                   help="primary comparisons, arm minus baseline on held-out all (cycles: on slope_area_all, "
+                        "the slope of the adaptation area per visit), e.g. static_max-static_moe")
     d.add_argument("--margin", type=float, default=None, help="equivalence margin in nats (TOST at +-M)")
     p.add_argument("--target-baseline", default=None, metavar="STRATEGY",
                    help="tokens-to-target: the first evaluation at which a run reaches this strategy's final "
@@ -109,7 +126,8 @@ def main(argv=None):
     text = write_report(plan, results, failures)
     print(text)
     where = plan.out if plan.study is None else f"{plan.out} and {plan.study}"
-    print(f"wrote report.md, results.csv, summary.csv, curves.png in {where}")
+    extra = ", trends.csv, adaptation.png" if plan.protocol == "cycles" else ""
+    print(f"wrote report.md, results.csv, summary.csv, curves.png{extra} in {where}")
     if not data_order_consistent(results):
         raise UserError("the data order differs between strategies of one seed; see report.md")
     return 1 if failures else 0

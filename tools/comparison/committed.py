@@ -23,7 +23,7 @@ from nemoe import schema
 from nemoe.config import config_changes
 from nemoe.errors import UserError
 from tools._common import read_eval, read_run_config
-from tools.comparison.plan import Plan, Run, expected_config
+from tools.comparison.plan import PHASED, Plan, Run, expected_config
 
 SUMMARY_JSON = "summary.json"
 FORMAT = 1
@@ -90,7 +90,7 @@ def check_committed(plan: Plan, run: Run) -> None:
     record = read_summary(plan.study, run)
     if record["protocol"] != plan.protocol:
         raise UserError(f"{run_folder(plan.study, run)}: a {record['protocol']} run, this is a {plan.protocol}")
-    ignore = {"data.sources"} if plan.protocol == "shift" else set()
+    ignore = {"data.sources"} if plan.protocol in PHASED else set()
     changes = [c for c in config_changes(record["config"], expected_config(plan, run).to_dict())
                if c[0] not in ignore]
     if changes:

@@ -4,7 +4,9 @@ A strategy is a named set of `--set` overrides (STRATEGIES is the one place they
 defined). Seed s sets train.seed, the run seed, for every strategy (the data, morph
 and plasticity seeds derive from it), so one seed gives the same data order, token budget and evaluation batches whatever the
 strategy. The shift protocol trains phase after phase on one source each; the
-others keep a weight of OFF_PHASE_WEIGHT so every source is still evaluated.
+others keep a weight of OFF_PHASE_WEIGHT so every source is still evaluated. The cycles
+protocol does the same over many short phases, its sources visited in a fixed cycle
+(tools/comparison/cycles.py), with fresh reference runs beside the arms.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ TARGET_BASELINE = "static_max"   # tokens-to-target aims at its final held-out l
 GROW_UNTIL = 0.5                 # the growth strategies reach experts_max by this share of the run
 OFF_PHASE_WEIGHT = 1e-9  # a source outside its phase: kept (so it is evaluated), never drawn in practice
 MECHANISMS = ("neuron", "heads", "layers")
+PHASED = ("shift", "cycles")   # protocols that train phase by phase, one source each
+FRESH = "fresh"   # cycles: the reference runs' strategy column (BASELINE's settings, one source from init)
 
 
 # --------------------------------------------------------------------------- #
@@ -150,7 +154,7 @@ def seed_overrides(seed: int) -> list[str]:
 class Phase:
     end: int                       # the run's step at the end of this phase
     overrides: list[str] = field(default_factory=list)
-    source: str | None = None      # shift protocol: the source trained on
+    source: str | None = None      # shift and cycles protocols: the source trained on
 
 
 @dataclass
@@ -159,10 +163,11 @@ class Run:
     seed: int
     overrides: list[str]           # --set items common to every phase
     phases: list[Phase]
+    tag: str = ""                  # cycles' fresh reference runs: the source, e.g. fresh-docs-s0
 
     @property
     def name(self) -> str:
-        return f"{self.strategy}-s{self.seed}"
+        return f"{self.strategy}-{self.tag}-s{self.seed}" if self.tag else f"{self.strategy}-s{self.seed}"
 
     def paths(self, out: Path) -> RunPaths:
         """Its log and checkpoint folders under the comparison's out folder."""
@@ -185,6 +190,8 @@ class Plan:
     rebuild: bool = False          # report only: run nothing
     declared: Declaration = field(default_factory=Declaration)   # set by compare.py (declared.settle)
     target_baseline: str | None = None   # tokens-to-target: the strategy whose final held-out loss is the target
+    references: list[Run] = field(default_factory=list)   # cycles: fresh runs, one per source and seed
+    k_steps: int = 0               # cycles: the loss after k steps of a phase
 
     @property
     def record_folder(self) -> Path:
@@ -193,8 +200,9 @@ class Plan:
 
     @property
     def primary_metric(self) -> str:
-        """The held-out loss the primary comparisons compare (shift: at the last phase's end)."""
-        return "loss_all" if self.protocol == "grid" else "end_loss_all"
+        """The metric the primary comparisons compare: held-out loss (shift: at the last phase's end;
+        cycles: the slope of the adaptation area per visit)."""
+        return {"grid": "loss_all", "shift": "end_loss_all", "cycles": "slope_area_all"}[self.protocol]
 
     @property
     def sources(self) -> list[str]:
@@ -215,9 +223,15 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
     study = Path(args.study) if getattr(args, "study", None) else None
     if study is not None:
         name = study.name
-    out = Path(args.out) if args.out else Path("compare") / (name + ("-shift" if args.protocol == "shift" else ""))
-    phase_plan = shift_phases(args, base) if args.protocol == "shift" else None
-    if phase_plan is not None:  # the settings every shift run shares, for the report
+    out = Path(args.out) if args.out else Path("compare") / (name + ("" if args.protocol == "grid" else
+                                                                     "-" + args.protocol))
+    phase_plan = None
+    if args.protocol == "shift":
+        phase_plan = shift_phases(args, base)
+    elif args.protocol == "cycles":
+        from tools.comparison.cycles import cycle_phases
+        phase_plan = cycle_phases(args, base)
+    if phase_plan is not None:  # the settings every phased run shares, for the report
         base = load_config(args.config, phase_plan[0] + list(args.overrides))
     runs = []
     for strategy in strategies:
@@ -228,14 +242,21 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
             else:
                 extra, phases = phase_plan
                 runs.append(Run(strategy, seed, extra + common, phases))
+    references, k_steps = [], 0
+    if args.protocol == "cycles":
+        from tools.comparison.cycles import check_cadence, fresh_runs
+        k_steps = check_cadence(args, base, phase_plan[1])
+        if not args.no_fresh:
+            references = fresh_runs(list(args.overrides), base, seeds, *phase_plan)
     gpu = base.train.device != "cpu" and _cuda_visible()
-    jobs = args.jobs or (1 if gpu else max(1, min(len(runs), cpu_count() // 2)))
+    jobs = args.jobs or (1 if gpu else max(1, min(len(runs) + len(references), cpu_count() // 2)))
     if jobs < 1 or (args.within is not None and not 0 < args.within < 1):
         raise UserError("--jobs must be >= 1 and --within in (0, 1)")
     command = "python tools/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     return Plan(args.config, out, args.protocol, runs, base, notes, jobs, max(1, cpu_count() // jobs), command,
                 args.within, study, bool(getattr(args, "rebuild", False)),
-                target_baseline=target_baseline(getattr(args, "target_baseline", None), strategies))
+                target_baseline=target_baseline(getattr(args, "target_baseline", None), strategies),
+                references=references, k_steps=k_steps)
 
 
 def target_baseline(name: str | None, strategies: list[str]) -> str | None:

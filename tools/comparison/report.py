@@ -13,7 +13,7 @@ import pandas as pd
 from tools._common import pyplot, save_figure
 from tools.comparison.comparisons import compare, comparison_lines, fmt_diff, fmt_p, of
 from tools.comparison.declared import declared_lines
-from tools.comparison.plan import BASELINE, STRATEGIES, Plan
+from tools.comparison.plan import BASELINE, FRESH, STRATEGIES, Plan
 from tools.comparison.results import FINGERPRINT_STEPS, add_tokens_to_target, eval_curves, heldout_sizes
 from tools.comparison.stats import mean_sd
 
@@ -21,7 +21,10 @@ from tools.comparison.stats import mean_sd
 def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> str:
     """Write report.md, results.csv, summary.csv and curves.png into plan.out (and plan.study);
     the report's text."""
-    write = grid_report if plan.protocol == "grid" else shift_report
+    if plan.protocol == "cycles":
+        from tools.comparison.cycles_report import cycles_report as write
+    else:
+        write = grid_report if plan.protocol == "grid" else shift_report
     curves = eval_curves(plan, [r for r in plan.runs if r.name not in failures])
     if plan.protocol == "grid":
         results = add_tokens_to_target(results, curves, plan.target_baseline)
@@ -30,6 +33,8 @@ def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
     title = f"held-out loss, {plan.config}"
     if plan.protocol == "shift":
         title += ": " + " → ".join(p.source for p in phases)
+    elif plan.protocol == "cycles":
+        title += f": {len(phases)} phases cycling " + " → ".join(dict.fromkeys(p.source for p in phases))
     sources = ["all"] + plan.sources if plan.protocol == "grid" else plan.sources
     for folder in dict.fromkeys(f for f in (plan.out, plan.study) if f is not None):
         folder.mkdir(parents=True, exist_ok=True)
@@ -98,8 +103,9 @@ def data_order_lines(results: pd.DataFrame) -> list[str]:
     """Same seed -> same data order across strategies, checked on the runs' resolved configs."""
     lines = ["## Data order", "",
              f"SHA-256 of the first {FINGERPRINT_STEPS} steps of training batches, rebuilt from each run's "
-             "own config.yaml (shift protocol: its last phase's):", ""]
-    runs = results.drop_duplicates("run")
+             "own config.yaml (shift and cycles protocols: its last phase's; cycles' fresh reference runs "
+             "read one source and are left out):", ""]
+    runs = results[results["strategy"] != FRESH].drop_duplicates("run")
     for seed, frame in runs.groupby("seed"):
         prints = dict(zip(frame["strategy"], frame["data_fingerprint"]))
         same = len(set(prints.values())) == 1
@@ -109,7 +115,7 @@ def data_order_lines(results: pd.DataFrame) -> list[str]:
 
 
 def data_order_consistent(results: pd.DataFrame) -> bool:
-    runs = results.drop_duplicates("run")
+    runs = results[results["strategy"] != FRESH].drop_duplicates("run")
     return all(f["data_fingerprint"].nunique() == 1 for _, f in runs.groupby("seed"))
 
 

@@ -246,15 +246,19 @@ def shift_results(plan: Plan, run: Run) -> list[dict]:
 
 
 def rows_of(plan: Plan, run: Run) -> list[dict]:
-    """A finished run's results rows, read from its run folder: one (grid) or one per phase (shift)."""
+    """A finished run's results rows, read from its run folder: one (grid) or one per phase (shift, cycles)."""
+    if plan.protocol == "cycles":
+        from tools.comparison.cycles import cycles_results
+        return cycles_results(plan, run)
     return shift_results(plan, run) if plan.protocol == "shift" else [run_results(plan.out, run)]
 
 
 def collect(plan: Plan, failures: dict[str, str]) -> pd.DataFrame:
-    """Results of every finished run: one row per run (grid) or per run and phase (shift). A run
-    summarised in the study folder is read from there; a finished one not yet there is added to it."""
+    """Results of every finished run: one row per run (grid) or per run and phase (shift, cycles; with
+    the cycles protocol's fresh reference runs). A run summarised in the study folder is read from
+    there; a finished one not yet there is added to it."""
     rows = []
-    for run in plan.runs:
+    for run in plan.runs + plan.references:
         if run.name in failures:
             continue
         if has_summary(plan.study, run):

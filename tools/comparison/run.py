@@ -20,7 +20,7 @@ from nemoe.errors import UserError
 from nemoe.schema import list_checkpoints
 from tools._common import read_run_config
 from tools.comparison.committed import check_committed, has_summary, write_summary
-from tools.comparison.plan import Phase, Plan, Run, expected_config
+from tools.comparison.plan import PHASED, Phase, Plan, Run, expected_config
 from tools.comparison.results import rows_of
 
 TRAINER = Path(__file__).resolve().parents[2] / "train_nemoe.py"
@@ -38,7 +38,7 @@ def check_settings(plan: Plan, run: Run) -> None:
     saved = read_run_config(log_dir, required=False)
     if saved is None:
         return
-    ignore = {"data.sources"} if plan.protocol == "shift" else set()  # changes phase by phase
+    ignore = {"data.sources"} if plan.protocol in PHASED else set()  # changes phase by phase
     changes = [c for c in config_changes(saved, expected_config(plan, run).to_dict()) if c[0] not in ignore]
     if changes:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:5])
@@ -49,7 +49,7 @@ def check_settings(plan: Plan, run: Run) -> None:
 def trainer_command(plan: Plan, run: Run, phase: Phase) -> list[str]:
     cmd = [sys.executable, str(TRAINER), "--config", plan.config, "--run-dir", str(plan.out),
            "--run-name", run.name, "--resume"]
-    if plan.protocol == "shift":
+    if plan.protocol in PHASED:
         cmd += ["--allow-config-change", "--max-steps", str(phase.end)]
     for item in run.overrides + phase.overrides:
         cmd += ["--set", item]
@@ -87,19 +87,21 @@ def commit_finished(plan: Plan, run: Run) -> None:
 
 def execute_all(plan: Plan) -> dict[str, str]:
     """Run what is not finished, `plan.jobs` at a time; {run name: failure} for those that did not
-    finish (with --rebuild nothing runs: those not finished are 'not run')."""
-    for run in plan.runs:
+    finish (with --rebuild nothing runs: those not finished are 'not run'). The cycles protocol's
+    fresh reference runs come after the arms'."""
+    runs = plan.runs + plan.references
+    for run in runs:
         if has_summary(plan.study, run):
             check_committed(plan, run)
         else:
             check_settings(plan, run)
-    todo = [r for r in plan.runs if not finished(plan, r)]
+    todo = [r for r in runs if not finished(plan, r)]
     if plan.rebuild:
-        print(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished; rebuilding the report only",
+        print(f"{len(runs)} runs, {len(runs) - len(todo)} finished; rebuilding the report only",
               flush=True)
         return {r.name: "not run (--rebuild runs nothing)" for r in todo}
     where = f" (summaries kept in {plan.study})" if plan.study is not None else ""
-    print(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} finished earlier, {len(todo)} to run "
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} finished earlier, {len(todo)} to run "
           f"({plan.jobs} at a time, {plan.threads} threads each) under {plan.out}{where}", flush=True)
     started = time.monotonic()
 

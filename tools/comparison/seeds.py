@@ -29,12 +29,15 @@ def plan_line(effect: float, sd: float) -> str:
 
 def pilot_pairs(folder: Path) -> tuple[str, list[tuple[str, str, int, float]]]:
     """(metric, [(arm, baseline, n, sd of the paired differences)]) of a finished comparison: its
-    declared primaries if it declared any, else every pair the report compares, on held-out all."""
+    declared primaries if it declared any, else every pair the report compares, on held-out all
+    (cycles: on the slope of the adaptation area per visit, from trends.csv)."""
     path = folder / "results.csv"
     if not path.is_file():
         raise UserError(f"--from {folder}: no results.csv there (a finished tools/compare.py out or study folder)")
     results = pd.read_csv(path)
-    if "loss_all" in results:
+    if (folder / "trends.csv").is_file():   # the cycles protocol: its primary metric is per run
+        results, metric = pd.read_csv(folder / "trends.csv"), "slope_area_all"
+    elif "loss_all" in results:
         metric = "loss_all"
     elif "end_loss_all" in results:
         metric = "end_loss_all"
