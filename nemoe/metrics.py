@@ -33,12 +33,6 @@ def resident_mb() -> float:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's state tensors now (AdamW: both moments and the step counts)."""
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
-               if torch.is_tensor(t))
-
-
 def params_per_expert(model) -> int:
     """Parameters of one expert (its MLP: what NemoeLM.count_params counts per live expert)."""
     return model.count_params(live_experts=1)["live"] - model.count_params(live_experts=0)["live"]

@@ -28,11 +28,12 @@ from nemoe.errors import UserError
 from nemoe.evaluator import Evaluator
 from nemoe.files import atomic_write
 from nemoe.logs import NullLogger, RunLogger, start_line
-from nemoe.metrics import MetricsWindow, optimizer_state_bytes, params_per_expert, release_free_memory
+from nemoe.metrics import MetricsWindow, params_per_expert, release_free_memory
 from nemoe.plasticity import Plasticity
 from nemoe.rundir import RunDir, change_notes, incompatibility
 from nemoe.runtime import Runtime, on_stop_signal
 from nemoe.schema import CONFIG_YAML, RunPaths
+from nemoe.slot_optim import state_bytes
 from nemoe.tokenizer import get_tokenizer
 from nemoe.train_module import StepResult, TrainModule
 
@@ -202,7 +203,7 @@ class Trainer:
         row = self.metrics.row(self.step, self.tokens, self.elapsed, self.tokens_per_step, self.world,
                                self.cfg.moe, experts, self.train.loss_scale)
         row.update(expert_param_steps=self.expert_param_steps,
-                   optim_state_bytes=optimizer_state_bytes(self.train.optimizer))
+                   optim_state_bytes=state_bytes(self.train.optimizer))
         self.log.train_row(row)
         self.metrics = self._new_window()
         states = self.plasticity.snapshot()

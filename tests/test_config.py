@@ -160,7 +160,7 @@ def test_unsafe_keys_are_declared_on_their_fields():
               "model.d_expert", "model.activation", "moe.experts_max", "moe.top_k", "moe.balance",
               "plasticity.layers.enabled",
               "data.sources", "data.seed", "data.heldout_fraction", "data.tokenizer", "data.shuffle",
-              "data.heldout_doc_tokens", "data.max_doc_chars"}
+              "data.heldout_doc_tokens", "data.max_doc_chars", "data.mix_blocks"}
     every_key = set(flatten(Config().to_dict()))
     assert {key for key in every_key if is_unsafe(key)} == unsafe
     assert not is_unsafe("world_size") and not is_unsafe("no.such.key")

@@ -11,7 +11,8 @@ import torch
 
 from nemoe.config import load_config
 from nemoe.errors import UserError
-from nemoe.metrics import optimizer_state_bytes, params_per_expert
+from nemoe.metrics import params_per_expert
+from nemoe.slot_optim import state_bytes
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity.experts import ExpertMorphogenesis, ExpertRecord, plan_layer
 from nemoe.plasticity.growth import Growth, growth_target, slot_grad_sq
@@ -144,12 +145,12 @@ def test_cost_measures():
     d, h = cfg.model.d_model, cfg.d_expert
     assert params_per_expert(model) == d * h + h + h * d + d
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    assert optimizer_state_bytes(opt) == 0, "AdamW makes its state at the first step"
+    assert state_bytes(opt) == 0, "AdamW makes its state at the first step"
     tiny_step(model, torch.Generator().manual_seed(0))
     opt.step()
     n = sum(p.numel() for p in model.parameters())
     steps = sum(1 for s in opt.state.values() if "step" in s)
-    assert optimizer_state_bytes(opt) == 2 * 4 * n + 4 * steps   # two fp32 moments, one fp32 step each
+    assert state_bytes(opt) == 2 * 4 * n + 4 * steps   # two fp32 moments, one fp32 step each
 
 
 # --------------------------------------------------------------------------- #
