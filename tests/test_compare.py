@@ -349,6 +349,13 @@ def test_a_committed_run_with_other_settings_is_refused(grid, config, tmp_path, 
     assert compare(config, tmp_path / "other", *GRID, "--study", str(study), "--rebuild",
                    "--set", "train.weight_decay=0.05") == 2
     assert "was made with other settings (train.weight_decay" in capsys.readouterr().err
+    # The bias step does nothing in a run balanced by the loss: those runs are kept, morph_bias's are not
+    aux = ["--strategies", "static_moe,static_max,morph", "--seeds", "2"]
+    assert compare(config, tmp_path / "rate", *aux, "--study", str(study), "--rebuild",
+                   "--set", "moe.bias_rate=0.05") == 0
+    assert compare(config, tmp_path / "rate2", *GRID, "--study", str(study), "--rebuild",
+                   "--set", "moe.bias_rate=0.05") == 2
+    assert "morph_bias-s0 was made with other settings (moe.bias_rate" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- #

@@ -143,7 +143,7 @@ def train_row(step: int, counts: list[int], loss: float | None = None) -> dict:
            "loss_z": 0.4 - 0.01 * step, "loss_lb_scaled": 0.0105, "loss_z_scaled": 0.0004,
            "lr": 1e-3 * min(step, 4) / 4, "grad_norm": 0.9, "grad_scale": 1.0, "skipped_steps": 0,
            "tokens_per_s": 900.0 + step, "elapsed_s": 0.07 * step, "balance": 1.0 + 0.005 * step,
-           "rss_mb": 400.0 + step}
+           "rss_mb": 400.0 + step, "expert_param_steps": 1000 * step, "optim_state_bytes": 4096}
     for i, n in enumerate(counts):
         row |= {f"experts_L{i}": n, f"usage_entropy_L{i}": 0.6, f"max_load_L{i}": 1.3}
     return row

@@ -85,14 +85,20 @@ def read_rows(study: Path, run: Run) -> list[dict]:
     return [{k: (math.nan if v is None else v) for k, v in row.items()} for row in read_summary(study, run)["rows"]]
 
 
+def inert(config: dict) -> set[str]:
+    """Settings that do nothing in a run of this config: a committed run that differs from the
+    command's only there is the same run (the bias step of a run balanced by the loss alone)."""
+    return {"moe.bias_rate"} if config.get("moe", {}).get("balance", "aux_loss") == "aux_loss" else set()
+
+
 def check_committed(plan: Plan, run: Run) -> None:
     """A committed run must have been made with this command's settings (as run.check_settings)."""
     record = read_summary(plan.study, run)
     if record["protocol"] != plan.protocol:
         raise UserError(f"{run_folder(plan.study, run)}: a {record['protocol']} run, this is a {plan.protocol}")
-    ignore = {"data.sources"} if plan.protocol in PHASED else set()
-    changes = [c for c in config_changes(record["config"], expected_config(plan, run).to_dict())
-               if c[0] not in ignore]
+    expected = expected_config(plan, run).to_dict()
+    ignore = ({"data.sources"} if plan.protocol in PHASED else set()) | (inert(record["config"]) & inert(expected))
+    changes = [c for c in config_changes(record["config"], expected) if c[0] not in ignore]
     if changes:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:5])
         raise UserError(f"{run_folder(plan.study, run)} was made with other settings ({listed}); "
