@@ -26,10 +26,8 @@ import math
 import pandas as pd
 from scipy import stats as scistats
 
-from nemoe import schema
 from nemoe.config import Config
 from nemoe.errors import UserError
-from tools._common import read_eval, read_events
 from tools.comparison.plan import (BASELINE, FRESH, STRATEGIES, Phase, Plan, Run, phase_sources_override,
                                    seed_overrides)
 from tools.comparison.stats import ALPHA, t_quantile
@@ -115,14 +113,8 @@ def visit_rows(evals: pd.DataFrame, events: pd.DataFrame, phases: list[tuple[str
 
 def cycles_results(plan: Plan, run: Run) -> list[dict]:
     """One row per phase of a cycles run (or its fresh reference), with the run's own columns."""
-    from tools.comparison.results import run_results
-    log_dir = run.paths(plan.out).log_dir
-    evals = read_eval(log_dir / schema.EVAL_CSV)
-    events = read_events(log_dir / schema.EVENTS_CSV, granularity=None)
-    bounds, start = [], 0
-    for phase in run.phases:
-        bounds.append((phase.source, start, phase.end))
-        start = phase.end
+    from tools.comparison.results import phase_logs, run_results
+    _, evals, events, bounds = phase_logs(plan, run)
     base = run_results(plan.out, run)
     keep = {k: base[k] for k in ("strategy", "seed", "run", "tokens_per_s", "wall_s", "data_fingerprint")}
     return [{**keep, **row} for row in visit_rows(evals, events, bounds, plan.k_steps)]

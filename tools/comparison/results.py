@@ -227,15 +227,21 @@ def shift_metrics(evals: pd.DataFrame, events: pd.DataFrame, phases: list[tuple[
     return rows
 
 
-def shift_results(plan: Plan, run: Run) -> list[dict]:
-    """One row per phase of a shift run, with the run's own columns (strategy, seed, speed, ...)."""
+def phase_logs(plan: Plan, run: Run) -> tuple[Path, pd.DataFrame, pd.DataFrame, list[tuple[str, int, int]]]:
+    """A phased run's log folder, held-out evaluations, events of every granularity and
+    (source, start step, end step) per phase."""
     log_dir = run.paths(plan.out).log_dir
-    evals = read_eval(log_dir / schema.EVAL_CSV)
-    events = read_events(log_dir / schema.EVENTS_CSV, granularity=None)
     bounds, start = [], 0
     for phase in run.phases:
         bounds.append((phase.source, start, phase.end))
         start = phase.end
+    return (log_dir, read_eval(log_dir / schema.EVAL_CSV),
+            read_events(log_dir / schema.EVENTS_CSV, granularity=None), bounds)
+
+
+def shift_results(plan: Plan, run: Run) -> list[dict]:
+    """One row per phase of a shift run, with the run's own columns (strategy, seed, speed, ...)."""
+    log_dir, evals, events, bounds = phase_logs(plan, run)
     missing = [end for _, _, end in bounds if end not in set(evals["step"])]
     if missing:
         raise UserError(f"{log_dir / schema.EVAL_CSV}: no evaluation at phase end(s) {missing}")
