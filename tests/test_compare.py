@@ -122,13 +122,17 @@ def test_dense_has_the_active_parameters_of_the_moe():
 def test_unavailable_mechanisms_are_skipped_or_refused(monkeypatch):
     monkeypatch.setattr(nemoe.plasticity, "REGISTRY", {})
     names, notes = choose_strategies(None)
-    assert names == ["dense", "static_moe", "static_max", "morph", "morph_bias", "static_wd0"]
-    # neuron, heads, layers and the five plasticity.neuron variants (neuron_protect, ..., shrink_perturb)
-    assert len(notes) == 8 and all("not available" in n for n in notes)
+    assert names == ["dense", "static_moe", "static_max", "morph", "morph_bias"]
+    # neuron, heads, layers: the default grid's; the growth and recycler arms run only when named
+    assert len(notes) == 3 and all("not available" in n for n in notes)
     with pytest.raises(UserError, match="not available"):
         choose_strategies("static_moe,heads")
     with pytest.raises(UserError, match="unknown"):
         choose_strategies("static_moe,nonsense")
+    monkeypatch.undo()
+    assert choose_strategies(None)[0] == ["dense", "static_moe", "static_max", "morph", "morph_bias",
+                                          "neuron", "heads", "layers"]
+    assert choose_strategies("grow,redo")[0] == ["grow", "redo"]
 
 
 # --------------------------------------------------------------------------- #

@@ -50,6 +50,8 @@ class Strategy:
     about: str
     overrides: Callable[[Config], list[str]]
     mechanism: str | None = None  # the plasticity mechanism it needs (nemoe.plasticity.REGISTRY)
+    in_default_grid: bool = True  # run when --strategies is not given (the growth and plasticity
+    #                               studies' arms are named, so the default grid stays the founding one)
 
 
 def _only_mechanism(name: str | None) -> list[str]:
@@ -99,18 +101,19 @@ STRATEGIES = {s.name: s for s in [
              lambda cfg: ["morph.enabled=true", "moe.balance=bias", *_only_mechanism(None)]),
     Strategy("grow", f"growth schedule: from experts_init to experts_max experts by {GROW_UNTIL:g} of the run "
              "(morph.grow_until), each birth copying the most-used expert (split_by usage); no pruning, every "
-             "newborn graduates", _grow("usage")),
+             "newborn graduates", _grow("usage"), in_default_grid=False),
     Strategy("grow_grad", f"growth schedule: from experts_init to experts_max experts by {GROW_UNTIL:g} of the run, "
              "each birth copying the expert of largest gradient utility (split_by gradient); no pruning, every "
-             "newborn graduates", _grow("gradient")),
+             "newborn graduates", _grow("gradient"), in_default_grid=False),
     *[Strategy(m, f"plasticity.{m} alone (static experts)",
                (lambda cfg, m=m: ["morph.enabled=false", *_only_mechanism(m)]), mechanism=m)
       for m in MECHANISMS],
     Strategy("static_wd0", "static_moe with train.weight_decay=0 (to induce plasticity loss)",
-             lambda cfg: ["morph.enabled=false", "train.weight_decay=0", *_only_mechanism(None)]),
+             lambda cfg: ["morph.enabled=false", "train.weight_decay=0", *_only_mechanism(None)],
+             in_default_grid=False),
     *[Strategy(name, about, (lambda cfg, sets=sets: ["morph.enabled=false", *_only_mechanism("neuron"),
                                                       *[f"plasticity.neuron.{x}" for x in sets]]),
-               mechanism="neuron") for name, about, sets in NEURON_METHODS],
+               mechanism="neuron", in_default_grid=False) for name, about, sets in NEURON_METHODS],
 ]}
 
 
@@ -120,9 +123,10 @@ def available(strategy: Strategy) -> bool:
 
 
 def choose_strategies(text: str | None) -> tuple[list[str], list[str]]:
-    """(strategies to run, notes). Default: every available one; an unavailable one named is an error."""
+    """(strategies to run, notes). Default: every available one of the default grid; an unavailable
+    one named is an error."""
     if text is None:
-        names = list(STRATEGIES)
+        names = [n for n, s in STRATEGIES.items() if s.in_default_grid]
         skipped = [n for n in names if not available(STRATEGIES[n])]
         notes = [f"strategy {n} skipped: plasticity.{STRATEGIES[n].mechanism} is not available in this "
                  f"version" for n in skipped]
