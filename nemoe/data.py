@@ -266,11 +266,11 @@ class _Reader:
         blocks, after = self.window(documents, start)
         served = position.served
         while True:
-            rows = []
-            while sum(len(r) for r in rows) < batch_size:
-                take = min(batch_size - sum(len(r) for r in rows), len(blocks) - served)
+            rows, need = [], batch_size
+            while need:
+                take = min(need, len(blocks) - served)
                 rows.append(blocks[served:served + take])
-                served += take
+                served, need = served + take, need - take
                 if served == len(blocks):
                     start, served = after, 0
                     blocks, after = self.window(documents, start)

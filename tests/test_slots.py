@@ -125,16 +125,21 @@ def test_death_gives_the_state_back_and_the_freed_slot_stays_still():
     assert state_bytes(opt) == full - freed
 
 
+def birth_then_death(tm, parent: int, child: int, dead: int) -> None:
+    """Six steps of layer 0: 3, a split of `parent` into `child`, 2, the death of `dead`, 1."""
+    steps(tm, 0, 3)
+    layer = tm.model.moe_layers[0]
+    copy_slot(layer, tm.optimizer, parent, child, 0.01, torch.Generator().manual_seed(0))
+    open_slot(layer, child)
+    steps(tm, 3, 2)
+    clear_slot(layer, tm.optimizer, dead)
+    steps(tm, 5, 1)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_resume_after_births_and_deaths_is_bit_exact(precision):
     tm = module(precision)
-    steps(tm, 0, 3)
-    layer = tm.model.moe_layers[0]
-    copy_slot(layer, tm.optimizer, 0, 2, 0.01, torch.Generator().manual_seed(0))
-    open_slot(layer, 2)
-    steps(tm, 3, 2)
-    clear_slot(layer, tm.optimizer, 1)
-    steps(tm, 5, 1)
+    birth_then_death(tm, parent=0, child=2, dead=1)
     resumed = module(precision)
     resumed.load_state_dict(saved_and_loaded(tm.state_dict()))
     assert steps(resumed, 6, 3) == steps(tm, 6, 3)
@@ -150,13 +155,8 @@ def test_an_old_checkpoint_is_upgraded_on_load_and_trains_on_as_it_would_have():
     trains through a birth and a death; its state dict loads into SlotAdamW, which then steps
     the live slots exactly as the old optimizer goes on stepping them."""
     old = module(plain=True)
-    steps(old, 0, 3)
+    birth_then_death(old, parent=1, child=3, dead=0)
     layer = old.model.moe_layers[0]
-    copy_slot(layer, old.optimizer, 1, 3, 0.01, torch.Generator().manual_seed(0))
-    open_slot(layer, 3)
-    steps(old, 3, 2)
-    clear_slot(layer, old.optimizer, 0)
-    steps(old, 5, 1)
     saved = saved_and_loaded(old.state_dict())
     assert saved["optimizer"]["state"][0]["exp_avg"].dim() >= 1 and "slots" not in saved["optimizer"]["state"][0]
     new = module()
