@@ -185,20 +185,22 @@ def test_every_design_citation_is_a_section_of_docs_design():
 # The generated config reference
 # --------------------------------------------------------------------------- #
 
-def test_config_reference_matches_the_code():
+@pytest.fixture(scope="module")
+def rendered() -> str:
     from tools import config_reference
+    return config_reference.render()
+
+
+def test_config_reference_matches_the_code(rendered):
     page = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
-    assert page == config_reference.render(), \
-        "docs/config.md is out of date: run python tools/config_reference.py --write"
+    assert page == rendered, "docs/config.md is out of date: run python tools/config_reference.py --write"
 
 
-def test_config_reference_lists_every_setting_with_its_default_and_bounds():
+def test_config_reference_lists_every_setting_with_its_default_and_bounds(rendered):
     from dataclasses import fields, is_dataclass
     import typing
     from nemoe.config import Config
-    from tools import config_reference
 
-    page = config_reference.render()
     keys = []
     def walk(cls, prefix):
         for f in fields(cls):
@@ -208,22 +210,24 @@ def test_config_reference_lists_every_setting_with_its_default_and_bounds():
             else:
                 keys.append(f"{prefix}{f.name}")
     walk(Config, "")
-    rows = {line.split("|")[1].strip().strip("`"): line for line in page.splitlines() if line.startswith("| `")}
+    rows = {line.split("|")[1].strip().strip("`"): line for line in rendered.splitlines() if line.startswith("| `")}
     assert set(keys) <= set(rows), set(keys) - set(rows)
     assert "| `train.lr` | `0.0002` | float, > 0 |  | Peak learning rate (AdamW). |" in rows["train.lr"]
     assert "| refused |" in rows["moe.top_k"] and "`1` \\| `2`" in rows["moe.top_k"]
     assert "(derived from `train.seed`)" in rows["morph.seed"]
 
 
-def test_config_reference_check_flags_a_stale_page(tmp_path, monkeypatch, capsys):
+def test_config_reference_check_flags_a_stale_page_and_write_mends_it(rendered, tmp_path, monkeypatch, capsys):
     from tools import config_reference
     stale = tmp_path / "config.md"
-    stale.write_text(config_reference.render().replace("Peak learning rate", "Peak rate"), encoding="utf-8")
+    stale.write_text(rendered.replace("Peak learning rate", "Peak rate"), encoding="utf-8")
     monkeypatch.setattr(config_reference, "PAGE", stale)
     monkeypatch.setattr(config_reference, "REPO", tmp_path)
+    monkeypatch.setattr(config_reference, "render", lambda: rendered)
     assert config_reference.main(["--check"]) == 1
     assert "out of date" in capsys.readouterr().err
     assert config_reference.main(["--write"]) == 0
+    assert stale.read_text(encoding="utf-8") == rendered
     assert config_reference.main(["--check"]) == 0
 
 
@@ -329,7 +333,16 @@ def test_the_cheap_commands_run(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "static_max" in out and "seeds" in out
 
-    write = "python tools/config_reference.py --write"
-    assert write in documented
+    check = "python tools/config_reference.py --check"
+    assert check in documented and "python tools/config_reference.py --write" in documented
     from tools import config_reference
-    assert config_reference.main(["--check"]) == 0   # --write would rewrite it to what it is
+    assert config_reference.main(shlex.split(check)[2:]) == 0   # so --write would leave the page as it is
+
+
+@pytest.mark.parametrize("script", sorted({argv_of(c[2])[0] for c in PYTHON_COMMANDS}))
+def test_every_documented_script_answers_help(script, capsys):
+    module = importlib.import_module("train_nemoe" if script == "train_nemoe.py" else "tools." + Path(script).stem)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
