@@ -72,6 +72,13 @@ def _one_thread():
 
 
 @pytest.fixture
+def tok():
+    """The GPT-2 tokenizer (its encoding is built once per process: nemoe.tokenizer caches it)."""
+    from nemoe.tokenizer import get_tokenizer
+    return get_tokenizer("gpt2")
+
+
+@pytest.fixture
 def saved_figures(monkeypatch):
     """The matplotlib Figures the code under test saves, in order (still written to disk),
     so a test can check what a tool's main() drew, not only that a file appeared."""
