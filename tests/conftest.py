@@ -78,6 +78,24 @@ def tok():
     return get_tokenizer("gpt2")
 
 
+@pytest.fixture(scope="session")
+def resumed_tiny(tmp_path_factory):
+    """The run folder of a TINY run (tests/test_trainer.py) of 24 steps in three invocations:
+    13 steps, the step-13 checkpoint lost as if the VM died before it landed (so the first
+    resume goes back to step 10, drops rows 11-13 and replays them), then --resume to 20 and
+    --resume to 24. Built once, read by several tests (test_trainer compares it bit for bit
+    with an uninterrupted run; test_tools and test_tensorboard read its logs and checkpoints):
+    a test must not write into it."""
+    from tests.test_trainer import run
+
+    run_dir = tmp_path_factory.mktemp("resumed_tiny")
+    assert run(run_dir, "--max-steps", "13") == 0
+    (run_dir / "checkpoints" / "tiny" / "nemo_ckpt_step13.pt").unlink()
+    assert run(run_dir, "--resume", "--max-steps", "20") == 0
+    assert run(run_dir, "--resume", "--max-steps", "24") == 0
+    return run_dir
+
+
 @pytest.fixture
 def saved_figures(monkeypatch):
     """The matplotlib Figures the code under test saves, in order (still written to disk),
