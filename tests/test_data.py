@@ -40,11 +40,6 @@ def _no_shutdown_sleep():
         gc.collect()  # streams caught in reference cycles close now, while the sleep is still off
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return get_tokenizer("gpt2")
-
-
 @pytest.fixture
 def files(tmp_path):
     """Paths of a FineWeb-like parquet, an Alpaca-like jsonl and a WikiText-like parquet."""

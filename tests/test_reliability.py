@@ -151,6 +151,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, capsys, corrupt, reason)
     out = capsys.readouterr().out
     assert "skipping" in out and "nemo_ckpt_step10.pt" in out and reason in out
     assert "resumed from nemo_ckpt_step5.pt at step 5" in out
+    assert list(logs(tmp_path)[0]["step"]) == list(range(1, 12)), "rows 6-10 rolled back and replayed once"
 
 
 def test_no_good_checkpoint_exits_nonzero_and_deletes_nothing(tmp_path, capsys):

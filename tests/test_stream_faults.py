@@ -39,11 +39,6 @@ def _fast_failures():
         gc.collect()
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return get_tokenizer("gpt2")
-
-
 def write_web(path, n=400, row_group_size=8):
     """FineWeb-like parquet with small row groups: every few documents open a new shard (and a request)."""
     pq.write_table(pa.Table.from_pandas(pd.DataFrame(fineweb_rows(n))), path, row_group_size=row_group_size)

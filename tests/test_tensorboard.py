@@ -357,19 +357,16 @@ def test_a_resume_from_the_mirror_alone_has_the_whole_tensorboard_history(tmp_pa
 # --------------------------------------------------------------------------- #
 
 @pytest.mark.slow
-def test_trainer_run_with_a_resume(tmp_path):
-    from tests.test_trainer import run
-    # 13 steps, then the step-13 checkpoint is lost: the resume goes back to 10 and replays.
-    assert run(tmp_path, "--max-steps", "13") == 0
-    (tmp_path / "checkpoints" / "tiny" / "nemo_ckpt_step13.pt").unlink()
-    assert run(tmp_path, "--resume", "--max-steps", "20") == 0
-    log_dir = tmp_path / "logs" / "tiny"
+def test_trainer_run_with_a_resume(resumed_tiny):
+    # conftest.py's resumed_tiny: 13 steps, then the step-13 checkpoint is lost, so the first
+    # resume goes back to 10 and replays; a second resume at 20 runs on to 24.
+    log_dir = resumed_tiny / "logs" / "tiny"
     assert_tensorboard_matches_csv(log_dir)
     acc = accumulator(log_dir / TENSORBOARD_DIR)
-    assert [p.step for p in acc.Scalars("loss/ce")] == list(range(1, 21))
+    assert [p.step for p in acc.Scalars("loss/ce")] == list(range(1, 25))
     # Usage histograms at every morph decision (TINY: morph.interval=4), one per layer.
     for layer in (0, 1):
         hist = acc.Histograms(f"usage/L{layer}")
-        assert [h.step for h in hist] == [4, 8, 12, 16, 20]
+        assert [h.step for h in hist] == [4, 8, 12, 16, 20, 24]
         assert all(h.histogram_value.sum == pytest.approx(1.0) for h in hist), "shares of one layer"
-    assert sorted(text_of(acc, TB_CONFIG_TAG)) == [0, 10]
+    assert sorted(text_of(acc, TB_CONFIG_TAG)) == [0, 10, 20]

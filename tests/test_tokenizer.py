@@ -10,11 +10,6 @@ from nemoe.errors import UserError
 from nemoe.tokenizer import get_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return get_tokenizer()
-
-
 def test_vocabulary_and_end_of_text(tok):
     assert tok.name == "gpt2"
     assert tok.n_vocab == 50257

@@ -494,26 +494,12 @@ def test_checkpoint_errors_one_message(content, tmp_path, capsys):
 # A tiny real run, resumed twice
 # --------------------------------------------------------------------------- #
 
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    """<run-dir>/logs/tiny and checkpoints/tiny of 24 steps: 13 steps, the step-13
-    checkpoint lost (the logs roll back to 10 on resume), then --resume to 20 and to 24."""
-    from tests.test_trainer import TINY
-    from train_nemoe import main
-
-    run_dir = tmp_path_factory.mktemp("tools_run")
-
-    def train(*extra):
-        args = ["--config", "local", "--run-dir", str(run_dir), "--run-name", "tiny"]
-        for item in TINY:
-            args += ["--set", item]
-        assert main(args + list(extra)) == 0
-
-    train("--max-steps", "13")
-    (run_dir / "checkpoints" / "tiny" / "nemo_ckpt_step13.pt").unlink()
-    train("--resume", "--max-steps", "20")
-    train("--resume", "--max-steps", "24")
-    log_dir = run_dir / "logs" / "tiny"
+@pytest.fixture
+def real_run(resumed_tiny):
+    """<run-dir>/logs/tiny of conftest.py's resumed_tiny (checkpoints in <run-dir>/checkpoints/tiny):
+    24 steps, the step-13 checkpoint lost (the logs roll back to 10 on resume), then --resume to
+    20 and to 24."""
+    log_dir = resumed_tiny / "logs" / "tiny"
     assert (log_dir / "training_log.txt").read_text().count("resumed from") == 2
     return log_dir
 
