@@ -218,7 +218,7 @@ def test_pruned_heads_influence_and_temperature_fold_into_the_export(source, tmp
 
 
 def test_a_mixture_is_refused_as_gpt2_and_exported_as_nemoe(source, tmp_path):
-    from tools._common import load_model
+    from tools.checkpoints import load_model
     folder, _ = source
     model, cfg, _ = imported(folder)
     with pytest.raises(UserError, match="live experts per layer: L0: 2, L1: 2.*--format nemoe"):

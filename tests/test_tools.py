@@ -22,7 +22,8 @@ import torch
 
 from nemoe.schema import EVAL_COLUMNS, EVENT_COLUMNS, LEGACY_EVENT_RENAMES, train_columns
 from tools import evaluate, generate, lineage, plot_experts, plot_training, summary
-from tools._common import EVENT_STYLE, read_events, read_training_log
+from tools.csvlogs import read_events, read_training_log
+from tools.plotting import EVENT_STYLE
 
 slow = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

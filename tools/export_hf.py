@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from nemoe.errors import UserError
-from tools._common import checkpoint_parser, guard, load_model
+from tools.checkpoints import checkpoint_parser, load_model
+from tools.cli import guard
 
 TOLERANCE = 1e-4   # fp32: the folded weights differ from the model's by rounding only
 

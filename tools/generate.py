@@ -15,7 +15,8 @@ import json
 import sys
 
 from nemoe.errors import UserError
-from tools._common import checkpoint_parser, guard, load_model, note
+from tools.checkpoints import checkpoint_parser, load_model
+from tools.cli import guard, note
 
 
 def parse_args(argv):
