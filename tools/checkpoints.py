@@ -1,5 +1,7 @@
 """Checkpoints -> a model, for the tools that run one (generate, evaluate, export_hf): the
 CHECKPOINT argument, the newest loadable checkpoint of a folder, the model built from it.
+
+What a checkpoint holds is read through nemoe.checkpoint_layout's accessors.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ import argparse
 import zipfile
 from pathlib import Path
 
+from nemoe import checkpoint_layout as layout
 from nemoe import schema
 from nemoe.errors import UserError
 from tools.cli import note, resolve_device
@@ -60,7 +63,8 @@ def load_model(arg: str | Path, device_name: str = "auto"):
     The model is built from the checkpoint's own config, so any expert topology
     (live slots, routing offsets) loads exactly as it was saved. A folder written by
     tools/export_hf.py --format nemoe (safetensors + JSON) loads without pickle; its
-    `state` holds what the tools read: step, tokens, config and the expert records.
+    `state` holds what the tools read: step, tokens, config and the expert records
+    (checkpoint_layout.for_reading).
     """
     from nemoe.config import config_from_dict
     from nemoe.model import NemoeLM
@@ -69,14 +73,14 @@ def load_model(arg: str | Path, device_name: str = "auto"):
     if is_nemoe_folder(Path(arg).expanduser()):
         path = Path(arg).expanduser()
         meta, weights = read_nemoe(path)
-        state = {"step": meta["step"], "tokens": meta["tokens"], "config": meta["config"],
-                 "ranks": [{"plasticity": {"experts": {"records": meta["expert_records"]}}}]}
+        state = layout.for_reading(step=meta["step"], tokens=meta["tokens"], config=meta["config"],
+                                   expert_records=meta["expert_records"])
     else:
         path, state = load_checkpoint_state(arg)
-        weights = state["train_module"]["model"]
+        weights = layout.model_weights(state)
     device = resolve_device(device_name)
     try:
-        cfg = config_from_dict(state["config"])
+        cfg = config_from_dict(layout.config(state))
     except UserError as err:
         raise UserError(f"{path}: its saved config no longer validates: {err}") from None
     model = NemoeLM(cfg)
