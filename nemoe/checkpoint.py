@@ -12,19 +12,8 @@ save, the end of the run and a stop wait for that write (never two at once), and
 failure counts like a synchronous one. A finished checkpoint then goes to the mirror
 (nemoe/mirror.py), when there is one.
 
-Format v2 (schema.CHECKPOINT_FORMAT): the components' states by name, plus the
-run's progress.
-
-    step, tokens, elapsed   progress (elapsed: training seconds over every resume)
-    world_size              data-parallel processes that wrote it
-    config                  the resolved config
-    train_module            model, optimizer, scaler, bad_steps
-    ranks                   per rank: rng, data (stream position), metrics (the open
-                            log window), plasticity (each mechanism's state, with this
-                            rank's statistics since the last decision)
-
-v1 files (one flat dict, written before the components existed) load through
-`upgrade_v1`.
+The checkpoint's layout (its keys, the format, the upgrade of older files) is
+nemoe/checkpoint_layout.py's; this module reads and writes the files.
 """
 
 from __future__ import annotations
@@ -38,14 +27,12 @@ from typing import Callable
 
 import torch
 
+from nemoe import checkpoint_layout as layout
 from nemoe import distributed as dist
 from nemoe.errors import UserError
 from nemoe.files import fsync_dir
 from nemoe.mirror import Mirror
-from nemoe.schema import CHECKPOINT_FORMAT, RunPaths, checkpoint_name, list_checkpoints
-
-_REQUIRED = ("step", "tokens", "elapsed", "world_size", "config", "train_module", "ranks")
-_REQUIRED_V1 = ("step", "model", "optimizer", "controller", "trainer", "data", "config", "rng")
+from nemoe.schema import RunPaths, checkpoint_name, list_checkpoints
 
 
 def save_checkpoint(directory: Path, state: dict, keep_last: int) -> Path:
@@ -55,7 +42,7 @@ def save_checkpoint(directory: Path, state: dict, keep_last: int) -> Path:
     tmp = directory / f".{final.name}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            torch.save(layout.stamped(state), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -77,40 +64,7 @@ def load_checkpoint(path: Path) -> dict:
         # The first line only: torch's advice about weights_only does not apply here.
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {first_line})") from None
-    fmt = state.get("format") if isinstance(state, dict) else None
-    if fmt == "nemoe-checkpoint-v1" and all(k in state for k in _REQUIRED_V1):
-        return upgrade_v1(state)
-    if fmt != CHECKPOINT_FORMAT or any(k not in state for k in _REQUIRED):
-        raise UserError(f"{path}: not a nemoe checkpoint (expected format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def upgrade_v1(old: dict) -> dict:
-    """A v1 checkpoint as v2: the same state, regrouped by component."""
-    t = old["trainer"]
-    config = dict(old["config"])
-    world_size = config.pop("world_size", 1)
-    ranks = old.get("ranks") or [{"rng": old["rng"], "data": old["data"], "window": t["window"],
-                                  "plasticity": old.get("plasticity", {})}]
-    return {"format": CHECKPOINT_FORMAT, "step": old["step"], "tokens": t["tokens"], "elapsed": t["elapsed"],
-            "world_size": world_size, "config": config,
-            "train_module": {"model": old["model"], "optimizer": old["optimizer"], "scaler": old["scaler"],
-                             "bad_steps": t["bad_steps"]},
-            "ranks": [{"rng": r["rng"], "data": r["data"], "metrics": r["window"],
-                       "plasticity": {**r.get("plasticity", {}),
-                                      # single-process v1 kept the usage counts in the model buffers only
-                                      "experts": {**old["controller"], **({"usage_counts": r["usage_counts"]}
-                                                                         if "usage_counts" in r else {})}}}
-                      for r in ranks]}
-
-
-def replicated(state: dict, rank: int) -> dict:
-    """The part of a checkpoint every data-parallel replica must hold identically: weights and
-    buffers, optimizer state and expert records (not the per-rank usage counts, data positions,
-    RNG or statistics since the last decision)."""
-    train, experts = state["train_module"], state["ranks"][rank]["plasticity"]["experts"]
-    return {"model": {k: v for k, v in train["model"].items() if not k.endswith("usage_counts")},
-            "optimizer": train["optimizer"], "experts": {k: v for k, v in experts.items() if k != "usage_counts"}}
+    return layout.read(state, path)
 
 
 def load_latest(directory: Path, warn: Callable[[str], None],

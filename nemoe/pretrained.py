@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from nemoe import checkpoint_layout as layout
 from nemoe.errors import UserError
 
 # transformers' activation_function -> model.activation, and back for export.
@@ -412,9 +413,8 @@ def write_nemoe(model, state: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": NEMOE_FORMAT})
-    records = state["ranks"][0]["plasticity"]["experts"]["records"]
-    meta = {"format": NEMOE_FORMAT, "step": int(state["step"]), "tokens": int(state["tokens"]),
-            "config": state["config"], "expert_records": records}
+    meta = {"format": NEMOE_FORMAT, "step": int(layout.step(state)), "tokens": int(layout.tokens(state)),
+            "config": layout.config(state), "expert_records": layout.expert_records(state)}
     (out / NEMOE_JSON).write_text(json.dumps(meta, indent=1, allow_nan=False), encoding="utf-8")
 
 

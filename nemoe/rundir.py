@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemoe import checkpoint as ckpt
+from nemoe import checkpoint_layout as layout
 from nemoe import distributed as dist
 from nemoe.config import config_changes, is_unsafe
 from nemoe.errors import UserError
@@ -29,17 +30,17 @@ def _short(value, limit: int = 80) -> str:
 
 def incompatibility(state: dict, cfg_dict: dict, world_size: int, allow_config_change: bool) -> str | None:
     """Why a checkpoint cannot be resumed under this config and world size (None: it can)."""
-    saved_world = state["world_size"]
+    saved_world = layout.world_size(state)
     if saved_world != world_size:
         # Each rank's data state is its own document stream: no resharding to another count.
         return (f"written by {saved_world} data-parallel process(es), this run has {world_size}; resume "
                 f"with the same torchrun --nproc_per_node ({saved_world}), or start a new run")
-    saved_tokenizer = state["config"].get("data", {}).get("tokenizer", "gpt2")
+    saved_tokenizer = layout.config(state).get("data", {}).get("tokenizer", "gpt2")
     if saved_tokenizer != cfg_dict["data"]["tokenizer"]:
         return (f"trained with data.tokenizer {saved_tokenizer}, this config has {cfg_dict['data']['tokenizer']}: "
                 f"a run resumes only with its own tokenizer (--set data.tokenizer={saved_tokenizer}), "
                 "even with --allow-config-change")
-    unsafe = [c for c in config_changes(state["config"], cfg_dict) if is_unsafe(c[0])]
+    unsafe = [c for c in config_changes(layout.config(state), cfg_dict) if is_unsafe(c[0])]
     if not unsafe or allow_config_change:
         return None
     keep = " ".join(f"--set {key}={old}" for key, old, _ in unsafe if isinstance(old, (int, float, str, bool)))
@@ -50,7 +51,7 @@ def incompatibility(state: dict, cfg_dict: dict, world_size: int, allow_config_c
 
 def change_notes(state: dict, cfg_dict: dict) -> tuple[list[str], bool]:
     """(log notes on every setting changed since the checkpoint, whether the data stream must restart)."""
-    changes = config_changes(state["config"], cfg_dict)
+    changes = config_changes(layout.config(state), cfg_dict)
     notes = [f"config change on resume: {key}: {_short(old)} -> {_short(new)}"
              + (" (unsafe, allowed by --allow-config-change)" if is_unsafe(key) else "")
              for key, old, new in changes]

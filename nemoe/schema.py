@@ -68,8 +68,7 @@ class RunPaths:
 # Checkpoint files
 # --------------------------------------------------------------------------- #
 
-CHECKPOINT_FORMAT = "nemoe-checkpoint-v2"
-LEGACY_CHECKPOINT_FORMATS = ("nemoe-checkpoint-v1",)
+# What a checkpoint holds (its keys and format) is nemoe/checkpoint_layout.py's.
 _CHECKPOINT_NAME = re.compile(r"^nemo_ckpt_step(\d+)\.pt$")
 
 

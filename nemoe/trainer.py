@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import time
 
+from nemoe import checkpoint_layout as layout
 from nemoe import distributed as dist
-from nemoe.checkpoint import Checkpointer, replicated
+from nemoe.checkpoint import Checkpointer
 from nemoe.config import Config, dump_config
 from nemoe.data import DataStopped, TokenStream
 from nemoe.dormancy import probe_dormancy
@@ -91,7 +92,7 @@ class Trainer:
             except (RuntimeError, KeyError, ValueError) as err:
                 raise UserError(f"the checkpoint does not fit this model ({str(err)[:300]})") from None
             notes += more + [f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)"]
-            if "expert_param_steps" not in state:
+            if layout.expert_param_steps(state) is None:
                 notes.append(f"the checkpoint predates expert_param_steps: the steps up to {self.step} are "
                              f"counted at the experts live now ({self.expert_param_steps:,} parameter-steps)")
         else:
@@ -223,31 +224,30 @@ class Trainer:
     def save(self) -> None:
         state = self.state_dict()   # a collective under DDP (gathers every rank's part)
         if self.runtime.dist.enabled:   # replicas must be identical: a mismatch is a bug and stops the run
-            digest = dist.replicas_digest(replicated(state, self.runtime.dist.rank), self.step)
+            digest = dist.replicas_digest(layout.replicated(state, self.runtime.dist.rank), self.step)
             self.log.line(self.step, f"Ranks | {self.world} replicas identical (digest {digest})", echo=False)
         self.checkpointer.save(state)
 
     def state_dict(self) -> dict:
-        """The checkpoint (checkpoint.py describes the format). `ranks` holds every rank's own part."""
-        mine = {"rng": Runtime.rng_state(), "data": self.stream.state_dict(),
-                "metrics": self.metrics.state_dict(), "plasticity": self.plasticity.state_dict()}
-        return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "world_size": self.world,
-                "expert_param_steps": self.expert_param_steps,
-                "config": self.cfg.to_dict(), "train_module": self.train.state_dict(),
-                "ranks": dist.gather_objects(mine)}
+        """The checkpoint (checkpoint_layout.py describes it); every rank's own part gathered from all."""
+        mine = layout.rank_part(rng=Runtime.rng_state(), data=self.stream.state_dict(),
+                                metrics=self.metrics.state_dict(), plasticity=self.plasticity.state_dict())
+        return layout.new(step=self.step, tokens=self.tokens, elapsed=self.elapsed, world_size=self.world,
+                          expert_param_steps=self.expert_param_steps, config=self.cfg.to_dict(),
+                          train_module=self.train.state_dict(), ranks=dist.gather_objects(mine))
 
     def load_state_dict(self, state: dict, restore_data: bool = True) -> None:
-        self.train.load_state_dict(state["train_module"])
-        mine = state["ranks"][self.runtime.dist.rank]
-        self.plasticity.load_state_dict(mine["plasticity"])
+        rank = self.runtime.dist.rank
+        self.train.load_state_dict(layout.train_module(state))
+        self.plasticity.load_state_dict(layout.rank_plasticity(state, rank))
         if restore_data:
-            self.stream.load_state_dict(mine["data"])
-        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+            self.stream.load_state_dict(layout.rank_data(state, rank))
+        self.step, self.tokens, self.elapsed = layout.step(state), layout.tokens(state), layout.elapsed(state)
         # A checkpoint written before the count: its steps at the experts live now (a note says so).
-        self.expert_param_steps = state.get("expert_param_steps", self.step * self.expert_params
-                                            * sum(self.plasticity.experts.expert_counts()))
-        self.metrics = MetricsWindow.from_state(mine["metrics"], self.runtime.device)
-        Runtime.set_rng_state(mine["rng"])
+        self.expert_param_steps = layout.expert_param_steps(state, self.step * self.expert_params
+                                                            * sum(self.plasticity.experts.expert_counts()))
+        self.metrics = MetricsWindow.from_state(layout.rank_metrics(state, rank), self.runtime.device)
+        Runtime.set_rng_state(layout.rank_rng(state, rank))
 
     def _request_stop(self, signum: int) -> None:
         """SIGINT / SIGTERM: finish the current step, save, exit cleanly (a second one stops now)."""

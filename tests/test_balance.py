@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nemoe.train_module as train_module
+from nemoe import checkpoint_layout as layout
 from nemoe.model import NemoeLM, split_block
 from nemoe.moe import MoELayer
 from nemoe.plasticity.experts import blend_slots, clear_slot, copy_slot, open_slot
@@ -286,7 +287,7 @@ def bias_straight(tmp_path_factory):
 def saved_bias(run_dir, step: int) -> torch.Tensor:
     from nemoe import checkpoint as ckpt
     state = ckpt.load_checkpoint(run_dir / "checkpoints" / "tiny" / f"nemo_ckpt_step{step}.pt")
-    model = state["train_module"]["model"]
+    model = layout.model_weights(state)
     return torch.stack([model[f"blocks.{i}.moe.select_bias"] for i in range(2)])
 
 

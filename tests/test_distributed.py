@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
+from nemoe import checkpoint_layout as layout
 from nemoe.config import load_config
 from nemoe.data import TokenStream
 from nemoe.tokenizer import get_tokenizer
@@ -100,9 +101,9 @@ def test_replicas_stay_identical_through_events(ddp_run):
     assert [int(s) for s in checks] == [5, 10, 15]                  # at every checkpoint
     assert "data-parallel: 2 ranks x 2 micro-batches x 2 sequences" in text
     state = torch.load(ddp_run / "checkpoints" / "ddp" / f"nemo_ckpt_step{STEPS}.pt", weights_only=True)
-    assert len(state["ranks"]) == 2
-    assert state["ranks"][0]["data"] != state["ranks"][1]["data"]   # each rank has its own position
-    assert state["train_module"]["model"]["blocks.0.moe.select_bias"].abs().sum() > 0  # in the digests too
+    assert len(layout.ranks(state)) == 2
+    assert layout.rank_data(state, 0) != layout.rank_data(state, 1)   # each rank has its own position
+    assert layout.model_weights(state)["blocks.0.moe.select_bias"].abs().sum() > 0  # in the digests too
 
 
 class UnionStream:
@@ -141,7 +142,7 @@ def test_two_ranks_train_like_one_process_on_the_union_batch(ddp_run, tmp_path):
     # The selection bias moved by the ranks' summed counts, as by the union batch's counts.
     ddp_state = torch.load(ddp_run / "checkpoints" / "ddp" / f"nemo_ckpt_step{STEPS}.pt", weights_only=True)
     for i, layer in enumerate(trainer.model.moe_layers):
-        assert torch.equal(layer.select_bias, ddp_state["train_module"]["model"][f"blocks.{i}.moe.select_bias"])
+        assert torch.equal(layer.select_bias, layout.model_weights(ddp_state)[f"blocks.{i}.moe.select_bias"])
     # Same decisions: usage is summed over ranks before the controller decides.
     key = ["step", "layer", "event", "expert", "parents", "n_before", "n_after"]
     pd.testing.assert_frame_equal(one_events[key], ddp_events[key])

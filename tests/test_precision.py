@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from nemoe import checkpoint_layout as layout
 from nemoe import memory
 from nemoe.errors import UserError
 from nemoe.metrics import MetricsWindow
@@ -381,7 +382,7 @@ def test_divergence_stops_the_run_and_says_which_kind(tmp_path):
     from nemoe import checkpoint as ckpt
     (step, path), = ckpt.list_checkpoints(tmp_path / "checkpoints" / "tiny")[:1]
     assert step == 5
-    weights = ckpt.load_checkpoint(path)["train_module"]["model"]
+    weights = layout.model_weights(ckpt.load_checkpoint(path))
     assert all(torch.isfinite(v).all() for k, v in weights.items()
                if v.is_floating_point() and not k.endswith("route_offset"))
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from nemoe import checkpoint_layout as layout
 from nemoe.config import Config, config_changes, load_config
 from nemoe.errors import UserError
 from nemoe.model import NemoeLM
@@ -218,16 +219,16 @@ def test_pruned_heads_influence_and_temperature_fold_into_the_export(source, tmp
 
 
 def test_a_mixture_is_refused_as_gpt2_and_exported_as_nemoe(source, tmp_path):
-    from tools._common import load_model
+    from tools.checkpoints import load_model
     folder, _ = source
     model, cfg, _ = imported(folder)
     with pytest.raises(UserError, match="live experts per layer: L0: 2, L1: 2.*--format nemoe"):
         write_gpt2(model, cfg, tmp_path / "gpt2")
-    state = {"step": 7, "tokens": 70, "config": cfg.to_dict(),
-             "ranks": [{"plasticity": {"experts": {"records": [[{"id": 0, "parents": [], "origin": "init"}]]}}}]}
+    state = layout.for_reading(step=7, tokens=70, config=cfg.to_dict(),
+                               expert_records=[[{"id": 0, "parents": [], "origin": "init"}]])
     write_nemoe(model, state, tmp_path / "moe")
     again, cfg2, state2, _ = load_model(tmp_path / "moe", "cpu")
-    assert cfg2 == cfg and state2["step"] == 7 and state2["ranks"][0]["plasticity"]["experts"]["records"][0][0]["id"] == 0
+    assert cfg2 == cfg and layout.step(state2) == 7 and layout.expert_records(state2)[0][0]["id"] == 0
     assert max_logit_diff(again, model) == 0
     assert b"pickle" not in (tmp_path / "moe" / "model.safetensors").read_bytes()[:200]
 
@@ -328,8 +329,7 @@ def test_export_tool_writes_a_dense_model_as_gpt2(source, tmp_path, capsys):
     model, cfg, _ = imported(folder, "moe.experts_max=1", "plasticity.heads.enabled=true")
     with torch.no_grad():
         model.blocks[1].attn.head_gate[0] = 0.0
-    state = {"step": 3, "tokens": 30, "config": cfg.to_dict(),
-             "ranks": [{"plasticity": {"experts": {"records": [[{"id": 0}], [{"id": 1}]]}}}]}
+    state = layout.for_reading(step=3, tokens=30, config=cfg.to_dict(), expert_records=[[{"id": 0}], [{"id": 1}]])
     write_nemoe(model, state, tmp_path / "dense")
     assert export_hf.main([str(tmp_path / "dense"), "-o", str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out

@@ -20,9 +20,11 @@ import pandas as pd
 import pytest
 import torch
 
+from nemoe import checkpoint_layout as layout
 from nemoe.schema import EVAL_COLUMNS, EVENT_COLUMNS, LEGACY_EVENT_RENAMES, train_columns
 from tools import evaluate, generate, lineage, plot_experts, plot_training, summary
-from tools._common import EVENT_STYLE, read_events, read_training_log
+from tools.csvlogs import read_events, read_training_log
+from tools.plotting import EVENT_STYLE
 
 slow = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -601,7 +603,7 @@ def test_real_run_evaluate(real_run, capsys):
     train = pd.read_csv(real_run / "training_log.csv")
     assert len(result["usage"]) == 2
     for u in result["usage"]:
-        live = sorted(r["id"] for r in state["ranks"][0]["plasticity"]["experts"]["records"][u["layer"]] if r is not None)
+        live = sorted(r["id"] for r in layout.expert_records(state)[u["layer"]] if r is not None)
         assert sorted(e["id"] for e in u["experts"]) == live
         assert len(live) == train[f"experts_L{u['layer']}"].iloc[-1]
         assert sum(e["share"] for e in u["experts"]) == pytest.approx(1.0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nemoe import checkpoint as ckpt
+from nemoe import checkpoint_layout as layout
 from nemoe.schema import train_columns
 from tests.conftest import REPO
 from train_nemoe import main
@@ -130,7 +131,7 @@ def test_a_checkpoint_from_before_free_slots_resumes_and_both_optimizers_train_a
         patch.setattr("nemoe.train_module.SlotAdamW", lambda params, slotted=(), **kw: torch.optim.AdamW(params, **kw))
         assert run(tmp_path, "--max-steps", "13") == 0
     saved = torch.load(tmp_path / "checkpoints" / "tiny" / "nemo_ckpt_step13.pt", weights_only=False)
-    moments = saved["train_module"]["optimizer"]["state"].values()
+    moments = layout.optimizer_state(saved)["state"].values()
     assert all("slots" not in m for m in moments) and any(m["exp_avg"].dim() == 3 for m in moments), "old layout"
     assert run(tmp_path, "--resume", "--max-steps", "24") == 0
     straight_train, straight_events, straight_eval = logs(uninterrupted)
@@ -227,7 +228,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, capsys, monke
     (step, path), = ckpt.list_checkpoints(tmp_path / "checkpoints" / "tiny")[:1]
     assert step == 6
     state = ckpt.load_checkpoint(path)
-    weights = {k: v for k, v in state["train_module"]["model"].items() if not k.endswith("route_offset")}  # -inf = free slot
+    weights = {k: v for k, v in layout.model_weights(state).items() if not k.endswith("route_offset")}  # -inf = free slot
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 

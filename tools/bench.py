@@ -58,7 +58,7 @@ from nemoe.moe import MoELayer
 from nemoe.runtime import Runtime
 from nemoe.tokenizer import get_tokenizer
 from nemoe.train_module import TrainModule
-from tools._common import guard, note, resolve_device
+from tools.cli import guard, note, resolve_device
 from tools.bench_dispatch import DISPATCH, use_dispatch
 from tools.bench_report import flops_split_lines, table_lines, targets
 from tools.bench_slots import bench_free_slots, free_slot_lines

@@ -50,7 +50,7 @@ import argparse
 import sys
 
 from nemoe.errors import UserError
-from tools._common import guard
+from tools.cli import guard
 from tools.comparison import declared
 from tools.comparison.plan import STRATEGIES, build_plan
 from tools.comparison.report import data_order_consistent, write_report

@@ -16,8 +16,10 @@ import json
 import math
 import sys
 
+from nemoe import checkpoint_layout as layout
 from nemoe.errors import UserError
-from tools._common import checkpoint_parser, guard, load_model, note
+from tools.checkpoints import checkpoint_parser, load_model
+from tools.cli import guard, note
 
 
 def parse_args(argv):
@@ -125,10 +127,10 @@ def main(argv=None):
     batch_size = args.batch_size or data_cfg.eval.batch_size
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     batches = heldout_batches(data_cfg.data, tokenizer, cfg.model.seq_len, n_batches, batch_size)
-    result = {"checkpoint": str(path), "step": int(state["step"]),
-              "tokens_trained": int(state["tokens"]),
+    result = {"checkpoint": str(path), "step": int(layout.step(state)),
+              "tokens_trained": int(layout.tokens(state)),
               "batches": n_batches, "batch_size": batch_size, "seq_len": cfg.model.seq_len,
-              **evaluate(model, batches, state["ranks"][0]["plasticity"]["experts"]["records"])}
+              **evaluate(model, batches, layout.expert_records(state))}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

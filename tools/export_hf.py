@@ -28,8 +28,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from nemoe import checkpoint_layout as layout
 from nemoe.errors import UserError
-from tools._common import checkpoint_parser, guard, load_model
+from tools.checkpoints import checkpoint_parser, load_model
+from tools.cli import guard
 
 TOLERANCE = 1e-4   # fp32: the folded weights differ from the model's by rounding only
 
@@ -78,7 +80,7 @@ def main(argv=None):
     if not diff <= TOLERANCE:
         raise UserError(f"{out}: written, but {reader} computes logits up to {diff:.3g} away from the "
                         f"checkpoint's (tolerance {TOLERANCE}); please report this")
-    print(f"wrote {out} ({fmt}: {what}) from {path} (step {state['step']:,})")
+    print(f"wrote {out} ({fmt}: {what}) from {path} (step {layout.step(state):,})")
     print(f"checked: {reader} reproduces the checkpoint's logits, max |difference| {diff:.2e}")
 
 

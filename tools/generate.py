@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import sys
 
+from nemoe import checkpoint_layout as layout
 from nemoe.errors import UserError
-from tools._common import checkpoint_parser, guard, load_model, note
+from tools.checkpoints import checkpoint_parser, load_model
+from tools.cli import guard, note
 
 
 def parse_args(argv):
@@ -61,7 +63,7 @@ def main(argv=None):
     prompt_ids = tokenizer.encode(args.prompt) or [tokenizer.eot_id]   # empty prompt: start of a document
     if len(prompt_ids) > cfg.model.seq_len:
         note(f"the prompt has {len(prompt_ids)} tokens; the model sees the last {cfg.model.seq_len}")
-    print(f"{path} | step {state['step']:,} | device {device} | {args.max_new_tokens} new tokens",
+    print(f"{path} | step {layout.step(state):,} | device {device} | {args.max_new_tokens} new tokens",
           file=sys.stderr)
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -73,7 +75,7 @@ def main(argv=None):
     completions = [tokenizer.decode([t for t in ids if t < tokenizer.n_vocab]) for ids in new_ids]
 
     if args.json:
-        print(json.dumps({"checkpoint": str(path), "step": state["step"], "prompt": args.prompt,
+        print(json.dumps({"checkpoint": str(path), "step": layout.step(state), "prompt": args.prompt,
                           "prompt_tokens": prompt_ids, "completions": completions, "tokens": new_ids},
                          ensure_ascii=False))
         return

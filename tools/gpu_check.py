@@ -48,7 +48,8 @@ from nemoe import schema
 from nemoe.config import config_from_dict, find_config, read_yaml
 from nemoe.errors import UserError
 from nemoe.memory import gb, plan_memory
-from tools._common import guard, note, read_training_log, resolve_device
+from tools.cli import guard, note, resolve_device
+from tools.csvlogs import read_training_log
 from nemoe.flops import flops_per_token
 from tools.bench import cpu_name
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 from nemoe import schema
 from nemoe.errors import UserError
-from tools._common import (EVENT_STYLE, find_log_dir, guard, latest_step, note, parent_ids, pyplot, read_eval,
-                           read_events, read_run_config, read_training_log, save_figure)
+from tools.cli import guard, note
+from tools.csvlogs import latest_step, parent_ids, read_eval, read_events, read_training_log
+from tools.plotting import EVENT_STYLE, pyplot, save_figure
+from tools.runfiles import find_log_dir, read_run_config
 
 DEATHS = {"prune": "pruned", "failed_probation": "failed probation"}
 ORIGIN_COLOR = {"founder": "tab:blue", "split": "tab:green", "crossover": "tab:purple"}

@@ -15,8 +15,10 @@ import sys
 
 from nemoe import schema
 from nemoe.errors import UserError
-from tools._common import (EVENT_STYLE, guard, human, latest_step, layer_columns, note, pyplot, read_events,
-                           read_training_log, run_csv, save_figure, steps_to_tokens)
+from tools.cli import guard, note
+from tools.csvlogs import latest_step, layer_columns, read_events, read_training_log
+from tools.plotting import EVENT_STYLE, human, pyplot, save_figure, steps_to_tokens
+from tools.runfiles import run_csv
 
 
 def parse_args(argv):

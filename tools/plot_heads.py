@@ -16,8 +16,10 @@ import sys
 
 from nemoe import schema
 from nemoe.errors import UserError
-from tools._common import (guard, human, note, one_timeline, pyplot, read_events, read_state, run_csv,
-                           save_figure)
+from tools.cli import guard, note
+from tools.csvlogs import one_timeline, read_events, read_state
+from tools.plotting import human, pyplot, save_figure
+from tools.runfiles import run_csv
 
 # events.csv `event` of granularity head: (marker, colour, label)
 HEAD_EVENTS = {"prune": ("v", "tab:red", "prune"), "grow": ("^", "tab:green", "grow")}

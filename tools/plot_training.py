@@ -17,8 +17,10 @@ import argparse
 import sys
 
 from nemoe import schema
-from tools._common import (EVENT_STYLE, find_log_dir, guard, human, latest_step, pyplot, read_eval, read_events,
-                           read_training_log, save_figure)
+from tools.cli import guard
+from tools.csvlogs import latest_step, read_eval, read_events, read_training_log
+from tools.plotting import EVENT_STYLE, human, pyplot, save_figure
+from tools.runfiles import find_log_dir
 
 
 def parse_args(argv):

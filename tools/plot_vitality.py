@@ -16,7 +16,10 @@ import sys
 
 from nemoe import schema
 from nemoe.errors import UserError
-from tools._common import guard, one_timeline, pyplot, read_events, read_run_config, read_state, run_csv, save_figure
+from tools.cli import guard
+from tools.csvlogs import one_timeline, read_events, read_state
+from tools.plotting import pyplot, save_figure
+from tools.runfiles import read_run_config, run_csv
 
 VALUES = ("vitality", "importance", "influence", "temperature", "dropout", "lr_scale", "age")
 

@@ -24,7 +24,9 @@ from pathlib import Path
 from nemoe import schema
 from nemoe.errors import UserError
 from tools import lineage, plot_experts, plot_heads, plot_training, plot_vitality, summary
-from tools._common import find_log_dir, guard, read_eval, read_events, read_state
+from tools.cli import guard
+from tools.csvlogs import read_eval, read_events, read_state
+from tools.runfiles import find_log_dir
 
 STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2430;

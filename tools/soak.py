@@ -36,7 +36,8 @@ from collections import Counter
 from pathlib import Path
 
 from nemoe.metrics import resident_mb
-from tools._common import guard, read_training_log
+from tools.cli import guard
+from tools.csvlogs import read_training_log
 
 SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.d_expert=128",
          "train.batch_size=4", "train.device=cpu", "train.precision=fp32", "train.warmup_steps=20",

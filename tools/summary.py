@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from nemoe import schema
-from tools._common import (find_log_dir, guard, latest_step, layer_columns, read_eval, read_events,
-                           read_run_config, read_training_log)
+from tools.cli import guard
+from tools.csvlogs import latest_step, layer_columns, read_eval, read_events, read_training_log
+from tools.runfiles import find_log_dir, read_run_config
 
 EVENT_ORDER = ["split", "crossover", "prune", "failed_probation", "graduate"]
 

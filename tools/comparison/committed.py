@@ -22,7 +22,8 @@ import pandas as pd
 from nemoe import schema
 from nemoe.config import config_changes
 from nemoe.errors import UserError
-from tools._common import read_eval, read_run_config
+from tools.csvlogs import read_eval
+from tools.runfiles import read_run_config
 from tools.comparison.plan import PHASED, Plan, Run, expected_config
 
 SUMMARY_JSON = "summary.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tools._common import pyplot, save_figure
+from tools.plotting import pyplot, save_figure
 from tools.comparison.comparisons import compare, comparison_lines, fmt_diff
 from tools.comparison.cycles import TREND_VALUES, trends
 from tools.comparison.declared import declared_lines

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tools._common import pyplot, save_figure
+from tools.plotting import pyplot, save_figure
 from tools.comparison.comparisons import compare, comparison_lines, fmt_diff, fmt_p, of
 from tools.comparison.declared import declared_lines
 from tools.comparison.plan import BASELINE, FRESH, STRATEGIES, Plan

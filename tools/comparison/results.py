@@ -17,7 +17,8 @@ from nemoe import schema
 from nemoe.config import Config, config_from_dict
 from nemoe.errors import UserError
 from nemoe.flops import training_flops
-from tools._common import layer_columns, read_eval, read_events, read_run_config, read_training_log
+from tools.csvlogs import layer_columns, read_eval, read_events, read_training_log
+from tools.runfiles import read_run_config
 from tools.comparison.committed import committed_eval, has_summary, read_rows, write_summary
 from tools.comparison.plan import Plan, Run
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from nemoe.config import config_changes
 from nemoe.errors import UserError
 from nemoe.schema import list_checkpoints
-from tools._common import read_run_config
+from tools.runfiles import read_run_config
 from tools.comparison.committed import check_committed, has_summary, write_summary
 from tools.comparison.plan import PHASED, Phase, Plan, Run, expected_config
 from tools.comparison.results import rows_of
