@@ -1,6 +1,7 @@
 """Starting from a pretrained GPT-2 (nemoe/pretrained.py; the shape: nemoe/config/init_from.py): shape
-from the source, import and upcycling with the source's function, export back to transformers, the run's resume. Offline: every source is
-a tiny random GPT2LMHeadModel written by save_pretrained into a temporary folder."""
+from the source, import and upcycling with the source's function, export back to transformers, the
+run's resume. Offline: every source is a tiny random GPT2LMHeadModel written by save_pretrained into
+a temporary folder."""
 
 import shutil
 

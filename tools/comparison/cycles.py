@@ -113,7 +113,7 @@ def visit_rows(evals: pd.DataFrame, events: pd.DataFrame, phases: list[tuple[str
 
 def cycles_results(plan: Plan, run: Run) -> list[dict]:
     """One row per phase of a cycles run (or its fresh reference), with the run's own columns."""
-    from tools.comparison.results import phase_logs, run_results
+    from tools.comparison.results import phase_logs, run_results   # results.py dispatches here (a circle left)
     _, evals, events, bounds = phase_logs(plan, run)
     base = run_results(plan.out, run)
     keep = {k: base[k] for k in ("strategy", "seed", "run", "tokens_per_s", "wall_s", "data_fingerprint")}

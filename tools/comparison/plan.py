@@ -118,7 +118,7 @@ STRATEGIES = {s.name: s for s in [
 
 
 def available(strategy: Strategy) -> bool:
-    from nemoe.plasticity import REGISTRY
+    from nemoe.plasticity import REGISTRY   # torch: only when a strategy's mechanism is checked
     return strategy.mechanism is None or strategy.mechanism in REGISTRY
 
 
@@ -233,6 +233,7 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
     if args.protocol == "shift":
         phase_plan = shift_phases(args, base)
     elif args.protocol == "cycles":
+        # The cycles protocol only: cycles.py imports this module (a circle left in tools/comparison).
         from tools.comparison.cycles import cycle_phases
         phase_plan = cycle_phases(args, base)
     if phase_plan is not None:  # the settings every phased run shares, for the report
@@ -248,6 +249,7 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
                 runs.append(Run(strategy, seed, extra + common, phases))
     references, k_steps = [], 0
     if args.protocol == "cycles":
+        # The cycles protocol only: cycles.py imports this module (a circle left in tools/comparison).
         from tools.comparison.cycles import check_cadence, fresh_runs
         k_steps = check_cadence(args, base, phase_plan[1])
         if not args.no_fresh:

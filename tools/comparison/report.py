@@ -22,7 +22,7 @@ def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
     """Write report.md, results.csv, summary.csv and curves.png into plan.out (and plan.study);
     the report's text."""
     if plan.protocol == "cycles":
-        from tools.comparison.cycles_report import cycles_report as write
+        from tools.comparison.cycles_report import cycles_report as write   # it imports this module (a circle left)
     else:
         write = grid_report if plan.protocol == "grid" else shift_report
     curves = eval_curves(plan, [r for r in plan.runs if r.name not in failures])

@@ -27,7 +27,7 @@ FINGERPRINT_STEPS = 20   # optimizer steps of training batches hashed for the da
 def meta_model(cfg: Config):
     """The run's NemoeLM on the meta device: shapes only, no memory, no init cost."""
     import torch
-    from nemoe.model import NemoeLM
+    from nemoe.model import NemoeLM   # torch: only for a model's shapes; reading results needs none
     with torch.device("meta"):
         return NemoeLM(cfg)
 
@@ -125,7 +125,7 @@ def events_by_layer(events: pd.DataFrame, n_layers: int) -> str:
 
 def heldout_sizes(cfg: Config) -> str:
     """Each source's evaluation set as a run builds it: "prose 76 documents, 32,896 tokens; ..."."""
-    from nemoe.heldout import describe_heldout, heldout_sets
+    from nemoe.heldout import describe_heldout, heldout_sets   # torch, datasets: only for the report's sizes
     from nemoe.tokenizer import get_tokenizer
     return describe_heldout(heldout_sets(cfg.data, get_tokenizer(cfg.data.tokenizer), cfg.model.seq_len,
                                          cfg.eval.batches, cfg.eval.batch_size))
@@ -143,7 +143,7 @@ def data_fingerprint(cfg: Config, steps: int = FINGERPRINT_STEPS) -> str:
     key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.seq_len, cfg.train.batch_size,
                       cfg.train.grad_accum, steps], sort_keys=True)
     if key not in _fingerprints:
-        from nemoe.data import TokenStream
+        from nemoe.data import TokenStream   # torch, datasets: only when a fingerprint is computed
         from nemoe.tokenizer import get_tokenizer
         stream = TokenStream(cfg.data, get_tokenizer(cfg.data.tokenizer), cfg.model.seq_len)
         digest = hashlib.sha256()
@@ -254,6 +254,7 @@ def shift_results(plan: Plan, run: Run) -> list[dict]:
 def rows_of(plan: Plan, run: Run) -> list[dict]:
     """A finished run's results rows, read from its run folder: one (grid) or one per phase (shift, cycles)."""
     if plan.protocol == "cycles":
+        # The cycles protocol only: cycles.py imports this module (a circle left in tools/comparison).
         from tools.comparison.cycles import cycles_results
         return cycles_results(plan, run)
     return shift_results(plan, run) if plan.protocol == "shift" else [run_results(plan.out, run)]
