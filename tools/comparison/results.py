@@ -19,6 +19,7 @@ from nemoe.errors import UserError
 from nemoe.flops import training_flops
 from tools._common import layer_columns, read_eval, read_events, read_run_config, read_training_log
 from tools.comparison.committed import committed_eval, has_summary, read_rows, write_summary
+from tools.comparison.cycles import visit_rows
 from tools.comparison.plan import Plan, Run
 
 FINGERPRINT_STEPS = 20   # optimizer steps of training batches hashed for the data-order check
@@ -251,11 +252,17 @@ def shift_results(plan: Plan, run: Run) -> list[dict]:
     return [{**keep, **row} for row in shift_metrics(evals, events, bounds, plan.within)]
 
 
+def cycles_results(plan: Plan, run: Run) -> list[dict]:
+    """One row per phase of a cycles run (or its fresh reference), with the run's own columns."""
+    _, evals, events, bounds = phase_logs(plan, run)
+    base = run_results(plan.out, run)
+    keep = {k: base[k] for k in ("strategy", "seed", "run", "tokens_per_s", "wall_s", "data_fingerprint")}
+    return [{**keep, **row} for row in visit_rows(evals, events, bounds, plan.k_steps)]
+
+
 def rows_of(plan: Plan, run: Run) -> list[dict]:
     """A finished run's results rows, read from its run folder: one (grid) or one per phase (shift, cycles)."""
     if plan.protocol == "cycles":
-        # The cycles protocol only: cycles.py imports this module (a circle left in tools/comparison).
-        from tools.comparison.cycles import cycles_results
         return cycles_results(plan, run)
     return shift_results(plan, run) if plan.protocol == "shift" else [run_results(plan.out, run)]
 
