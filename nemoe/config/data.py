@@ -69,7 +69,7 @@ class DataConfig:
     DataConfig used on its own, outside a Config, mixes with seed 0 when this is None.)"""
     tokenizer: Literal["gpt2", "bytes"] = setting("gpt2", unsafe=True)
     """How text becomes token ids: gpt2 (GPT-2 BPE, 50257 ids) or bytes (UTF-8 bytes plus
-    end-of-text, 257 ids: set model.vocab_size to 257 or a little more). A run resumes only with
+    end-of-text, 257 ids: set model.vocab_size between 257 and 1024, e.g. 320). A run resumes only with
     the tokenizer it was trained with."""
     shuffle: bool = setting(False, unsafe=True)
     """Read builtin and local `files` sources in a random document order drawn from the data seed
@@ -93,7 +93,8 @@ class DataConfig:
     data seed and the window's index: every block is trained on once, and resume stays exact (it
     re-reads the current window). Memory: one window of int64 tokens. 0: reading order."""
     on_exhausted: Literal["cycle", "stop"] = "cycle"
-    """When a source runs out: cycle (start it again) or stop (end training data with an error)."""
+    """When a source runs out: cycle (start it again) or stop (end training data with an error; the
+    run saves a checkpoint and stops)."""
     retry_minutes: float = setting(30.0, ge=0)
     """A read that fails mid-run (connection dropped, HTTP 5xx / 429 after `datasets`' own retries,
     a Drive mount gone) reopens the stream at its exact position and retries with back-off for up

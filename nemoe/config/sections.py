@@ -130,11 +130,13 @@ class MorphConfig:
     """Growth schedule: the share of the run (train.total_tokens) by which every layer has grown from
     moe.experts_init to moe.experts_max experts; the target rises linearly over the decisions up to
     there, and births follow it only (split_usage and crossover_prob play no part; probation and
-    pruning still apply, and the schedule refills what they free). None: no schedule."""
+    pruning still apply, and the schedule refills what they free). Needs morph.enabled and
+    moe.experts_max > moe.experts_init. None: no schedule."""
     split_by: Literal["usage", "gradient"] = "usage"
     """Growth schedule: which graduated expert a scheduled birth copies: usage (the most used over
     the last interval) or gradient (the largest gradient utility: the sum over the interval's
-    applied steps of the squared norm of its weights' gradient; README, Expert morphogenesis)."""
+    applied steps of the squared norm of its weights' gradient; docs/architecture.md, Growth
+    schedule). gradient needs grow_until."""
 
     def check(self, cfg: Config) -> list[str]:
         problems = []
