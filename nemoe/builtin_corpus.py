@@ -22,10 +22,10 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from nemoe.config.data import BUILTIN_CORPORA
 from nemoe.documents import pieces
 from nemoe.errors import UserError
 
-BUILTIN_CORPORA = ("prose", "code", "docs", "docstrings", "code_net", "code_core")
 # Top-level standard-library modules and packages of code_net: protocols, mail, the web.
 NET_PACKAGES = frozenset({
     "email", "http", "urllib", "xmlrpc", "wsgiref", "mailbox", "imaplib", "smtplib", "smtpd", "poplib",

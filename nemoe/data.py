@@ -36,7 +36,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from nemoe import configlib, distributed, faults
+from nemoe import distributed, faults
+from nemoe.config import lib as configlib
 from nemoe.errors import UserError
 from nemoe.faults import brief as _brief, duration as _duration
 from nemoe.documents import alpaca_document, is_heldout, wikitext_articles

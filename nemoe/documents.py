@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from nemoe.sources import SourceConfig
+from nemoe.config.data import SourceConfig
 
 
 def is_heldout(text: str, fraction: float) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from nemoe.config import dump_config
 from nemoe.files import atomic_write
 from nemoe.schema import (CSV_LOGS, EVAL_COLUMNS, EVAL_CSV, EVENT_COLUMNS, EVENTS_CSV, LEGACY_EVENT_RENAMES,
                           STATE_COLUMNS, STATE_CSV, TENSORBOARD_DIR, TEXT_LINE, TEXT_LOG, TRAIN_CSV,
@@ -152,7 +153,7 @@ class RunLogger:
     @staticmethod
     def truncate_after(log_dir: Path, step: int) -> int:
         """On resume: drop every row, line and TensorBoard record after `step`; returns how many went."""
-        from nemoe.tensorboard_log import truncate_tensorboard
+        from nemoe.tensorboard_log import truncate_tensorboard   # torch.utils.tensorboard: only where it is used
         dropped = 0
         for name in CSV_LOGS:
             dropped += truncate_csv(log_dir / name, step)
@@ -175,8 +176,7 @@ class RunLogger:
                       f"({self.write_failures} failed writes)", file=sys.stderr, flush=True)
 
     def _open_tensorboard(self, cfg, start_step: int):
-        from nemoe.config import dump_config
-        from nemoe.tensorboard_log import TensorBoardLog
+        from nemoe.tensorboard_log import TensorBoardLog   # torch.utils.tensorboard: only with log.tensorboard on
         try:
             plasticity = {name for name, section in vars(cfg.plasticity).items() if section.enabled}
             return TensorBoardLog(self.log_dir / TENSORBOARD_DIR, start_step, dump_config(cfg), plasticity)

@@ -32,6 +32,7 @@ from nemoe import memory
 from nemoe.distributed import sum_over_ranks
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity.experts import slot_params
+from nemoe.pretrained import import_weights
 from nemoe.runtime import Runtime
 from nemoe.slot_optim import SlotAdamW
 
@@ -112,7 +113,6 @@ class TrainModule:
         """A new run (never a resume): the weights of model.init_from, when set; notes for the log."""
         if not self.cfg.model.init_from:
             return []
-        from nemoe.pretrained import import_weights   # transformers is imported only for this
         return import_weights(self.model, self.cfg)
 
     def wrap(self) -> None:

@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from nemoe.config import CONFIG_DIR, Config, config_changes, config_from_dict, is_unsafe, load_config
-from nemoe.configlib import flatten
+from nemoe.config.lib import flatten
 from nemoe.errors import UserError
 from tests.conftest import REPO, tiny_config
 

@@ -1,6 +1,7 @@
-"""Starting from a pretrained GPT-2 (nemoe/pretrained.py): shape from the source, import and upcycling
-with the source's function, export back to transformers, the run's resume. Offline: every source is
-a tiny random GPT2LMHeadModel written by save_pretrained into a temporary folder."""
+"""Starting from a pretrained GPT-2 (nemoe/pretrained.py; the shape: nemoe/config/init_from.py): shape
+from the source, import and upcycling with the source's function, export back to transformers, the
+run's resume. Offline: every source is a tiny random GPT2LMHeadModel written by save_pretrained into
+a temporary folder."""
 
 import shutil
 
@@ -12,9 +13,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from nemoe import checkpoint_layout as layout
 from nemoe.config import Config, config_changes, load_config
+from nemoe.config.init_from import adopt_source, import_defaults
 from nemoe.errors import UserError
 from nemoe.model import NemoeLM
-from nemoe.pretrained import adopt_source, copy_gpt2_weights, import_weights, write_gpt2, write_nemoe
+from nemoe.pretrained import copy_gpt2_weights, import_weights, write_gpt2, write_nemoe
 from train_nemoe import main
 
 SMALL = {"vocab_size": 96, "n_positions": 24, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 0,
@@ -145,7 +147,6 @@ def test_shape_comes_from_the_source_and_conflicts_name_both_values(source):
 
 
 def test_import_defaults_dense_and_top1():
-    from nemoe.pretrained import import_defaults
     for given, wanted in [({}, {"top_k": 2}),
                           ({"experts_max": 1}, {"experts_max": 1, "experts_init": 1, "experts_min": 1, "top_k": 1}),
                           ({"top_k": 1}, {"top_k": 1}),

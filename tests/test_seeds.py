@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from nemoe.config import config_from_dict, dump_config, load_config
-from nemoe.configlib import derive_seed, flatten
+from nemoe.config.lib import derive_seed, flatten
 from nemoe.model import NemoeLM
 from nemoe.plasticity.heads import HeadPlasticity
 from nemoe.plasticity.layers import LayerSenescence

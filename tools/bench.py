@@ -15,6 +15,10 @@ nemoe.data.TokenStream with the GPT-2 tokenizer for the data pipeline. Timings
 are medians over repeats; on a shared machine they move with the other load, so
 compare figures from one run, never across runs.
 
+This tool trains, unlike the tools that read a run's files (tools/runfiles.py, tools/csvlogs.py): it builds
+nemoe's Trainer through tools/harness.py (a Trainer for a config, its steps run and timed),
+and the morph section times the mechanisms' own calls inside it.
+
 Sections (`--only` takes a comma list):
   throughput  training tokens/s: MoE vs dense with equal active parameters vs seed-style MoE
   mfu         model FLOPs utilisation against this device's measured fp32 matmul peak
@@ -37,7 +41,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,7 +52,7 @@ import torch
 
 from nemoe import checkpoint as ckpt
 from nemoe import schema
-from nemoe.config import config_from_dict, find_config, read_yaml
+from nemoe.config import config_from_dict
 from nemoe.data import TokenStream
 from nemoe.errors import UserError
 from nemoe.flops import flops_per_token  # 6 N + 12 L T d (PaLM appendix B)
@@ -62,13 +65,13 @@ from tools.cli import guard, note, resolve_device
 from tools.bench_dispatch import DISPATCH, use_dispatch
 from tools.bench_report import flops_split_lines, table_lines, targets
 from tools.bench_slots import bench_free_slots, free_slot_lines
-from tools.bench_t4 import bench_gpu, bench_memory
+from tools.bench_t4 import T4_MORPH_INTERVAL, bench_gpu, bench_memory, trainer_overrides
 from tools.bench_unattended import bench_parquet, bench_prefetch, measure_saves
+from tools.harness import close_trainer, device_name, open_trainer, peak_matmul_flops, sync, timed
 
 SECTIONS = ("throughput", "mfu", "moe_layer", "morph", "checkpoint", "data", "memory", "gpu", "prefetch", "parquet")
 NEEDS = {"mfu": ("throughput",), "data": ("throughput",)}   # sections that read another's figures
 FREE_SLOTS_RUN = (2, 1, 3)   # --free-slots: batch (sequences), timed steps per round, rounds
-T4_MORPH_INTERVAL = 1000   # configs/t4.yaml morph.interval, the interval the overhead target is for
 
 
 @dataclass
@@ -100,34 +103,6 @@ FULL = Shapes(d_model=384, n_layers=6, n_heads=6, seq_len=64, d_expert=1536, bat
 QUICK = Shapes(d_model=32, n_layers=2, n_heads=2, seq_len=16, d_expert=64, batch_size=4, n_experts=4,
                top_k=1, warmup_steps=1, timed_steps=2, rounds=1, layer_repeats=2, morph_interval=2,
                morph_intervals=2, matmul_n=256, data_batches=20, memory_batches=(1, 2))
-
-
-# --------------------------------------------------------------------------- #
-# Timing helpers
-# --------------------------------------------------------------------------- #
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a wall-clock reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    """Seconds one call of fn() takes, device work included."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def peak_matmul_flops(device: torch.device, n: int, dtype=torch.float32, repeats: int = 5) -> float:
-    """Best achieved FLOP/s of an (n, n) @ (n, n) matmul: 2 n^3 FLOPs each."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: thread pools, cuBLAS handles
-    best = min(timed(lambda: a @ b, device) for _ in range(repeats))
-    return 2 * n ** 3 / best
 
 
 # --------------------------------------------------------------------------- #
@@ -255,48 +230,11 @@ def bench_moe_layer(ctx) -> dict:
 # Sections 4 + 5: morphogenesis overhead, checkpoints and resume (the real Trainer)
 # --------------------------------------------------------------------------- #
 
-def trainer_overrides(shapes: Shapes, quick: bool, device: torch.device) -> dict:
-    """local.yaml (built-in corpus) with the t4 model, expert and batch settings.
-
-    Morphogenesis on a short interval with thresholds that make every interval act
-    (2 live experts: the busier has usage >= 0.5 > split_usage, so it splits).
-    """
-    raw = read_yaml(find_config("local.yaml"))
-    t4 = read_yaml(find_config("t4.yaml"))
-    if quick:
-        raw["model"] = {"d_model": shapes.d_model, "n_layers": shapes.n_layers, "n_heads": shapes.n_heads,
-                        "seq_len": shapes.seq_len, "d_expert": shapes.d_expert}
-        raw["train"]["batch_size"] = shapes.batch_size
-    else:
-        raw["model"] = dict(t4["model"])
-        raw["train"].update(batch_size=t4["train"]["batch_size"], grad_accum=t4["train"]["grad_accum"])
-        raw["eval"] = {"batch_size": t4["eval"]["batch_size"]}
-    raw["moe"] = dict(t4["moe"])
-    raw["morph"].update(interval=shapes.morph_interval, probation_steps=shapes.morph_interval,
-                        split_usage=0.3, prune_usage=0.02, crossover_prob=1.0, probation_min_usage=0.01)
-    raw["train"].update(device=str(device), precision="fp32", warmup_steps=1)
-    raw["log"] = {"every_steps": 10 ** 6, "sample_every_steps": 0, "console": "plain"}
-    raw["eval"] = {**raw.get("eval", {}), "every_steps": 0, "batches": 1}
-    raw["checkpoint"] = {"every_steps": 0, "every_minutes": 0, "keep_last": 2}
-    raw["name"] = "bench"
-    return raw
-
-
-def open_trainer(raw: dict, run_dir: Path, resume: bool = False):
-    from nemoe.trainer import Trainer   # the trainer's own code path, as train_nemoe.py runs it
-    return Trainer(config_from_dict(raw), schema.RunPaths.of(run_dir, "bench"), resume=resume)
-
-
-def close_trainer(trainer) -> None:
-    trainer.stream.close()
-    trainer.close()
-
-
 def get_trainer(ctx):
     """The t4-shaped Trainer shared by the morph and checkpoint sections (opened once)."""
     if ctx.trainer is None:
         ctx.trainer_raw = trainer_overrides(ctx.shapes, ctx.quick, ctx.device)
-        ctx.trainer = open_trainer(ctx.trainer_raw, ctx.run_dir)
+        ctx.trainer = open_trainer(ctx.trainer_raw, ctx.run_dir, "bench")
     return ctx.trainer
 
 
@@ -356,7 +294,7 @@ def bench_checkpoint(ctx) -> dict:
     ctx.trainer = None
     # Resume: a new Trainer finds the checkpoint, restores everything, then takes a step.
     start = time.perf_counter()
-    resumed = open_trainer(ctx.trainer_raw, ctx.run_dir, resume=True)
+    resumed = open_trainer(ctx.trainer_raw, ctx.run_dir, "bench", resume=True)
     opened = time.perf_counter() - start
     resumed.train_step()
     sync(ctx.device)
@@ -391,17 +329,6 @@ def bench_data(ctx) -> dict:
 # --------------------------------------------------------------------------- #
 # Main
 # --------------------------------------------------------------------------- #
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one (Linux), else what platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 class Context:
     def __init__(self, shapes: Shapes, device: torch.device, quick: bool, run_dir: Path, parquet_mb: int = 4):
@@ -467,8 +394,7 @@ def main(argv=None) -> int:
         return 0
     device = resolve_device(args.device)
     shapes = QUICK if args.quick else FULL
-    header = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else cpu_name(), "threads": torch.get_num_threads(),
+    header = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"), "quick": args.quick, "shapes": asdict(shapes)}
     print(f"nemoe bench | {header['device']} ({header['device_name']}, {header['threads']} threads) | "

@@ -3,6 +3,10 @@ one line per figure, grouped by section, and (--flops) the training FLOPs split 
 
 from __future__ import annotations
 
+from nemoe.config import load_config
+from nemoe.flops import flops_split
+from tools.comparison.results import meta_model
+
 
 def targets(results: dict) -> list[dict]:
     """Each issue target: measured value, the bar, met or not (None: section not run)."""
@@ -135,9 +139,6 @@ def table_lines(results: dict) -> list[str]:
 
 def flops_split_lines(configs: list[str]) -> list[str]:
     """A markdown table: per config, training FLOPs per token and each part's share (nemoe.flops)."""
-    from nemoe.config import load_config
-    from nemoe.flops import flops_split
-    from tools.comparison.results import meta_model
     lines = ["| config | tokenizer | FLOPs/token | LM head | attention | experts | router | rest |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in configs:

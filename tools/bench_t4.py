@@ -1,5 +1,9 @@
 """The bench's T4 sections: the memory plan of configs/t4.yaml (`memory`) and, on CUDA, the real
 Trainer under fp16 autocast + GradScaler capped to a T4's memory (`gpu`). Run by tools/bench.py.
+
+This module trains: the `gpu` section builds nemoe's Trainer (through tools/harness.py) and runs
+its steps, and `trainer_overrides` is the t4-shaped config of the Trainer the bench's morph and
+checkpoint sections train too.
 """
 
 from __future__ import annotations
@@ -13,8 +17,43 @@ from nemoe.config import config_from_dict, find_config, read_yaml
 from nemoe.flops import flops_per_token
 from nemoe.memory import plan_memory
 from nemoe.model import NemoeLM
+from tools.harness import close_trainer, open_trainer, peak_matmul_flops, run_steps, timed
 
 MEMORY_CAP = 15e9          # bytes: a T4's usable memory, with a little room (15 GB, not GiB)
+T4_MORPH_INTERVAL = 1000   # configs/t4.yaml morph.interval, the interval the overhead target is for
+
+
+# --------------------------------------------------------------------------- #
+# The t4-shaped Trainer of the morph, checkpoint and gpu sections
+# --------------------------------------------------------------------------- #
+
+def trainer_overrides(shapes, quick: bool, device: torch.device) -> dict:
+    """local.yaml (built-in corpus) with the t4 model, expert and batch settings (`shapes`: the
+    bench's Shapes, tools/bench.py; quick: its model and batch instead of t4's).
+
+    Morphogenesis on a short interval with thresholds that make every interval act
+    (2 live experts: the busier has usage >= 0.5 > split_usage, so it splits).
+    """
+    raw = read_yaml(find_config("local.yaml"))
+    t4 = read_yaml(find_config("t4.yaml"))
+    if quick:
+        raw["model"] = {"d_model": shapes.d_model, "n_layers": shapes.n_layers, "n_heads": shapes.n_heads,
+                        "seq_len": shapes.seq_len, "d_expert": shapes.d_expert}
+        raw["train"]["batch_size"] = shapes.batch_size
+    else:
+        raw["model"] = dict(t4["model"])
+        raw["train"].update(batch_size=t4["train"]["batch_size"], grad_accum=t4["train"]["grad_accum"])
+        raw["eval"] = {"batch_size": t4["eval"]["batch_size"]}
+    raw["moe"] = dict(t4["moe"])
+    raw["morph"].update(interval=shapes.morph_interval, probation_steps=shapes.morph_interval,
+                        split_usage=0.3, prune_usage=0.02, crossover_prob=1.0, probation_min_usage=0.01)
+    raw["train"].update(device=str(device), precision="fp32", warmup_steps=1)
+    raw["log"] = {"every_steps": 10 ** 6, "sample_every_steps": 0, "console": "plain"}
+    raw["eval"] = {**raw.get("eval", {}), "every_steps": 0, "batches": 1}
+    raw["checkpoint"] = {"every_steps": 0, "every_minutes": 0, "keep_last": 2}
+    raw["name"] = "bench"
+    return raw
+
 
 
 # --------------------------------------------------------------------------- #
@@ -55,16 +94,14 @@ def gpu_trainer_run(ctx, batch_size: int, steps: int, compile_model: bool = Fals
 
     Built-in corpus (no Hub), morphogenesis at the t4 interval (no event in the window).
     """
-    from tools.bench import T4_MORPH_INTERVAL, close_trainer, open_trainer, timed, trainer_overrides
     raw = trainer_overrides(ctx.shapes, ctx.quick, ctx.device)
     raw["train"].update(precision="fp16", batch_size=batch_size, compile=compile_model)
     raw["morph"]["interval"] = T4_MORPH_INTERVAL
-    trainer = open_trainer(raw, ctx.run_dir / f"gpu-b{batch_size}-compile{int(compile_model)}")
+    trainer = open_trainer(raw, ctx.run_dir / f"gpu-b{batch_size}-compile{int(compile_model)}", "bench")
     try:
-        losses = [trainer.train_step().loss_ce.item() for _ in range(3)]   # warm-up (and compilation)
+        losses = run_steps(trainer, 3)   # warm-up (and compilation)
         torch.cuda.reset_peak_memory_stats(ctx.device)
-        seconds = timed(lambda: losses.extend(trainer.train_step().loss_ce.item() for _ in range(steps)),
-                        ctx.device)
+        seconds = timed(lambda: losses.extend(run_steps(trainer, steps)), ctx.device)
         return {"batch_size": batch_size, "tokens_per_s": steps * trainer.tokens_per_step / seconds,
                 "peak_bytes": torch.cuda.max_memory_allocated(ctx.device),
                 "precision": trainer.runtime.precision, "grad_scaler": trainer.train.scaler.is_enabled(),
@@ -85,7 +122,6 @@ def bench_gpu(ctx) -> dict:
         return {"skipped": "no CUDA device in this run"}
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, MEMORY_CAP / total), device)
-    from tools.bench import peak_matmul_flops
     steps = 5 if ctx.quick else 30
     peak = {"fp32": peak_matmul_flops(device, 4096), "fp16": peak_matmul_flops(device, 8192, torch.float16)}
     out = {"device_name": torch.cuda.get_device_name(device), "cap_bytes": MEMORY_CAP, "peak_matmul_flops": peak}

@@ -12,6 +12,9 @@ what a slow source costs with and without read-ahead, and how long a parquet sou
     parquet     a FineWeb-like parquet file of --parquet-mb MB (1,000-document row groups): time from
                 a new TokenStream's load_state_dict to its first batch, at a position 90 % into the
                 file, with row-group shards and with the old one-shard-per-file layout
+
+This module trains: the checkpoint and prefetch figures come from nemoe's Trainer, built and
+run through tools/harness.py (the checkpoint section's Trainer is the one tools/bench.py opens).
 """
 
 from __future__ import annotations
@@ -30,18 +33,9 @@ from nemoe.config import find_config, read_yaml
 from nemoe.data import DataConfig, SourceConfig, TokenStream
 from nemoe.mirror import Mirror
 from nemoe.tokenizer import get_tokenizer
+from tools.harness import close_trainer, open_trainer, timed
 
 SLOW_SOURCE_DELAY_S = 0.005   # the issue's example: 5 ms per document
-
-
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- #
@@ -89,23 +83,23 @@ def measure_saves(trainer, device: torch.device, repeats: int, mirror_dir: Path)
     """Save through the real Trainer and Checkpointer, synchronously and in the background."""
     saver = trainer.checkpointer
     saver.cfg.background = False   # before: the loop waits for torch.save, fsync and rename
-    sync_s = [_timed(trainer.save, device) for _ in range(repeats)]
+    sync_s = [timed(trainer.save, device) for _ in range(repeats)]
     saver.cfg.background = True    # after: the loop waits for the snapshot only
     blocked, write_s, peak = [], [], []
     for _ in range(repeats + 1):   # the first allocates the snapshot's buffers, the others refill them
         rss = _status_kb("VmRSS") if _reset_peak_rss() else None
-        blocked.append(_timed(trainer.save, device))
+        blocked.append(timed(trainer.save, device))
         write = saver.pending
         saver.wait()
         write_s.append(write.seconds)
         if rss is not None:
             peak.append((_status_kb("VmHWM") - rss) * 1024)
     # Training while a write is in flight: step times with and without one.
-    quiet = [_timed(trainer.train_step, device) for _ in range(2)]
+    quiet = [timed(trainer.train_step, device) for _ in range(2)]
     trainer.save()
     during, write = [], saver.pending
     while write.thread.is_alive():
-        during.append(_timed(trainer.train_step, device))
+        during.append(timed(trainer.train_step, device))
     saver.wait()
     # A mirror on the same disk: copy, fsync, read back, compare, manifest.
     saver.mirror = Mirror(mirror_dir, trainer.paths, saver.cfg.keep_last)
@@ -146,7 +140,6 @@ def bench_prefetch(ctx) -> dict:
     data.prefetch_batches 0 and 8, each with and without a per-document delay, interleaved over
     rounds. The delay is 5 ms, or more where the steps are slow: enough for the source alone
     to take half a step's time (so it shows without read-ahead, and a producer keeps up)."""
-    from tools.bench import close_trainer, open_trainer
     raw = read_yaml(find_config("local.yaml"))
     # A narrow model on the t4 batch (16 x 64 tokens, a few documents per step): steps short
     # enough on a CPU that a slow source is a large share of them, as on a GPU.
@@ -156,7 +149,7 @@ def bench_prefetch(ctx) -> dict:
     raw["log"] = {"every_steps": 10 ** 6, "sample_every_steps": 0, "console": "plain"}
     raw["eval"] = {"every_steps": 0, "batches": 1, "batch_size": 2}
     raw["checkpoint"] = {"every_steps": 0, "every_minutes": 0}
-    trainer = open_trainer(raw, ctx.run_dir / "prefetch")
+    trainer = open_trainer(raw, ctx.run_dir / "prefetch", "bench")
     counter = trainer.stream.reader.tokenizer = _CountingTokenizer(trainer.stream.reader.tokenizer)
     steps, rounds = (3, 1) if ctx.quick else (10, 3)
     try:
@@ -178,7 +171,7 @@ def bench_prefetch(ctx) -> dict:
                 for _ in range(2):
                     trainer.train_step()
                 _wait_until_full(trainer.stream)
-                runs[(d, depth)].append(sum(_timed(trainer.train_step, ctx.device) for _ in range(steps)))
+                runs[(d, depth)].append(sum(timed(trainer.train_step, ctx.device) for _ in range(steps)))
     finally:
         data_module.DOCUMENT_DELAY_S = 0.0
         close_trainer(trainer)

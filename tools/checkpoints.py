@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nemoe import checkpoint_layout as layout
 from nemoe import schema
+from nemoe.config import config_from_dict
 from nemoe.errors import UserError
 from tools.cli import note, resolve_device
 from tools.runfiles import is_log_dir
@@ -33,7 +34,7 @@ def load_checkpoint_state(arg: str | Path) -> tuple[Path, dict]:
     A folder may be `<run-dir>/checkpoints/<run-name>` or the run's log folder
     `<run-dir>/logs/<run-name>`.
     """
-    from nemoe import checkpoint as ckpt
+    from nemoe import checkpoint as ckpt   # torch: loaded only when a checkpoint is read (--help answers at once)
 
     path = Path(arg).expanduser()
     if not path.exists():
@@ -66,7 +67,7 @@ def load_model(arg: str | Path, device_name: str = "auto"):
     `state` holds what the tools read: step, tokens, config and the expert records
     (checkpoint_layout.for_reading).
     """
-    from nemoe.config import config_from_dict
+    # torch and transformers: loaded only when a model is built (--help and a wrong flag answer at once)
     from nemoe.model import NemoeLM
     from nemoe.pretrained import is_nemoe_folder, read_nemoe
 

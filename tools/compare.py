@@ -49,12 +49,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pandas as pd
+
 from nemoe.errors import UserError
 from tools.cli import guard
 from tools.comparison import declared
-from tools.comparison.plan import STRATEGIES, build_plan
-from tools.comparison.report import data_order_consistent, write_report
-from tools.comparison.results import collect
+from tools.comparison.cycles_report import cycles_report
+from tools.comparison.plan import STRATEGIES, Plan, build_plan
+from tools.comparison.report import curves_picture, data_order_consistent, grid_report, shift_report
+from tools.comparison.results import add_tokens_to_target, collect, eval_curves
 from tools.comparison.run import execute_all, finished
 from tools.comparison.seeds import plan_lines
 
@@ -106,6 +109,39 @@ def parse_args(argv):
     s.add_argument("--from", dest="pilot", default=None, metavar="DIR",
                    help="a finished comparison folder (results.csv) to read the pilot's paired sds from")
     return p.parse_args(argv)
+
+
+def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> str:
+    """Write report.md, results.csv, summary.csv and curves.png into plan.out (and plan.study);
+    the report's text. The protocol's report: grid and shift (tools/comparison/report.py) or
+    cycles (cycles_report.py, which builds on report.py)."""
+    if plan.protocol == "cycles":
+        write = cycles_report
+    else:
+        write = grid_report if plan.protocol == "grid" else shift_report
+    curves = eval_curves(plan, [r for r in plan.runs if r.name not in failures])
+    if plan.protocol == "grid":
+        results = add_tokens_to_target(results, curves, plan.target_baseline)
+    text, summary = write(plan, results, failures)
+    phases = plan.runs[0].phases
+    title = f"held-out loss, {plan.config}"
+    if plan.protocol == "shift":
+        title += ": " + " → ".join(p.source for p in phases)
+    elif plan.protocol == "cycles":
+        title += f": {len(phases)} phases cycling " + " → ".join(dict.fromkeys(p.source for p in phases))
+    sources = ["all"] + plan.sources if plan.protocol == "grid" else plan.sources
+    for folder in dict.fromkeys(f for f in (plan.out, plan.study) if f is not None):
+        folder.mkdir(parents=True, exist_ok=True)
+        results.to_csv(folder / "results.csv", index=False)
+        summary.to_csv(folder / "summary.csv", index=False)
+        (folder / "report.md").write_text(text, encoding="utf-8")
+        curves_picture(folder / "curves.png", curves, sources, title, [p.end for p in phases[:-1]])
+    return text
+
+
+# --------------------------------------------------------------------------- #
+# Numbers
+# --------------------------------------------------------------------------- #
 
 
 @guard

@@ -1,6 +1,6 @@
 """Write the config reference (docs/config.md) from the settings' own declarations.
 
-Every setting is a dataclass field (nemoe/configlib.py's conventions): its type gives its
+Every setting is a dataclass field (nemoe/config/lib.py's conventions): its type gives its
 choices, `setting(...)` its bounds and whether it is unsafe to change on resume, and the
 docstring under it says what it does. This script walks the section tree from
 `nemoe.config.Config` and prints one table per section; nothing in the page is typed by
@@ -25,6 +25,8 @@ import typing
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
+from nemoe.config import Config
+
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "config.md"
 
@@ -41,11 +43,12 @@ Every problem found on the way (unknown keys with the valid ones listed, wrong t
 impossible values) is reported at once: one message, exit code 2. The resolved config is
 written to the run's `config.yaml`.
 
-Every key is a field with a docstring in [`nemoe/config.py`](../nemoe/config.py) (data
-sources: [`nemoe/sources.py`](../nemoe/sources.py); the `plasticity` section:
-[`nemoe/plasticity_config.py`](../nemoe/plasticity_config.py)): its type gives its choices
+Every key is a field with a docstring in the [`nemoe/config/`](../nemoe/config/__init__.py)
+package ([`sections.py`](../nemoe/config/sections.py); data sources:
+[`data.py`](../nemoe/config/data.py); the `plasticity` section:
+[`plasticity.py`](../nemoe/config/plasticity.py)): its type gives its choices
 (`Literal[...]`), its `setting(...)` its bounds and whether it is unsafe to change on resume,
-and [`nemoe/configlib.py`](../nemoe/configlib.py) checks them all in one pass; rules across
+and [`lib.py`](../nemoe/config/lib.py) checks them all in one pass; rules across
 fields are each section's `check(cfg)`. `train.seed` is the run seed: every other `seed` left
 unset (`morph`, `data`, `plasticity.neuron / heads / layers`) is derived from it when the
 config is built, and `config.yaml` records the concrete values.
@@ -159,8 +162,6 @@ def section_table(cls, prefix: str) -> tuple[list[str], list[tuple[str, type]]]:
 
 
 def render() -> str:
-    from nemoe.config import Config
-
     out = [INTRO]
     top, queue = section_table(Config, "")
     top_rows = [row for row in top[2:]]

@@ -41,7 +41,7 @@ def parse_args(argv):
 def evaluate(model, batches_by_source: dict, records: list[list[dict | None]]) -> dict:
     """Loss per source and mixed (token-weighted), and per-layer usage shares."""
     import torch
-    from nemoe.model import split_block
+    from nemoe.model import split_block   # torch: imported once the arguments are checked, as in main
 
     device = next(model.parameters()).device
     sources, n_layers = {}, len(model.moe_layers)
@@ -117,6 +117,7 @@ def main(argv=None):
             raise UserError(f"{flag} must be >= 1")
     if args.overrides and not args.config:
         raise UserError("--set changes a --config; name one (e.g. --config local.yaml)")
+    # torch and datasets only after the arguments are checked: --help and a wrong flag answer at once.
     from nemoe.config import load_config
     from nemoe.data import heldout_batches
     from nemoe.tokenizer import get_tokenizer

@@ -55,7 +55,7 @@ def logits_check(model, reload, vocab_size: int, seq_len: int) -> float:
 @guard
 def main(argv=None):
     args = parse_args(argv)
-    from nemoe.pretrained import mixture_layers, quiet_transformers, write_gpt2, write_nemoe
+    from nemoe.pretrained import mixture_layers, quiet_transformers, write_gpt2, write_nemoe   # torch: after --help
 
     out = Path(args.output).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

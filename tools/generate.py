@@ -55,7 +55,7 @@ def main(argv=None):
     args = parse_args(argv)
     check(args)
     import torch
-    from nemoe.tokenizer import get_tokenizer
+    from nemoe.tokenizer import get_tokenizer   # torch and tiktoken only after the arguments are checked
 
     model, cfg, state, path = load_model(args.checkpoint, args.device)
     device = next(model.parameters()).device

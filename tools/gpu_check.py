@@ -5,10 +5,11 @@
     python tools/gpu_check.py --device cpu --quick  # the same plumbing on tiny shapes (its test)
     python tools/gpu_check.py --steps 300 --json gpu_check.json --run-dir /tmp/check
 
-Every run is nemoe's Trainer (`Trainer(...).fit()`), as train_nemoe.py drives it: the
-t4 model and batch (configs/t4.yaml) on the built-in corpus (no Hub access), expert
-morphogenesis on an interval of a quarter of the run so that splits happen before and
-after the resume point. Checks, one table row each (PASS / FAIL / INFO / SKIP):
+This tool trains, unlike the tools that read a run's files (tools/runfiles.py, tools/csvlogs.py): every run
+is nemoe's Trainer, built and fit in this process through tools/harness.py, as
+train_nemoe.py drives it: the t4 model and batch (configs/t4.yaml) on the built-in
+corpus (no Hub access), expert morphogenesis on an interval of a quarter of the run so
+that splits happen before and after the resume point. Checks, one table row each (PASS / FAIL / INFO / SKIP):
 
   fp16            fp16 autocast + GradScaler: finite losses, the scale, skipped steps
   tokens/s, MFU   after the first fifth of the steps; MFU against the device's dense
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import io
 import json
 import math
 import re
@@ -47,11 +47,11 @@ import yaml
 from nemoe import schema
 from nemoe.config import config_from_dict, find_config, read_yaml
 from nemoe.errors import UserError
+from nemoe.flops import flops_per_token
 from nemoe.memory import gb, plan_memory
+from tools import harness
 from tools.cli import guard, note, resolve_device
 from tools.csvlogs import read_training_log
-from nemoe.flops import flops_per_token
-from tools.bench import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 # Dense tensor-core peaks, TFLOP/s, without sparsity (NVIDIA datasheets): (name pattern, fp16, bf16);
@@ -99,27 +99,22 @@ def log_every(steps: int) -> int:
 
 def train(raw: dict, run_dir: Path, max_steps: int, resume: bool = False, time_save: bool = False) -> dict:
     """One Trainer run (fit to max_steps, its console lines kept out of the table); its figures."""
-    from nemoe.trainer import Trainer   # the trainer's own code path, as train_nemoe.py runs it
-    cfg = config_from_dict(raw)
-    with contextlib.redirect_stdout(io.StringIO()):   # the run's text log keeps these lines
-        trainer = Trainer(cfg, schema.RunPaths.of(run_dir, "check"), resume=resume, max_steps=max_steps)
+    trainer = harness.open_trainer(raw, run_dir, "check", resume=resume, max_steps=max_steps, quiet=True)
     device = trainer.runtime.device
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with contextlib.redirect_stdout(io.StringIO()):
-            trainer.fit()
+        harness.fit(trainer, quiet=True)   # the run's text log keeps its console lines
         out = {"precision": trainer.runtime.precision, "reason": trainer.runtime.precision_reason,
                "step": trainer.step, "loss_scale": trainer.train.loss_scale,
-               "flops_per_token": flops_per_token(trainer.model, cfg.model.seq_len),
+               "flops_per_token": flops_per_token(trainer.model, trainer.cfg.model.seq_len),
                "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
         if time_save:
             start = time.perf_counter()
             trainer.save()
             out["save_s"] = time.perf_counter() - start
     finally:
-        trainer.stream.close()
-        trainer.close()
+        harness.close_trainer(trainer)
     rows = read_training_log(trainer.paths.log_dir / schema.TRAIN_CSV)
     out["rows"] = {c: rows[c].tolist() for c in ("step", "tokens", "loss_ce", "grad_scale", "skipped_steps",
                                                   "elapsed_s")}
@@ -224,7 +219,7 @@ def check_ddp(table: Table, raw: dict, run_dir: Path, steps: int) -> dict:
 
 def run_checks(device: torch.device, quick: bool, steps: int, run_dir: Path) -> tuple[Table, dict]:
     cuda = device.type == "cuda"
-    device_name = torch.cuda.get_device_name(device) if cuda else cpu_name()
+    device_name = harness.device_name(device)
     table, runs = Table(), {}
     every = log_every(steps)
     split = max(every, (steps // 2) // every * every)
@@ -298,7 +293,7 @@ def main(argv=None) -> int:
     if device.type != "cuda" and not args.quick:
         note("no GPU in this run: the t4 model on a CPU takes long (CPU half precision is slow); "
              "--quick checks the plumbing in a minute")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = harness.device_name(device)
     header = {"device": str(device), "device_name": name, "torch": torch.__version__, "quick": args.quick,
               "steps": steps, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if device.type == "cuda":

@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from nemoe import schema
+from nemoe.errors import UserError
 from tools.cli import guard
 from tools.csvlogs import latest_step, read_eval, read_events, read_training_log
 from tools.plotting import EVENT_STYLE, human, pyplot, save_figure
@@ -168,7 +169,6 @@ def _event_legend(fig, events) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.smooth < 0:
-        from nemoe.errors import UserError
         raise UserError("--smooth must be >= 0")
     train, evals, events, run_name = load(args.run)
     save_figure(plot(train, evals, events, run_name, args.smooth), args.output)

@@ -35,7 +35,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from nemoe.config import load_config
+from nemoe.errors import UserError
 from nemoe.metrics import resident_mb
+from nemoe.trainer import Trainer
 from tools.cli import guard
 from tools.csvlogs import read_training_log
 
@@ -109,7 +112,6 @@ class Tracer:
     def __init__(self, warmup: int, end: int):
         import tracemalloc
 
-        from nemoe.trainer import Trainer
         self.tracemalloc, self.warmup, self.end, self.rows, self.snaps = tracemalloc, warmup, end, [], {}
         self.types: dict[int, Counter] = {}
         tracemalloc.start(12)
@@ -147,9 +149,7 @@ class Tracer:
 
 @guard
 def main(argv: list[str] | None = None) -> int:
-    from nemoe.config import load_config
-    from nemoe.errors import UserError
-    from train_nemoe import main as train
+    from train_nemoe import main as train   # the script at the repository root, not an installed module
 
     args = parse_args(argv)
     if args.steps < 20:

@@ -1,5 +1,5 @@
-"""The many-shift protocol (`tools/compare.py --protocol cycles`): its phases, its fresh reference
-runs, and its plasticity metrics.
+"""The many-shift protocol (`tools/compare.py --protocol cycles`): its plasticity metrics (its phases
+and fresh reference runs are planned in tools/comparison/plan.py, its rows read in results.py).
 
 K sources are visited in a fixed cycle R times, one phase of --phase-steps steps each (the
 shift protocol's phases: the source of the phase gets all the weight, the others keep
@@ -20,67 +20,16 @@ initialisation on that source alone for one phase: one extra run per source and 
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pandas as pd
 from scipy import stats as scistats
 
-from nemoe.config import Config
 from nemoe.errors import UserError
-from tools.comparison.plan import (BASELINE, FRESH, STRATEGIES, Phase, Plan, Run, phase_sources_override,
-                                   seed_overrides)
+from tools.comparison.plan import FRESH
 from tools.comparison.stats import ALPHA, t_quantile
 
 TREND_VALUES = ("area", "loss_k")   # per-visit values whose slope per visit is a trend
-
-
-# --------------------------------------------------------------------------- #
-# The plan
-# --------------------------------------------------------------------------- #
-
-def cycle_sources(args: argparse.Namespace, base: Config) -> list[str]:
-    sources = [s.name for s in base.data.sources]
-    names = [n.strip() for n in args.cycle.split(",") if n.strip()] if args.cycle else sources
-    unknown = [n for n in names if n not in sources]
-    if unknown:
-        raise UserError(f"--cycle: {', '.join(map(repr, unknown))} not a source of this config "
-                        f"(its sources: {', '.join(sources)})")
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise UserError("--protocol cycles needs two or more distinct sources (the config's, or --cycle A,B,...)")
-    return names
-
-
-def cycle_phases(args: argparse.Namespace, base: Config) -> tuple[list[str], list[Phase]]:
-    """(--set items for every phase, the phases): --cycles-repeats cycles over the sources."""
-    if args.phase_steps < 1 or args.cycles_repeats < 1 or args.eval_every < 1 or args.k_steps < 1:
-        raise UserError("--phase-steps, --cycles-repeats, --eval-every and --k-steps must be >= 1")
-    sources = cycle_sources(args, base)
-    phases = [Phase(args.phase_steps * (i + 1), [phase_sources_override(base, source)], source)
-              for i, source in enumerate(sources * args.cycles_repeats)]
-    # Before the user's --set items, which therefore win.
-    return [f"train.total_tokens={phases[-1].end * base.tokens_per_step()}",
-            f"eval.every_steps={args.eval_every}"], phases
-
-
-def check_cadence(args: argparse.Namespace, base: Config, phases: list[Phase]) -> int:
-    """k (the loss after k steps of a phase), checked against the resolved evaluation cadence."""
-    every, steps = base.eval.every_steps, args.phase_steps
-    if steps % every or args.k_steps % every or args.k_steps > steps:
-        raise UserError(f"--phase-steps ({steps}) and --k-steps ({args.k_steps}) must be multiples of the "
-                        f"evaluation interval ({every}: --eval-every or eval.every_steps), k at most a phase")
-    return args.k_steps
-
-
-def fresh_runs(user: list[str], base: Config, seeds: list[int], extra: list[str],
-               phases: list[Phase]) -> list[Run]:
-    """The reference: per seed and source, BASELINE's model trained from initialisation on that
-    source alone for one phase, with the arms' settings (so its schedule is the arms' first phase's)."""
-    seen = list(dict.fromkeys(p.source for p in phases))
-    common = extra + user + STRATEGIES[BASELINE].overrides(base)
-    return [Run(FRESH, seed, common + seed_overrides(seed),
-                [Phase(phases[0].end, [phase_sources_override(base, source)], source)], tag=source)
-            for seed in seeds for source in seen]
 
 
 # --------------------------------------------------------------------------- #
@@ -109,15 +58,6 @@ def visit_rows(evals: pd.DataFrame, events: pd.DataFrame, phases: list[tuple[str
         last_end[source] = end
         rows.append(row)
     return rows
-
-
-def cycles_results(plan: Plan, run: Run) -> list[dict]:
-    """One row per phase of a cycles run (or its fresh reference), with the run's own columns."""
-    from tools.comparison.results import phase_logs, run_results
-    _, evals, events, bounds = phase_logs(plan, run)
-    base = run_results(plan.out, run)
-    keep = {k: base[k] for k in ("strategy", "seed", "run", "tokens_per_s", "wall_s", "data_fingerprint")}
-    return [{**keep, **row} for row in visit_rows(evals, events, bounds, plan.k_steps)]
 
 
 # --------------------------------------------------------------------------- #

@@ -18,7 +18,7 @@ from tools.comparison.declared import declared_lines
 from tools.comparison.plan import FRESH, Plan
 from tools.comparison.report import (band_plot, data_order_lines, failure_lines, fmt, fmt_ms, planning_note,
                                      report_header, strategy_order, summarize)
-from tools.comparison.stats import paired_difference
+from tools.comparison.stats import mean_sd, paired_difference
 
 VALUE_LABEL = {"area": "adaptation area", "loss_k": "loss after k steps"}
 
@@ -117,7 +117,6 @@ def trend_table(per_run: pd.DataFrame, fresh: pd.DataFrame, plan: Plan, k: int) 
 
 
 def mean_sd_of(frame: pd.DataFrame, metric: str) -> tuple[float, float]:
-    from tools.comparison.stats import mean_sd
     return mean_sd(frame[metric]) if metric in frame else (math.nan, math.nan)
 
 

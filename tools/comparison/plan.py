@@ -118,7 +118,7 @@ STRATEGIES = {s.name: s for s in [
 
 
 def available(strategy: Strategy) -> bool:
-    from nemoe.plasticity import REGISTRY
+    from nemoe.plasticity import REGISTRY   # torch: only when a strategy's mechanism is checked
     return strategy.mechanism is None or strategy.mechanism in REGISTRY
 
 
@@ -233,7 +233,6 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
     if args.protocol == "shift":
         phase_plan = shift_phases(args, base)
     elif args.protocol == "cycles":
-        from tools.comparison.cycles import cycle_phases
         phase_plan = cycle_phases(args, base)
     if phase_plan is not None:  # the settings every phased run shares, for the report
         base = load_config(args.config, phase_plan[0] + list(args.overrides))
@@ -248,7 +247,6 @@ def build_plan(args: argparse.Namespace, argv: list[str] | None) -> Plan:
                 runs.append(Run(strategy, seed, extra + common, phases))
     references, k_steps = [], 0
     if args.protocol == "cycles":
-        from tools.comparison.cycles import check_cadence, fresh_runs
         k_steps = check_cadence(args, base, phase_plan[1])
         if not args.no_fresh:
             references = fresh_runs(list(args.overrides), base, seeds, *phase_plan)
@@ -335,3 +333,51 @@ def phase_sources_override(cfg: Config, source: str) -> str:
     items = [dict(dataclasses.asdict(s), weight=1.0 if s.name == source else OFF_PHASE_WEIGHT)
              for s in cfg.data.sources]
     return "data.sources=" + yaml.safe_dump(items, default_flow_style=True, width=10**9).strip()
+
+
+# --------------------------------------------------------------------------- #
+# The cycles protocol's phases and fresh reference runs (tools/comparison/cycles.py: its metrics)
+# --------------------------------------------------------------------------- #
+
+def cycle_sources(args: argparse.Namespace, base: Config) -> list[str]:
+    sources = [s.name for s in base.data.sources]
+    names = [n.strip() for n in args.cycle.split(",") if n.strip()] if args.cycle else sources
+    unknown = [n for n in names if n not in sources]
+    if unknown:
+        raise UserError(f"--cycle: {', '.join(map(repr, unknown))} not a source of this config "
+                        f"(its sources: {', '.join(sources)})")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise UserError("--protocol cycles needs two or more distinct sources (the config's, or --cycle A,B,...)")
+    return names
+
+
+def cycle_phases(args: argparse.Namespace, base: Config) -> tuple[list[str], list[Phase]]:
+    """(--set items for every phase, the phases): --cycles-repeats cycles over the sources."""
+    if args.phase_steps < 1 or args.cycles_repeats < 1 or args.eval_every < 1 or args.k_steps < 1:
+        raise UserError("--phase-steps, --cycles-repeats, --eval-every and --k-steps must be >= 1")
+    sources = cycle_sources(args, base)
+    phases = [Phase(args.phase_steps * (i + 1), [phase_sources_override(base, source)], source)
+              for i, source in enumerate(sources * args.cycles_repeats)]
+    # Before the user's --set items, which therefore win.
+    return [f"train.total_tokens={phases[-1].end * base.tokens_per_step()}",
+            f"eval.every_steps={args.eval_every}"], phases
+
+
+def check_cadence(args: argparse.Namespace, base: Config, phases: list[Phase]) -> int:
+    """k (the loss after k steps of a phase), checked against the resolved evaluation cadence."""
+    every, steps = base.eval.every_steps, args.phase_steps
+    if steps % every or args.k_steps % every or args.k_steps > steps:
+        raise UserError(f"--phase-steps ({steps}) and --k-steps ({args.k_steps}) must be multiples of the "
+                        f"evaluation interval ({every}: --eval-every or eval.every_steps), k at most a phase")
+    return args.k_steps
+
+
+def fresh_runs(user: list[str], base: Config, seeds: list[int], extra: list[str],
+               phases: list[Phase]) -> list[Run]:
+    """The reference: per seed and source, BASELINE's model trained from initialisation on that
+    source alone for one phase, with the arms' settings (so its schedule is the arms' first phase's)."""
+    seen = list(dict.fromkeys(p.source for p in phases))
+    common = extra + user + STRATEGIES[BASELINE].overrides(base)
+    return [Run(FRESH, seed, common + seed_overrides(seed),
+                [Phase(phases[0].end, [phase_sources_override(base, source)], source)], tag=source)
+            for seed in seeds for source in seen]

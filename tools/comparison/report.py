@@ -1,6 +1,7 @@
 """The comparison's report: what was declared, per-strategy summaries, the paired comparisons
-(tools/comparison/comparisons.py), report.md, results.csv, summary.csv and curves.png in the out
-folder (and in the study folder, when there is one).
+(tools/comparison/comparisons.py), the grid and shift reports and the curves picture, which
+tools/compare.py's write_report writes with results.csv and summary.csv into the out folder (and
+the study folder, when there is one); the cycles report (cycles_report.py) builds on these pieces.
 """
 
 from __future__ import annotations
@@ -14,40 +15,9 @@ from tools.plotting import pyplot, save_figure
 from tools.comparison.comparisons import compare, comparison_lines, fmt_diff, fmt_p, of
 from tools.comparison.declared import declared_lines
 from tools.comparison.plan import BASELINE, FRESH, STRATEGIES, Plan
-from tools.comparison.results import FINGERPRINT_STEPS, add_tokens_to_target, eval_curves, heldout_sizes
+from tools.comparison.results import FINGERPRINT_STEPS, heldout_sizes
 from tools.comparison.stats import mean_sd
 
-
-def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) -> str:
-    """Write report.md, results.csv, summary.csv and curves.png into plan.out (and plan.study);
-    the report's text."""
-    if plan.protocol == "cycles":
-        from tools.comparison.cycles_report import cycles_report as write
-    else:
-        write = grid_report if plan.protocol == "grid" else shift_report
-    curves = eval_curves(plan, [r for r in plan.runs if r.name not in failures])
-    if plan.protocol == "grid":
-        results = add_tokens_to_target(results, curves, plan.target_baseline)
-    text, summary = write(plan, results, failures)
-    phases = plan.runs[0].phases
-    title = f"held-out loss, {plan.config}"
-    if plan.protocol == "shift":
-        title += ": " + " → ".join(p.source for p in phases)
-    elif plan.protocol == "cycles":
-        title += f": {len(phases)} phases cycling " + " → ".join(dict.fromkeys(p.source for p in phases))
-    sources = ["all"] + plan.sources if plan.protocol == "grid" else plan.sources
-    for folder in dict.fromkeys(f for f in (plan.out, plan.study) if f is not None):
-        folder.mkdir(parents=True, exist_ok=True)
-        results.to_csv(folder / "results.csv", index=False)
-        summary.to_csv(folder / "summary.csv", index=False)
-        (folder / "report.md").write_text(text, encoding="utf-8")
-        curves_picture(folder / "curves.png", curves, sources, title, [p.end for p in phases[:-1]])
-    return text
-
-
-# --------------------------------------------------------------------------- #
-# Numbers
-# --------------------------------------------------------------------------- #
 
 def fmt(x: float, digits: int = 4) -> str:
     return "—" if x is None or math.isnan(x) else f"{x:.{digits}f}"

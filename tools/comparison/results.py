@@ -20,6 +20,7 @@ from nemoe.flops import training_flops
 from tools.csvlogs import layer_columns, read_eval, read_events, read_training_log
 from tools.runfiles import read_run_config
 from tools.comparison.committed import committed_eval, has_summary, read_rows, write_summary
+from tools.comparison.cycles import visit_rows
 from tools.comparison.plan import Plan, Run
 
 FINGERPRINT_STEPS = 20   # optimizer steps of training batches hashed for the data-order check
@@ -28,7 +29,7 @@ FINGERPRINT_STEPS = 20   # optimizer steps of training batches hashed for the da
 def meta_model(cfg: Config):
     """The run's NemoeLM on the meta device: shapes only, no memory, no init cost."""
     import torch
-    from nemoe.model import NemoeLM
+    from nemoe.model import NemoeLM   # torch: only for a model's shapes; reading results needs none
     with torch.device("meta"):
         return NemoeLM(cfg)
 
@@ -126,7 +127,7 @@ def events_by_layer(events: pd.DataFrame, n_layers: int) -> str:
 
 def heldout_sizes(cfg: Config) -> str:
     """Each source's evaluation set as a run builds it: "prose 76 documents, 32,896 tokens; ..."."""
-    from nemoe.heldout import describe_heldout, heldout_sets
+    from nemoe.heldout import describe_heldout, heldout_sets   # torch, datasets: only for the report's sizes
     from nemoe.tokenizer import get_tokenizer
     return describe_heldout(heldout_sets(cfg.data, get_tokenizer(cfg.data.tokenizer), cfg.model.seq_len,
                                          cfg.eval.batches, cfg.eval.batch_size))
@@ -144,7 +145,7 @@ def data_fingerprint(cfg: Config, steps: int = FINGERPRINT_STEPS) -> str:
     key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.seq_len, cfg.train.batch_size,
                       cfg.train.grad_accum, steps], sort_keys=True)
     if key not in _fingerprints:
-        from nemoe.data import TokenStream
+        from nemoe.data import TokenStream   # torch, datasets: only when a fingerprint is computed
         from nemoe.tokenizer import get_tokenizer
         stream = TokenStream(cfg.data, get_tokenizer(cfg.data.tokenizer), cfg.model.seq_len)
         digest = hashlib.sha256()
@@ -252,10 +253,17 @@ def shift_results(plan: Plan, run: Run) -> list[dict]:
     return [{**keep, **row} for row in shift_metrics(evals, events, bounds, plan.within)]
 
 
+def cycles_results(plan: Plan, run: Run) -> list[dict]:
+    """One row per phase of a cycles run (or its fresh reference), with the run's own columns."""
+    _, evals, events, bounds = phase_logs(plan, run)
+    base = run_results(plan.out, run)
+    keep = {k: base[k] for k in ("strategy", "seed", "run", "tokens_per_s", "wall_s", "data_fingerprint")}
+    return [{**keep, **row} for row in visit_rows(evals, events, bounds, plan.k_steps)]
+
+
 def rows_of(plan: Plan, run: Run) -> list[dict]:
     """A finished run's results rows, read from its run folder: one (grid) or one per phase (shift, cycles)."""
     if plan.protocol == "cycles":
-        from tools.comparison.cycles import cycles_results
         return cycles_results(plan, run)
     return shift_results(plan, run) if plan.protocol == "shift" else [run_results(plan.out, run)]
 

@@ -1,33 +1,21 @@
-"""Run configuration: the sections (nested dataclasses), YAML files, `--set` overrides.
+"""The run config's sections and its root, `Config`: what each setting may hold, and validation.
 
-A config is built in three layers: the dataclass defaults below, a YAML file that
-overrides some of them, and `--set section.key=value` overrides from the command
-line. Every problem found on the way (unknown keys, wrong types, impossible
-values) is collected and raised once as a `UserError`, so a user fixes them all in
-one go (litgpt style).
-
-Each field says what it may hold where it is declared (nemoe/configlib.py does the
-checking): its type (`Literal[...]` for choices), its bounds and whether it is unsafe
-to change on resume (`setting(...)`), and a docstring: the fields and their
-docstrings are the config reference. Rules across fields live in the section's
-`check(cfg)`. Seeds: `train.seed` is the run seed; every other section's seed left
-at None is derived from it when the Config is built (`configlib.derive_seed`).
+Fields follow nemoe/config/lib.py's conventions (see nemoe/config/__init__.py). The
+`plasticity` and `data` sections have their own modules (plasticity.py, data.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from nemoe import configlib
-from nemoe.configlib import setting
-from nemoe.plasticity_config import PlasticityConfig
-from nemoe.sources import DataConfig
+from nemoe.config import lib as configlib
+from nemoe.config.data import DataConfig
+from nemoe.config.lib import setting
+from nemoe.config.plasticity import PlasticityConfig
 from nemoe.errors import UserError
+
 
 @dataclass
 class ModelConfig:
@@ -52,7 +40,7 @@ class ModelConfig:
     init_from: str | None = None
     """Start from a pretrained GPT-2-family model instead of random weights: a Hugging Face Hub name
     (gpt2, distilgpt2, gpt2-medium) or a folder written by save_pretrained (--init-from). The model's
-    shape comes from the source (nemoe/pretrained.py); each FFN is upcycled into moe.experts_init
+    shape comes from the source (nemoe/config/init_from.py); each FFN is upcycled into moe.experts_init
     experts. Read on a fresh start only: a resumed run's weights come from its checkpoint."""
 
     def check(self, cfg: Config) -> list[str]:
@@ -328,88 +316,6 @@ def config_from_dict(raw: dict) -> Config:
     if problems:
         raise UserError("invalid config:\n  - " + "\n  - ".join(problems))
     return cfg
-
-
-# --------------------------------------------------------------------------- #
-# Files and command-line overrides
-# --------------------------------------------------------------------------- #
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def find_config(name: str) -> Path:
-    """`NAME`, `configs/NAME` or `configs/NAME.yaml` (relative to cwd, then to the repo)."""
-    candidates = []
-    for base in (Path.cwd(), CONFIG_DIR.parent):
-        candidates += [base / name, base / "configs" / name, base / "configs" / f"{name}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
-    raise UserError(f"config {name!r} not found (looked for {name}, configs/{name}, "
-                    f"configs/{name}.yaml); shipped configs: {', '.join(shipped)}")
-
-
-def read_yaml(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read: {err}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of config sections at the top level")
-    return raw
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings; values are parsed as YAML scalars."""
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
-            continue
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                problems.append(f"--set {key}: {part} is not a section")
-                break
-            node = node.setdefault(part, {})
-        else:
-            node[parts[-1]] = value
-    if problems:
-        raise UserError("invalid --set:\n  - " + "\n  - ".join(problems))
-    return raw
-
-
-def load_config(name: str | None, overrides: list[str] = (),
-                resume: tuple[Path, str | None] | None = None) -> Config:
-    """Resolve, read, override and validate a config; `None` means local.yaml.
-
-    With model.init_from set, the model's shape comes from that source (nemoe.pretrained.adopt_source);
-    `resume` = (run dir, --run-name or None) of a run being resumed: if it has checkpoints, the shape is
-    the one its config.yaml recorded and the source is not read.
-    """
-    path = find_config(name or "local.yaml")
-    raw = read_yaml(path)
-    raw.setdefault("name", path.stem)
-    raw = apply_overrides(raw, list(overrides))
-    if isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):
-        from nemoe.pretrained import adopt_source   # transformers is imported only for this
-        raw = adopt_source(raw, resume)
-    return config_from_dict(raw)
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- #

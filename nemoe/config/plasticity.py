@@ -1,21 +1,19 @@
 """The `plasticity` section of the run config: neuron apoptosis, attention-head prune/grow and
 layer senescence (all off by default). Expert morphogenesis is the `morph` section in
-nemoe/config.py; the mechanisms themselves live in nemoe/plasticity/.
+nemoe/config/sections.py; the mechanisms themselves live in nemoe/plasticity/.
 
-Fields follow nemoe/configlib.py's conventions (see nemoe/config.py): type, bounds and
+Fields follow nemoe/config/lib.py's conventions (see nemoe/config/__init__.py): type, bounds and
 resume safety on the field, a docstring under it, and each section's cross-field rules
-in its `check(cfg)`.
+in its `check(cfg)` (`cfg`: the root Config being validated, nemoe/config/sections.py, which
+imports this module).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from nemoe.configlib import setting
-
-if TYPE_CHECKING:
-    from nemoe.config import Config
+from nemoe.config.lib import setting
 
 
 @dataclass
@@ -71,7 +69,7 @@ class NeuronPlasticityConfig:
     """Seed of the mechanism's own generator (random / mutation newborns, mutation parents). None
     (default): derived from train.seed when the config is built; an explicit value always wins."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg) -> list[str]:
         """A positive composite weight sum; when enabled, 1..d_expert-1 deaths per expert and event."""
         problems = []
         if self.composite_taylor + self.composite_gradient + self.composite_weight <= 0:
@@ -128,7 +126,7 @@ class HeadPlasticityConfig:
     """Seed of the mechanism's own generator (random criteria, newborn weights). None (default):
     derived from train.seed when the config is built; an explicit value always wins."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg) -> list[str]:
         n_heads = cfg.model.n_heads
         if self.min_heads > n_heads:
             return [f"plasticity.heads.min_heads ({self.min_heads}) must be <= model.n_heads ({n_heads})"]
@@ -176,7 +174,7 @@ class LayerPlasticityConfig:
     """Seed of the mechanism's own generator (a copied newborn's mutation noise). None (default):
     derived from train.seed when the config is built; an explicit value always wins."""
 
-    def check(self, cfg: Config) -> list[str]:
+    def check(self, cfg) -> list[str]:
         """Zone sizes (only when enabled) and max_dropout against model.dropout."""
         problems = []
         n_layers, dropout = cfg.model.n_layers, cfg.model.dropout
