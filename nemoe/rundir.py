@@ -19,7 +19,7 @@ from nemoe.errors import UserError
 from nemoe import mirror as mirror_module
 from nemoe.files import remove_temporaries
 from nemoe.lock import RunLock
-from nemoe.schema import TENSORBOARD_DIR, RunPaths, list_checkpoints
+from nemoe.schema import TENSORBOARD_DIR, TEXT_LOG, TRAIN_CSV, RunPaths, list_checkpoints
 
 
 def _short(value, limit: int = 80) -> str:
@@ -60,6 +60,31 @@ def change_notes(state: dict, cfg_dict: dict) -> tuple[list[str], bool]:
     return notes, data_changed
 
 
+def other_runs(paths: RunPaths, mirror: RunPaths | None = None) -> list[str]:
+    """Names of the runs other than `paths.name` in its run folder (and the mirror): folders under
+    checkpoints/ with a checkpoint, or under logs/ with a training log."""
+    names = set()
+    for base in [paths] + ([mirror] if mirror else []):
+        for folder in (base.ckpt_dir.parent, base.log_dir.parent):
+            if folder.is_dir():
+                names.update(d.name for d in folder.iterdir() if d.is_dir() and d.name != paths.name and (
+                    list_checkpoints(d) or (d / TRAIN_CSV).is_file() or (d / TEXT_LOG).is_file()))
+    return sorted(names)
+
+
+def refuse_if_misnamed(paths: RunPaths, mirror: RunPaths | None) -> None:
+    """--resume found nothing of this run: where other runs exist its name may be mistyped, so stop
+    rather than start a new run beside them (where none exist, e.g. a first start on Colab, go on)."""
+    others = other_runs(paths, mirror)
+    if not others:
+        return
+    where = str(paths.run_dir) + (f" and {mirror.run_dir}" if mirror else "")
+    shown = ", ".join(others[:12]) + (f" and {len(others) - 12} more" if len(others) > 12 else "")
+    raise UserError(f"--resume: there is no run named {paths.name!r} in {where}, which holds other runs: "
+                    f"{shown}. To continue one, pass its name with --run-name; to start {paths.name!r} as a "
+                    f"new run, leave out --resume.")
+
+
 class RunDir:
     def __init__(self, paths: RunPaths, info: dist.DistInfo, mirror_dir: str | None = None):
         """mirror_dir: checkpoint.mirror_dir (its run folders are RunPaths.of(mirror_dir, paths.name))."""
@@ -82,6 +107,8 @@ class RunDir:
                     raise UserError(f"run folder {folder} already has checkpoints (newest: step {found_there[0][0]}); "
                                     "add --resume to continue it, or pick a new --run-name")
             existing = existing + mirrored
+            if resume and not existing:
+                refuse_if_misnamed(self.paths, self.mirror)   # before the lock makes this run's folder
             if self.info.is_main:
                 self.lock.acquire()
             try:
