@@ -73,16 +73,20 @@ def other_runs(paths: RunPaths, mirror: RunPaths | None = None) -> list[str]:
 
 
 def refuse_if_misnamed(paths: RunPaths, mirror: RunPaths | None) -> None:
-    """--resume found nothing of this run: where other runs exist its name may be mistyped, so stop
-    rather than start a new run beside them (where none exist, e.g. a first start on Colab, go on)."""
+    """--resume found no checkpoint of this run: where other runs exist and this one never logged
+    a line, its name may be mistyped, so stop rather than start a new run beside them. Nothing
+    there at all (a first start on Colab) or this run's own logs (killed before its first
+    checkpoint): go on, fresh."""
+    if any((p.log_dir / log).is_file() for p in [paths] + ([mirror] if mirror else []) for log in (TEXT_LOG, TRAIN_CSV)):
+        return
     others = other_runs(paths, mirror)
     if not others:
         return
     where = str(paths.run_dir) + (f" and {mirror.run_dir}" if mirror else "")
     shown = ", ".join(others[:12]) + (f" and {len(others) - 12} more" if len(others) > 12 else "")
-    raise UserError(f"--resume: there is no run named {paths.name!r} in {where}, which holds other runs: "
-                    f"{shown}. To continue one, pass its name with --run-name; to start {paths.name!r} as a "
-                    f"new run, leave out --resume.")
+    raise UserError(f"--resume: there is no run named {paths.name!r} in {where}; the runs there: {shown}. "
+                    f"To continue one, pass its name with --run-name; to start {paths.name!r} as a new run, "
+                    f"leave out --resume.")
 
 
 class RunDir:

@@ -108,10 +108,7 @@ def test_a_scheduled_split_names_its_score_and_target():
 def test_resume_with_a_name_that_matches_no_run_lists_the_runs_there(tmp_path):
     paths = RunPaths.of(tmp_path, "tpyo")
     rundir.refuse_if_misnamed(paths, None)   # nothing there at all: a first start goes on
-    (tmp_path / "logs" / "tpyo").mkdir(parents=True)
-    (tmp_path / "logs" / "tpyo" / "training_log.txt").write_text("")   # its own folder: not another run
-    (tmp_path / "logs" / "empty").mkdir()                               # no log, no checkpoint: not a run
-    rundir.refuse_if_misnamed(paths, None)
+    (tmp_path / "logs" / "empty").mkdir(parents=True)                   # no log, no checkpoint: not a run
     (tmp_path / "logs" / "typo").mkdir()
     (tmp_path / "logs" / "typo" / "training_log.csv").write_text("step\n")
     mirror = RunPaths.of(tmp_path / "drive", "tpyo")
@@ -121,5 +118,9 @@ def test_resume_with_a_name_that_matches_no_run_lists_the_runs_there(tmp_path):
     with pytest.raises(rundir.UserError) as err:
         rundir.refuse_if_misnamed(paths, mirror)
     message = str(err.value)
-    assert "no run named 'tpyo'" in message and "t4, typo" in message
+    assert "no run named 'tpyo'" in message and "the runs there: t4, typo." in message
     assert "--run-name" in message and "leave out --resume" in message
+    # Its own log from an attempt killed before its first checkpoint: the name is real, it starts fresh.
+    (tmp_path / "drive" / "logs" / "tpyo").mkdir(parents=True)
+    (tmp_path / "drive" / "logs" / "tpyo" / "training_log.txt").write_text("")
+    rundir.refuse_if_misnamed(paths, mirror)

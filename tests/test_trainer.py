@@ -172,7 +172,7 @@ def test_resume_without_checkpoint_starts_fresh_unless_other_runs_are_there(tmp_
     # A mistyped name beside that run: refused with the runs there, nothing made.
     assert run(tmp_path, "--resume", "--max-steps", "4", name="tiyn") == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --resume: there is no run named 'tiyn'") and "other runs: tiny." in err
+    assert err.startswith("error: --resume: there is no run named 'tiyn'") and "the runs there: tiny." in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["tiny"]
 
