@@ -165,6 +165,14 @@ class _Write:
         self.seconds = time.monotonic() - started
 
 
+def saved_text(saved: int, path: Path, seconds: float, background: bool, now: int) -> str:
+    """The log line of a finished write. A background write is learned of at the next save (or the
+    end), so the line, stamped with the step it is learned at, names the step it saved."""
+    how = f"written in {seconds:.1f} s" + (" in the background" if background else "")
+    later = f", done by step {now}" if now != saved else ""
+    return f"Checkpoint | saved step {saved} to {path} ({how}{later})"
+
+
 class Checkpointer:
     """When to save, and saving: a snapshot on the training thread, the write in the background,
     the copy to the mirror after it. A failed write keeps the previous checkpoints; too many in a
@@ -235,8 +243,7 @@ class Checkpointer:
         self.failures = 0
         self.last_success = time.monotonic()
         if write is not None:
-            self.log.line(step, f"Checkpoint | {write.path} ({write.seconds:.1f} s"
-                                f"{' in the background' if self.cfg.background else ''})", echo=False)
+            self.log.line(step, saved_text(write.step, write.path, write.seconds, self.cfg.background, step))
 
     def drain_mirror(self) -> None:
         """The mirror's reports, into the run's log (on the training thread)."""

@@ -105,16 +105,20 @@ def truncate_text_log(path: Path, last_step: int) -> int:
     return len(lines) - len(kept)
 
 
-def start_line(runtime, params: dict, cfg, world: int, memory_note: str = "") -> str:
-    """The text log's first line of a run (or of a resumed attempt): where and what it trains."""
+def start_line(runtime, params: dict, cfg, world: int, memory_note: str = "", stop_step: int | None = None) -> str:
+    """The text log's first line of a run (or of a resumed attempt): where and what it trains.
+    stop_step: where this process stops (--max-steps), when that is before the target."""
     t = cfg.train
     ranks = (f" | data-parallel: {world} ranks x {t.grad_accum} micro-batches x {t.batch_size} "
              f"sequences" if runtime.dist.enabled else "")
     source = f" | initialised from {cfg.model.init_from}" if cfg.model.init_from else ""
+    total = cfg.total_steps(world)
+    cap = (f" | stops at step {stop_step:,} ({stop_step * cfg.tokens_per_step(world):,} tokens, --max-steps); "
+           f"the LR schedule still spans the target" if stop_step is not None and stop_step < total else "")
     return (f"Start | device {runtime.device} | precision {runtime.precision} ({runtime.precision_reason})"
             f"{memory_note} | params {params['total']:,} total, {params['active_per_token']:,} active per "
             f"token | {cfg.tokens_per_step(world):,} tokens/step{ranks} | target {t.total_tokens:,} tokens "
-            f"({cfg.total_steps(world):,} steps){source}")
+            f"({total:,} steps){cap}{source}")
 
 
 class RunLogger:
@@ -144,7 +148,7 @@ class RunLogger:
             self.progress = Progress(
                 TextColumn("[bold]nemoe"), BarColumn(), TextColumn("{task.fields[tokens]}"),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-                TextColumn("experts {task.fields[experts]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("experts per layer {task.fields[experts]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=self.console, transient=False)
             self._task = self.progress.add_task("train", total=target_tokens, tokens="", loss="-",
                                                 speed="-", experts="-")
@@ -229,12 +233,14 @@ class RunLogger:
 
     def train_row(self, row: dict) -> None:
         """A training_log.csv row, its text line (with the ETA and experts per layer), TensorBoard."""
-        experts = "/".join(str(row[layer_column("experts", i)]) for i in range(self.n_layers))
+        experts = per_layer([row[layer_column("experts", i)] for i in range(self.n_layers)])
         self.last_step = row["step"]
         self._guard(self.train_csv.write, row)
         self._tb(lambda: self.tensorboard.train_row(row))
-        text = (f"{step_text(row['tokens'], row['loss_ce'], row['lr'], row['loss_lb'])} | GradNorm "
-                f"{row['grad_norm']:.3f} | Tok/s {row['tokens_per_s']:,.0f} | Experts {experts} | "
+        n = row.get("window_steps")
+        over = f"mean of {n} step{'s' if n != 1 else ''}" if n else "interval mean"
+        text = (f"{step_text(row['tokens'], row['loss_ce'], row['lr'], row['loss_lb'], over)} | GradNorm "
+                f"{row['grad_norm']:.3f} | Tok/s {row['tokens_per_s']:,.0f} | Experts per layer {experts} | "
                 f"ETA {duration(self._eta(row))}")
         self.line(row["step"], text, echo=self.progress is None)
         if self.progress is not None:
@@ -259,10 +265,10 @@ class RunLogger:
         rows = [e.as_row() for e in events]
         for e, row in zip(events, rows):
             self._guard(self.events_csv.write, row)
-            self.line(step, f"{step_text(tokens, loss_ce, lr)} | {e.describe()}")
+            self.line(step, f"{step_text(tokens, loss_ce, lr, over='this step')} | {e.describe()}")
         self._tb(lambda: self.tensorboard.events(step, rows))
         if any(e.granularity == "expert" for e in events):
-            self.line(step, f"Experts | {' '.join(map(str, expert_counts))}", echo=False)
+            self.line(step, f"Experts per layer | {per_layer(expert_counts)}", echo=False)
 
     def usage(self, step: int, usage: list[list[float]] | None) -> None:
         """Expert usage shares per layer at a morph decision (None: no decision at this step)."""
@@ -315,10 +321,18 @@ class RunLogger:
                 print(f"warning: cannot close the TensorBoard files ({err!r})", file=sys.stderr)
 
 
-def step_text(tokens: int, loss_ce: float, lr: float, loss_lb: float | None = None) -> str:
-    """The start of a training or event line: `Tokens 1,024 | LossCE 5.1234 | LR 1.00e-03`."""
-    lb = f" | LossLB {loss_lb:.4f}" if loss_lb is not None else ""
-    return f"Tokens {tokens:,} | LossCE {loss_ce:.4f}{lb} | LR {lr:.2e}"
+def step_text(tokens: int, loss_ce: float, lr: float, loss_lb: float | None = None, over: str = "") -> str:
+    """The start of a training or event line, `over` saying what the losses cover:
+    `Tokens 1,024 | LossCE (mean of 10 steps) 5.1234 | LossLB (mean) 0.0100 | LR 1.00e-03` (a log
+    interval's row) or `Tokens 1,024 | LossCE (this step) 5.1234 | LR 1.00e-03` (an event's)."""
+    what = f" ({over})" if over else ""
+    lb = f" | LossLB{' (mean)' if 'mean' in over else what} {loss_lb:.4f}" if loss_lb is not None else ""
+    return f"Tokens {tokens:,} | LossCE{what} {loss_ce:.4f}{lb} | LR {lr:.2e}"
+
+
+def per_layer(counts) -> str:
+    """Experts per layer as the logs show them: [5, 6] (layer 0 has 5, layer 1 has 6)."""
+    return "[" + ", ".join(str(int(n)) for n in counts) + "]"
 
 
 def duration(seconds: float) -> str:

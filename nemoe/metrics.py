@@ -119,7 +119,8 @@ class MetricsWindow:
                "loss": loss_ce + moe_cfg.aux_coef * loss_lb + moe_cfg.z_coef * loss_z, "balance": balance,
                "lr": self.lr, "grad_norm": (self.grad_norm / applied).item() if applied else math.nan,
                "grad_scale": loss_scale, "skipped_steps": self.skipped,
-               "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed, 3), "rss_mb": resident_mb()}
+               "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed, 3), "rss_mb": resident_mb(),
+               "window_steps": self.steps}   # for the text line only: not a training_log.csv column
         for i, n in enumerate(experts):
             p = share[i][share[i] > 0]
             row[layer_column("experts", i)] = n

@@ -10,6 +10,7 @@ explain what it did in notes for the text log.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from nemoe import checkpoint as ckpt
@@ -20,7 +21,7 @@ from nemoe.errors import UserError
 from nemoe import mirror as mirror_module
 from nemoe.files import remove_temporaries
 from nemoe.lock import RunLock
-from nemoe.schema import TENSORBOARD_DIR, RunPaths, list_checkpoints
+from nemoe.schema import TENSORBOARD_DIR, TEXT_LOG, TRAIN_CSV, RunPaths, list_checkpoints
 
 
 def _short(value, limit: int = 80) -> str:
@@ -61,6 +62,40 @@ def change_notes(state: dict, cfg_dict: dict) -> tuple[list[str], bool]:
     return notes, data_changed
 
 
+# How alike a name must be to an existing run's to be taken for a typo of it (difflib's ratio:
+# 'tinny'/'tiny' 0.89, 'locla'/'local' 0.8, 'static'/'local' 0.18).
+NEAR_MISS = 0.75
+
+
+def other_runs(paths: RunPaths, mirror: RunPaths | None = None) -> list[str]:
+    """Names of the runs other than `paths.name` in its run folder (and the mirror): folders under
+    checkpoints/ with a checkpoint, or under logs/ with a training log."""
+    names = set()
+    for base in [paths] + ([mirror] if mirror else []):
+        for folder in (base.ckpt_dir.parent, base.log_dir.parent):
+            if folder.is_dir():
+                names.update(d.name for d in folder.iterdir() if d.is_dir() and d.name != paths.name and (
+                    list_checkpoints(d) or (d / TRAIN_CSV).is_file() or (d / TEXT_LOG).is_file()))
+    return sorted(names)
+
+
+def refuse_if_misnamed(paths: RunPaths, mirror: RunPaths | None) -> None:
+    """--resume found no checkpoint of this run: where this name is a near miss of a run that
+    exists (`tinny` beside `tiny`) and this run never logged a line, it is likely mistyped, so stop
+    rather than start a new run beside it. A name unlike every run there (a new experiment: the
+    Colab notebook always passes --resume), nothing there at all (a first start), or this run's
+    own logs (killed before its first checkpoint): go on, fresh."""
+    if any((p.log_dir / log).is_file() for p in [paths] + ([mirror] if mirror else []) for log in (TEXT_LOG, TRAIN_CSV)):
+        return
+    near = difflib.get_close_matches(paths.name, other_runs(paths, mirror), n=3, cutoff=NEAR_MISS)
+    if not near:
+        return
+    where = str(paths.run_dir) + (f" and {mirror.run_dir}" if mirror else "")
+    raise UserError(f"--resume: there is no run named {paths.name!r} in {where}, but there is "
+                    f"{' and '.join(repr(n) for n in near)}. To continue it, pass that name with --run-name; "
+                    f"to start {paths.name!r} as a new run, leave out --resume once.")
+
+
 class RunDir:
     def __init__(self, paths: RunPaths, info: dist.DistInfo, mirror_dir: str | None = None):
         """mirror_dir: checkpoint.mirror_dir (its run folders are RunPaths.of(mirror_dir, paths.name))."""
@@ -83,6 +118,8 @@ class RunDir:
                     raise UserError(f"run folder {folder} already has checkpoints (newest: step {found_there[0][0]}); "
                                     "add --resume to continue it, or pick a new --run-name")
             existing = existing + mirrored
+            if resume and not existing:
+                refuse_if_misnamed(self.paths, self.mirror)   # before the lock makes this run's folder
             if self.info.is_main:
                 self.lock.acquire()
             try:

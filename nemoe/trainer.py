@@ -103,7 +103,8 @@ class Trainer:
         RunLogger.truncate_after(self.paths.log_dir, self.step if found is not None else -1)
         self.log = RunLogger(self.paths.log_dir, self.cfg, self.step, self.target_steps * self.tokens_per_step)
         atomic_write(self.paths.log_dir / CONFIG_YAML, dump_config(self.cfg))
-        start = start_line(self.runtime, self.model.count_params(), self.cfg, self.world, self.train.memory_note)
+        start = start_line(self.runtime, self.model.count_params(), self.cfg, self.world, self.train.memory_note,
+                           self.target_steps)
         self.log.line(self.step, start)
         for note in notes + [self.evaluator.describe()]:
             self.log.line(self.step, f"Note | {note}")

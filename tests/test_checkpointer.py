@@ -24,6 +24,7 @@ class RecordingLog:
 
     def line(self, step, text, echo=True):
         self.lines.append((step, text))
+        self.echoed = getattr(self, "echoed", []) + [text] * echo
 
     def warn(self, step, text):
         self.lines.append((step, f"Warning | {text}"))
@@ -77,6 +78,24 @@ def test_background_write_failures_are_counted_at_the_next_save(tmp_path, monkey
         saver.wait()
     assert [p.name for p in saver.directory.iterdir()] == ["nemo_ckpt_step1.pt"], "no partial file, 1 kept"
     assert len(saver.blocked_s) == 3
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_checkpoint_line_names_the_step_it_saved_and_reaches_the_console(tmp_path, background):
+    log = RecordingLog()
+    saver = ckpt.Checkpointer(config(background=background), RunPaths.of(tmp_path, "run"), DistInfo(), log)
+    saver.save({"step": 182, "w": torch.ones(4)})
+    saver.save({"step": 250, "w": torch.ones(4)})   # a background write is learned of here
+    saver.wait()
+    done = [(step, text) for step, text in log.lines if text.startswith("Checkpoint |")]
+    path = saver.directory / "nemo_ckpt_step182.pt"
+    if background:
+        assert done[0][0] == 250 and done[0][1].startswith(f"Checkpoint | saved step 182 to {path} (written in ")
+        assert done[0][1].endswith(" s in the background, done by step 250)")
+    else:
+        assert done[0][0] == 182 and done[0][1].endswith(" s)") and "background" not in done[0][1]
+    assert done[1][0] == 250 and "saved step 250" in done[1][1] and "done by" not in done[1][1]
+    assert log.echoed == [text for _, text in done], "on the console too"
 
 
 def test_the_mirror_copies_verifies_and_keeps_the_last(tmp_path):

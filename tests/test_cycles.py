@@ -64,6 +64,8 @@ def test_phases_visit_the_sources_in_a_fixed_cycle(config):
     for phase in phases[:5]:
         command = trainer_command(plan, plan.runs[0], phase)
         assert command[command.index("--max-steps") + 1] == str(phase.end) and "--allow-config-change" in command
+        # --resume only once the run has a checkpoint: with none it would refuse beside the plan's other runs
+        assert "--resume" not in command and "--resume" in trainer_command(plan, plan.runs[0], phase, resume=True)
         items = [command[i + 1] for i, c in enumerate(command) if c == "--set"]
         cfg = load_config(config, items)
         weights = {s.name: s.weight for s in cfg.data.sources}

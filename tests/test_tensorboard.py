@@ -176,7 +176,7 @@ def test_tensorboard_holds_the_logs(tmp_path, capsys):
     assert acc.Tensors("custom_scalars__config__"), "the custom-scalars layout"
     # The plain console line: experts per layer and the ETA to the target.
     out = capsys.readouterr().out
-    assert "| Experts 2/3 | ETA " in out.splitlines()[-3]
+    assert "| Experts per layer [2, 3] | ETA " in out.splitlines()[-3]
 
 
 def test_resume_cuts_tensorboard_back_like_the_csvs(tmp_path):

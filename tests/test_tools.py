@@ -352,6 +352,18 @@ def test_plot_training(hand_run, tmp_path, saved_figures):
     assert "train (raw)" in labels and "train (mean of 4 rows)" in labels
 
 
+def test_both_plots_count_the_same_expert_events(hand_run):
+    import matplotlib.pyplot as plt
+    experts = plot_experts.plot(*plot_experts.load(str(hand_run)))
+    training = plot_training.plot(*plot_training.load(str(hand_run)))
+    # Six expert events; the graduation has no marker on the experts plot, and says so.
+    assert len(EVENTS) == 6 and sum(e["event"] == "graduate" for e in EVENTS) == 1
+    assert experts.get_suptitle().endswith("6 expert events: 5 births/removals marked, 1 graduate)")
+    assert "expert events (6)" in [t.get_text() for legend in training.legends for t in legend.get_texts()]
+    plt.close(experts)
+    plt.close(training)
+
+
 def test_lineage_from_hand_written_events(hand_run, tmp_path, capsys, saved_figures):
     out = tmp_path / "lineage.png"
     assert lineage.main([str(hand_run), "-o", str(out)]) == 0

@@ -1,6 +1,7 @@
 """End-to-end trainer runs: exact resume (invariant 5), checkpoints (6), signals, logs."""
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -75,6 +76,12 @@ def test_run_writes_every_output(uninterrupted):
     assert len(events) > 0 and {"split"} <= set(events["event"])
     text = (uninterrupted / "logs" / "tiny" / "training_log.txt").read_text()
     assert "Event evolve_split | Layer" in text and "→" in text
+    # The lines say what they show: the cap, which loss, experts per layer, the step a checkpoint saved.
+    assert "(30 steps) | stops at step 24 (1,536 tokens, --max-steps)" in text
+    assert "| LossCE (mean of 1 step) " in text and "| LossCE (this step) " in text and "> split_usage 0.3" in text
+    assert "| Experts per layer [" in text and "Thresh" not in text
+    assert re.search(r"Step 10 \| Checkpoint \| saved step 5 to \S+nemo_ckpt_step5\.pt \(written in [\d.]+ s in "
+                     r"the background, done by step 10\)", text)
     assert (uninterrupted / "logs" / "tiny" / "config.yaml").exists()
     steps = [s for s, _ in ckpt.list_checkpoints(uninterrupted / "checkpoints" / "tiny")]
     assert steps == [24, 20, 15], "keep_last=3 and a final checkpoint"
@@ -144,10 +151,20 @@ def test_a_checkpoint_from_before_free_slots_resumes_and_both_optimizers_train_a
     assert {"split", "prune"} & set(events[events["step"] <= 13]["event"]), "births or deaths before the checkpoint"
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
+def test_resume_without_checkpoint_starts_fresh_unless_the_name_is_a_near_miss(tmp_path, capsys):
     assert run(tmp_path, "--resume", "--max-steps", "2") == 0
     assert "no checkpoint" in capsys.readouterr().out
     assert list(logs(tmp_path)[0]["step"]) == [1, 2]
+    # A mistyped name beside that run: refused, naming the run it resembles; nothing made.
+    assert run(tmp_path, "--resume", "--max-steps", "4", name="tiyn") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: there is no run named 'tiyn'") and "but there is 'tiny'." in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["tiny"]
+    # A name unlike any run there is a new experiment (the notebook always passes --resume): fresh.
+    assert run(tmp_path, "--resume", "--max-steps", "1", name="static") == 0
+    assert "no checkpoint" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["static", "tiny"]
 
 
 def test_fresh_start_on_existing_run_is_refused(tmp_path, capsys):

@@ -9,7 +9,7 @@
         --primary static_moe-dense,static_max-dense,static_max-static_moe --margin 0.02 --study studies/gate
     python tools/compare.py --plan --pilot-sd 0.03 --effect 0.02          # seeds needed (also --from DIR)
 
-Every run is `train_nemoe.py --resume` in a subprocess under `--out` (default
+Every run is `train_nemoe.py` (`--resume` once it has a checkpoint) in a subprocess under `--out` (default
 compare/<config>[-shift]), so rerunning the same command skips finished runs and
 resumes interrupted ones. Seed s sets train.seed, the run seed, for every strategy;
 the seeds of the data mixture, the controller and each plasticity mechanism derive

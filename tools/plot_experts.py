@@ -108,9 +108,18 @@ def plot(train, events, run_name: str, x: str = "steps", layout: str = "auto"):
     _legend(plt, axes, events, panels)
     _label_axes(fig, axes, train, columns, x, panels)
     step, tokens = latest_step(train, events)
-    n_events = int(events["event"].isin(list(EVENT_STYLE)).sum()) if len(events) else 0
-    fig.suptitle(f"{run_name}: experts per layer (step {step:,}, {human(tokens)} tokens, {n_events} events)")
+    fig.suptitle(f"{run_name}: experts per layer (step {step:,}, {human(tokens)} tokens, {events_text(events)})")
     return fig
+
+
+def events_text(events) -> str:
+    """The expert events, counted as plot_training's legend counts them (every row), and which are marked:
+    '6 expert events: 5 births/removals marked, 1 graduate'."""
+    if not len(events):
+        return "0 expert events"
+    marked = events["event"].isin(list(EVENT_STYLE))
+    others = "".join(f", {n} {kind}" for kind, n in events[~marked]["event"].value_counts().items())
+    return f"{len(events)} expert events: {int(marked.sum())} births/removals marked{others}"
 
 
 def _axes(plt, n_layers: int, panels: bool):

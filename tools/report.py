@@ -158,7 +158,8 @@ def eval_table(log_dir: Path) -> str:
     rows = []
     for step, group in evals.groupby("step", sort=True):
         loss = dict(zip(group["source"], group["loss"]))
-        rows.append([number(step), number(group["tokens"].iloc[0])] + [number(loss.get(s, "")) for s in order])
+        rows.append([number(step), number(group["tokens"].iloc[0])]
+                    + [f"{v:.4f}" if (v := loss.get(s)) is not None and v == v else "" for s in order])  # as Eval lines
     return f'<div class="scroll">{table(header, rows, numeric=set(header), css="eval")}</div>'
 
 

@@ -70,6 +70,8 @@ class Event:
     cause: str = ""
     # Not written: what other mechanisms need to follow the change.
     slot: int = field(default=-1, repr=False)               # expert events: the slot acted on
+    # The text log's words for value and threshold, e.g. "Usage 0.6123 > split_usage 0.35".
+    reading: str = field(default="", repr=False, compare=False)
     shift: LayerShift | None = field(default=None, repr=False)
 
     def as_row(self) -> dict:
@@ -84,9 +86,10 @@ class Event:
             return (f"Event {name} | Layer {self.layer}{expert} | Unit {self.unit} | "
                     f"Cause {self.cause} | {probe}")
         parents = f" | Parents {self.parents}" if self.parents else ""
+        reading = self.reading or f"Value {self.value:.4g} | Threshold {self.threshold:g}"
         return (f"Event {name} | Layer {self.layer} | Action {self.event} | "
-                f"Expert {self.expert}{parents} | Usage {self.value:.4f} | Thresh {self.threshold:g} | "
-                f"{self.n_before}→{self.n_after} | {probe}")
+                f"Expert {self.expert}{parents} | {reading} | "
+                f"Experts {self.n_before}→{self.n_after} | {probe}")
 
 
 class Probe:

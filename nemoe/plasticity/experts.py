@@ -88,6 +88,19 @@ class Action:
     threshold: float = 0.0      # the threshold it was compared with
     cools: tuple[int, ...] = () # failed_probation: the parent slots that cool down
     cause: str = ""             # events.csv's cause; "" = the usage rule's "usage U vs T"
+    reading: str = ""           # the text log's words for usage and threshold; "" = READINGS[kind]
+
+
+# What an action's usage and threshold are, in its text-log line (events.csv keeps the numbers).
+READINGS = {"graduate": "Usage {u:.4f} >= probation_min_usage {t:g}",
+            "failed_probation": "Usage {u:.4f} < probation_min_usage {t:g}",
+            "split": "Usage {u:.4f} > split_usage {t:g}",
+            "crossover": "Parents' mean usage {u:.4f} | Drawn with crossover_prob {t:g}",
+            "prune": "Usage {u:.4f} < prune_usage {t:g}"}
+
+
+def reading(action: Action) -> str:
+    return action.reading or READINGS[action.kind].format(u=action.usage, t=action.threshold)
 
 
 # --------------------------------------------------------------------------- #
@@ -136,7 +149,8 @@ def plan_layer(records: list[ExpertRecord | None], usage: list[float], morph, to
             for parent in growth.parents(candidates, births):
                 child = free.pop(0)
                 actions.append(Action("split", child, (parent,), growth.scores[parent], growth.target,
-                                      cause=growth.cause(parent, n_live, len(candidates))))
+                                      cause=growth.cause(parent, n_live, len(candidates)),
+                                      reading=growth.reading(parent)))
                 live.add(child)
     elif free and graduated - cooling:
         top = max(sorted(graduated - cooling), key=lambda s: usage[s])
@@ -343,7 +357,8 @@ class ExpertMorphogenesis(Mechanism):
                     parents=" ".join(str(row[p].id) for p in action.parents), value=action.usage,
                     threshold=action.threshold, n_before=n_before, n_after=self.expert_counts()[li],
                     probe_loss_before=before, probe_loss_after=after,
-                    cause=action.cause or f"usage {action.usage:.4f} vs {action.threshold:g}", slot=action.slot))
+                    cause=action.cause or f"usage {action.usage:.4f} vs {action.threshold:g}", slot=action.slot,
+                    reading=reading(action)))
         self.update_routing(ctx.step)
         return events
 

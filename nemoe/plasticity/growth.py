@@ -58,8 +58,16 @@ class Growth:
         ranked = sorted(candidates, key=lambda s: (-self.scores[s], s))
         return [ranked[i % len(ranked)] for i in range(births)]
 
+    @property
+    def label(self) -> str:
+        return "gradient utility" if self.criterion == "gradient" else "usage"
+
+    def reading(self, parent: int) -> str:
+        """The text log's words for a scheduled split's value (the parent's score) and threshold (the target)."""
+        return f"Parent's {self.label} {self.scores[parent]:.4g} | Scheduled target {self.target} experts"
+
     def cause(self, parent: int, n_live: int, n_candidates: int) -> str:
-        label = "gradient utility" if self.criterion == "gradient" else "usage"
+        label = self.label
         return (f"scheduled growth: {n_live} -> {self.target} of {self.experts_max} experts (linear to step "
                 f"{self.until_step}); parent by {label} {self.scores[parent]:.4g}, ranked among "
                 f"{n_candidates} graduated")

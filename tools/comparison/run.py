@@ -1,4 +1,5 @@
-"""Running a plan: each run is `train_nemoe.py --resume` in a subprocess, phase by phase.
+"""Running a plan: each run is `train_nemoe.py` in a subprocess, phase by phase (with --resume
+once the run has a checkpoint).
 
 Rerunning the same command skips finished runs and resumes interrupted ones; a run
 already in the out folder must have been made with the same settings. With a study folder
@@ -46,9 +47,11 @@ def check_settings(plan: Plan, run: Run) -> None:
                         f"use another --out, or delete that run to redo it")
 
 
-def trainer_command(plan: Plan, run: Run, phase: Phase) -> list[str]:
+def trainer_command(plan: Plan, run: Run, phase: Phase, resume: bool = False) -> list[str]:
+    """resume: the run has a checkpoint to continue from (--resume with none refuses to start a run
+    beside the plan's other runs: it would look like a mistyped name)."""
     cmd = [sys.executable, str(TRAINER), "--config", plan.config, "--run-dir", str(plan.out),
-           "--run-name", run.name, "--resume"]
+           "--run-name", run.name] + (["--resume"] if resume else [])
     if plan.protocol in PHASED:
         cmd += ["--allow-config-change", "--max-steps", str(phase.end)]
     for item in run.overrides + phase.overrides:
@@ -62,11 +65,12 @@ def execute(plan: Plan, run: Run) -> str | None:
     console.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
     for phase in run.phases:
-        if newest_step(plan.out, run) >= phase.end:
+        started = newest_step(plan.out, run)
+        if started >= phase.end:
             continue  # finished earlier: not repeated
         with open(console, "a", encoding="utf-8") as sink:
-            done = subprocess.run(trainer_command(plan, run, phase), stdout=sink, stderr=subprocess.STDOUT,
-                                  env=env, cwd=os.getcwd())
+            done = subprocess.run(trainer_command(plan, run, phase, resume=started > 0), stdout=sink,
+                                  stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
         reached = newest_step(plan.out, run)
         if done.returncode != 0 or reached < phase.end:
             last = console.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]

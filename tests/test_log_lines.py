@@ -1,0 +1,126 @@
+"""The human-readable lines of training_log.txt and the console say what they mean.
+
+Each test pins one wording a newcomer misread: which loss a line shows, what an
+expert event's threshold is, which step a checkpoint line saved, the experts per
+layer, the --max-steps cap, and --resume with a name that matches no run. The CSV
+logs are not touched by any of this (tests/test_tensorboard.py, tests/test_trainer.py).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from nemoe import rundir
+from nemoe.config import load_config
+from nemoe.logs import RunLogger, start_line
+from nemoe.metrics import MetricsWindow
+from nemoe.plasticity.base import Event
+from nemoe.plasticity.experts import Action, reading
+from nemoe.plasticity.growth import Growth
+from nemoe.schema import RunPaths, train_columns
+from nemoe.train_module import MicroBatchStats, StepResult
+from tests.conftest import tiny_config
+from tests.test_tensorboard import row_at
+
+
+def runtime():
+    return types.SimpleNamespace(device="cpu", precision="fp32", precision_reason="CPU",
+                                 dist=types.SimpleNamespace(enabled=False))
+
+
+PARAMS = {"total": 1000, "active_per_token": 600}
+
+
+def test_the_start_line_names_the_max_steps_cap_before_the_target():
+    cfg = load_config("local.yaml")
+    total = cfg.total_steps()
+    capped = start_line(runtime(), PARAMS, cfg, 1, stop_step=60)
+    assert f"({total:,} steps) | stops at step 60 ({60 * cfg.tokens_per_step():,} tokens, --max-steps)" in capped
+    for uncapped in (start_line(runtime(), PARAMS, cfg, 1), start_line(runtime(), PARAMS, cfg, 1, stop_step=total)):
+        assert "stops at" not in uncapped and uncapped.endswith(f"({total:,} steps)")
+
+
+def logged(tmp_path, write) -> list[str]:
+    """The text log's lines (after the stamp and step) of what `write(logger)` logs."""
+    logger = RunLogger(tmp_path, tiny_config(log={"console": "plain", "tensorboard": False}), 0, 64 * 20)
+    write(logger)
+    logger.close()
+    return [line.split("| ", 1)[1] for line in (tmp_path / "training_log.txt").read_text().splitlines()]
+
+
+def test_interval_rows_and_event_lines_say_which_loss_they_show(tmp_path, capsys):
+    event = Event(step=10, tokens=640, granularity="expert", event="split", layer=1, unit="e5", expert=5,
+                  parents="3", value=0.6123, threshold=0.35, n_before=2, n_after=3, probe_loss_before=5.2,
+                  probe_loss_after=5.2, reading=reading(Action("split", 2, (0,), 0.6123, 0.35)))
+
+    def write(logger):
+        logger.events(10, 640, 5.5823, 1e-3, [event], [2, 3])
+        logger.train_row(row_at(10) | {"window_steps": 10})
+        logger.train_row(row_at(11) | {"window_steps": 1})
+
+    event_line, counts, row, single = logged(tmp_path, write)
+    assert event_line.startswith("Tokens 640 | LossCE (this step) 5.5823 | LR 1.00e-03 | Event evolve_split")
+    assert "| Usage 0.6123 > split_usage 0.35 | Experts 2→3 |" in event_line and "Thresh" not in event_line
+    assert counts == "Experts per layer | [2, 3]"
+    assert row.startswith("Tokens 640 | LossCE (mean of 10 steps) 7.9000 | LossLB (mean) 1.0100 | LR")
+    assert "| Experts per layer [2, 3] |" in row and "2/3" not in row
+    assert single.startswith("Tokens 704 | LossCE (mean of 1 step) 7.8000")
+    assert "window_steps" not in (tmp_path / "training_log.csv").read_text(), "a text-line field, no column"
+    assert event_line in capsys.readouterr().out
+
+
+def test_the_log_window_row_counts_its_steps_and_the_csv_keeps_its_columns(tmp_path):
+    window = MetricsWindow.empty(2, 4, "cpu", 0.0)
+    micro = MicroBatchStats(loss_ce=torch.tensor(2.0), loss_lb=torch.tensor(1.0), loss_z=torch.tensor(0.1),
+                            counts=torch.ones(2, 4, dtype=torch.long), balance=torch.tensor(1.0))
+    for _ in range(3):
+        window.add(StepResult([micro], torch.tensor(0.5), True, 1e-3))
+    row = window.row(3, 192, 1.0, 64, 1, tiny_config().moe, [2, 2], 1.0)
+    assert row["window_steps"] == 3
+
+    def write(logger):
+        logger.train_row(row | {"expert_param_steps": 0, "optim_state_bytes": 0})
+
+    (line,) = logged(tmp_path, write)
+    assert "LossCE (mean of 3 steps) 2.0000" in line
+    header = (tmp_path / "training_log.csv").read_text().splitlines()[0]
+    assert header.split(",") == train_columns(2)
+
+
+@pytest.mark.parametrize("action, text", [
+    (Action("crossover", 3, (0, 1), 0.4012, 0.5), "Parents' mean usage 0.4012 | Drawn with crossover_prob 0.5"),
+    (Action("graduate", 3, usage=0.2, threshold=0.05), "Usage 0.2000 >= probation_min_usage 0.05"),
+    (Action("failed_probation", 3, usage=0.01, threshold=0.05), "Usage 0.0100 < probation_min_usage 0.05"),
+    (Action("prune", 1, usage=0.002, threshold=0.01), "Usage 0.0020 < prune_usage 0.01"),
+])
+def test_an_expert_event_says_what_its_threshold_is(action, text):
+    assert reading(action) == text
+
+
+def test_a_scheduled_split_names_its_score_and_target():
+    growth = Growth(target=4, experts_max=6, until_step=100, criterion="gradient", scores=[0.5, 0.25])
+    assert growth.reading(0) == "Parent's gradient utility 0.5 | Scheduled target 4 experts"
+
+
+def test_resume_with_a_name_that_matches_no_run_lists_the_runs_there(tmp_path):
+    paths = RunPaths.of(tmp_path, "tpyo")
+    rundir.refuse_if_misnamed(paths, None)   # nothing there at all: a first start goes on
+    (tmp_path / "logs" / "empty").mkdir(parents=True)                   # no log, no checkpoint: not a run
+    (tmp_path / "logs" / "typo").mkdir()
+    (tmp_path / "logs" / "typo" / "training_log.csv").write_text("step\n")
+    mirror = RunPaths.of(tmp_path / "drive", "tpyo")
+    (tmp_path / "drive" / "checkpoints" / "t4").mkdir(parents=True)
+    (tmp_path / "drive" / "checkpoints" / "t4" / "nemo_ckpt_step8.pt").write_bytes(b"x")
+    assert rundir.other_runs(paths, mirror) == ["t4", "typo"]
+    with pytest.raises(rundir.UserError) as err:
+        rundir.refuse_if_misnamed(paths, mirror)
+    message = str(err.value)
+    assert "no run named 'tpyo'" in message and "the runs there: t4, typo." in message
+    assert "--run-name" in message and "leave out --resume" in message
+    # Its own log from an attempt killed before its first checkpoint: the name is real, it starts fresh.
+    (tmp_path / "drive" / "logs" / "tpyo").mkdir(parents=True)
+    (tmp_path / "drive" / "logs" / "tpyo" / "training_log.txt").write_text("")
+    rundir.refuse_if_misnamed(paths, mirror)
