@@ -105,7 +105,7 @@ def test_a_scheduled_split_names_its_score_and_target():
     assert growth.reading(0) == "Parent's gradient utility 0.5 | Scheduled target 4 experts"
 
 
-def test_resume_with_a_name_that_matches_no_run_lists_the_runs_there(tmp_path):
+def test_resume_with_a_near_miss_of_a_run_name_names_that_run(tmp_path):
     paths = RunPaths.of(tmp_path, "tpyo")
     rundir.refuse_if_misnamed(paths, None)   # nothing there at all: a first start goes on
     (tmp_path / "logs" / "empty").mkdir(parents=True)                   # no log, no checkpoint: not a run
@@ -118,8 +118,10 @@ def test_resume_with_a_name_that_matches_no_run_lists_the_runs_there(tmp_path):
     with pytest.raises(rundir.UserError) as err:
         rundir.refuse_if_misnamed(paths, mirror)
     message = str(err.value)
-    assert "no run named 'tpyo'" in message and "the runs there: t4, typo." in message
+    assert "no run named 'tpyo'" in message and "but there is 'typo'." in message   # not t4: unlike
     assert "--run-name" in message and "leave out --resume" in message
+    # A name unlike every run there is a new run (the notebook always passes --resume): it goes on.
+    rundir.refuse_if_misnamed(RunPaths.of(tmp_path, "static-baseline"), mirror)
     # Its own log from an attempt killed before its first checkpoint: the name is real, it starts fresh.
     (tmp_path / "drive" / "logs" / "tpyo").mkdir(parents=True)
     (tmp_path / "drive" / "logs" / "tpyo" / "training_log.txt").write_text("")
