@@ -32,6 +32,7 @@ from nemoe import distributed as dist
 from nemoe.errors import UserError
 from nemoe.files import fsync_dir
 from nemoe.mirror import Mirror
+from nemoe.schedule import every
 from nemoe.schema import RunPaths, checkpoint_name, list_checkpoints
 
 
@@ -191,14 +192,24 @@ class Checkpointer:
         self.step = 0  # the run's step at the last save: log lines about earlier writes carry it
         self.blocked_s: list[float] = []  # per save: time the training loop waited (snapshot + previous write)
 
+    def due(self, step: int, target: int, timed: bool) -> bool:
+        """Save after this step: every checkpoint.every_steps, when `timed` (minutes_due, agreed
+        over the ranks by the caller), and at the target."""
+        return every(step, self.cfg.every_steps) or timed or step == target
+
     def minutes_due(self) -> bool:
         every = self.cfg.every_minutes
         return bool(every and (time.monotonic() - self.last_save) / 60 >= every)
 
     def save(self, state: dict) -> None:
         """Save `state` (the trainer's, at a step boundary): in the background unless
-        checkpoint.background is off. Raises UserError after max_failures failures in a row."""
-        started, self.step = time.perf_counter(), state["step"]
+        checkpoint.background is off. Raises UserError after max_failures failures in a row. Under
+        DDP the ranks' replicated parts are compared first: a mismatch is a bug and stops the run."""
+        if self.info.enabled:
+            digest = dist.replicas_digest(layout.replicated(state, self.info.rank), layout.step(state))
+            self.log.line(layout.step(state), f"Ranks | {self.info.world_size} replicas identical (digest {digest})",
+                          echo=False)
+        started, self.step = time.perf_counter(), layout.step(state)
         self.wait()
         if self.info.is_main:
             self.log.flush_views()

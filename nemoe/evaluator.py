@@ -16,6 +16,7 @@ from nemoe import distributed as dist
 from nemoe.heldout import describe_heldout, heldout_sets
 from nemoe.model import NemoeLM, split_block
 from nemoe.runtime import Runtime
+from nemoe.schedule import every
 
 
 class Evaluator:
@@ -25,6 +26,15 @@ class Evaluator:
         self.batches = {name: held.batches for name, held in self.heldout.items()}
         # Probe batch: the first held-out batch of each source, fixed for the run.
         self.probe_batch = torch.cat([batches[0] for batches in self.batches.values()])
+
+    def due(self, step: int, target: int) -> bool:
+        """A held-out evaluation after this step: every eval.every_steps, and at the target."""
+        return every(step, self.cfg.eval.every_steps) or step == target
+
+    def sample_due(self, step: int) -> bool:
+        """A sample after this step: every log.sample_every_steps, on the main process (a log line)."""
+        log = self.cfg.log
+        return every(step, log.sample_every_steps) and bool(log.sample_tokens) and self.runtime.dist.is_main
 
     def describe(self) -> str:
         """The held-out sets' sizes, for the run's log."""

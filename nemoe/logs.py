@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from nemoe.config import dump_config
 from nemoe.files import atomic_write
+from nemoe.schedule import every
 from nemoe.schema import (CSV_LOGS, EVAL_COLUMNS, EVAL_CSV, EVENT_COLUMNS, EVENTS_CSV, LEGACY_EVENT_RENAMES,
                           STATE_COLUMNS, STATE_CSV, TENSORBOARD_DIR, TEXT_LINE, TEXT_LOG, TRAIN_CSV,
                           layer_column, train_columns)
@@ -138,6 +139,7 @@ class RunLogger:
         self.state_csv: CsvLog | None = None   # plasticity.csv, opened by the first state row
         self._text = open(log_dir / TEXT_LOG, "a", encoding="utf-8")
         self.n_layers, self.target_tokens, self.last_step = cfg.model.n_layers, target_tokens, start_step
+        self.every_steps = cfg.log.every_steps
         self._last_row: tuple[float, int] | None = None   # (time, tokens) of the last training row
         self.tensorboard = self._open_tensorboard(cfg, start_step) if cfg.log.tensorboard else None
         console = cfg.log.console
@@ -213,6 +215,10 @@ class RunLogger:
     def _write_text(self, line: str) -> None:
         self._text.write(line + "\n")
         self._text.flush()
+
+    def row_due(self, step: int) -> bool:
+        """A training_log.csv row closes the log interval after this step: every log.every_steps."""
+        return every(step, self.every_steps)
 
     def line(self, step: int, text: str, echo: bool = True) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -345,9 +351,16 @@ def duration(seconds: float) -> str:
 
 
 class NullLogger:
-    """The logger of data-parallel ranks other than 0: rank 0 alone writes and prints."""
+    """The logger of data-parallel ranks other than 0: rank 0 alone writes and prints (every
+    rank still closes its log intervals at the same steps: the rows' sums are collectives)."""
 
     write_failures = 0
+
+    def __init__(self, every_steps: int = 0):
+        self.every_steps = every_steps
+
+    def row_due(self, step: int) -> bool:
+        return every(step, self.every_steps)
 
     def line(self, step: int, text: str, echo: bool = True) -> None: ...
     def print(self, text: str) -> None: ...

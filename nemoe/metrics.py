@@ -38,6 +38,27 @@ def params_per_expert(model) -> int:
     return model.count_params(live_experts=1)["live"] - model.count_params(live_experts=0)["live"]
 
 
+class ParamSteps:
+    """Live-expert parameter-steps (training_log.csv expert_param_steps): each optimizer step adds
+    the parameters of the experts live in it; `live()` gives the live experts per layer."""
+
+    def __init__(self, model, live):
+        self.per_expert, self.live, self.total = params_per_expert(model), live, 0
+
+    def add_step(self) -> None:
+        self.total += self.per_expert * sum(self.live())
+
+    def restore(self, saved: int | None, step: int) -> list[str]:
+        """The count a checkpoint holds; one written before the count: its steps at the experts
+        live now, and a note saying so."""
+        if saved is not None:
+            self.total = saved
+            return []
+        self.total = step * self.per_expert * sum(self.live())
+        return [f"the checkpoint predates expert_param_steps: the steps up to {step} are counted at the "
+                f"experts live now ({self.total:,} parameter-steps)"]
+
+
 def release_free_memory() -> None:
     """Return the memory glibc's malloc keeps after frees to the OS (malloc_trim(0); nothing off glibc).
 
@@ -45,7 +66,7 @@ def release_free_memory() -> None:
     gradients); glibc keeps freed blocks in its arenas for reuse, so the resident size of a
     small run rose from ~600 MB to ~1.4 GB in its first few hundred steps, all of it free
     memory (tools/soak.py --trace: malloc's bytes in use stayed ~400 MB). Trimming at each
-    log row keeps it at ~600 MB (README, Reliability)."""
+    log row keeps it at ~600 MB (docs/reliability.md)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 

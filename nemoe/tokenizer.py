@@ -89,8 +89,17 @@ class ByteTokenizer:
         return f"ByteTokenizer(n_vocab={self.n_vocab})"
 
 
-def get_tokenizer(name: str = "gpt2") -> Tokenizer | ByteTokenizer:
-    """The tokenizer called `name`: "gpt2" (GPT-2 BPE, 50257 ids) or "bytes" (UTF-8 bytes, 257 ids)."""
+def get_tokenizer(name: str = "gpt2", vocab_size: int | None = None) -> Tokenizer | ByteTokenizer:
+    """The tokenizer called `name`: "gpt2" (GPT-2 BPE, 50257 ids) or "bytes" (UTF-8 bytes, 257 ids);
+    with `vocab_size` (the model's), a model too small for its ids is refused."""
+    tokenizer = _named_tokenizer(name)
+    if vocab_size is not None and vocab_size < tokenizer.n_vocab:
+        raise UserError(f"model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary "
+                        f"({tokenizer.n_vocab})")
+    return tokenizer
+
+
+def _named_tokenizer(name: str) -> Tokenizer | ByteTokenizer:
     if name == "bytes":
         return ByteTokenizer()
     if name not in SUPPORTED:

@@ -29,7 +29,7 @@ from nemoe.errors import UserError
 from nemoe.evaluator import Evaluator
 from nemoe.files import atomic_write
 from nemoe.logs import NullLogger, RunLogger, start_line
-from nemoe.metrics import MetricsWindow, params_per_expert, release_free_memory
+from nemoe.metrics import MetricsWindow, ParamSteps, release_free_memory
 from nemoe.plasticity import Plasticity
 from nemoe.rundir import RunDir, change_notes, incompatibility
 from nemoe.runtime import Runtime, on_stop_signal
@@ -52,10 +52,7 @@ class Trainer:
         total_steps = cfg.total_steps(self.world)
         self.target_steps = total_steps if max_steps is None else min(max_steps, total_steps)
         Runtime.seed(cfg.train.seed)
-        self.tokenizer = get_tokenizer(cfg.data.tokenizer)
-        if cfg.model.vocab_size < self.tokenizer.n_vocab:
-            raise UserError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
-                            f"tokenizer's vocabulary ({self.tokenizer.n_vocab})")
+        self.tokenizer = get_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
         self.train = TrainModule(cfg, self.runtime, total_steps)
         self.model = self.train.model
         self.stream = TokenStream(cfg.data, self.tokenizer, cfg.model.seq_len, info.rank, self.world,
@@ -63,14 +60,13 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.tokenizer, self.model, self.runtime)
         self.plasticity = Plasticity(cfg, self.model, self.evaluator.probe_batch)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
-        # Live-expert parameter-steps so far: each step adds the parameters of the experts live in it.
-        self.expert_params, self.expert_param_steps = params_per_expert(self.model), 0
+        self.param_steps = ParamSteps(self.model, self.plasticity.experts.expert_counts)
         self.metrics, self.stop_requested = self._new_window(), False
         if info.rank > 0:
             # Same initial weights on every rank (seeded above), its own dropout stream.
             Runtime.seed(cfg.train.seed + info.rank)
         self.rundir = RunDir(paths, info, cfg.checkpoint.mirror_dir)
-        self.log = NullLogger()
+        self.log = NullLogger(cfg.log.every_steps)
         try:
             self._open(resume, allow_config_change)
         except BaseException:
@@ -88,13 +84,10 @@ class Trainer:
             path, state = found
             more, data_changed = change_notes(state, now)
             try:
-                self.load_state_dict(state, restore_data=not data_changed)
+                restored = self.load_state_dict(state, restore_data=not data_changed)
             except (RuntimeError, KeyError, ValueError) as err:
                 raise UserError(f"the checkpoint does not fit this model ({str(err)[:300]})") from None
-            notes += more + [f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)"]
-            if layout.expert_param_steps(state) is None:
-                notes.append(f"the checkpoint predates expert_param_steps: the steps up to {self.step} are "
-                             f"counted at the experts live now ({self.expert_param_steps:,} parameter-steps)")
+            notes += more + [f"resumed from {path.name} at step {self.step} ({self.tokens:,} tokens)"] + restored
         else:
             notes += self.train.start_fresh()   # a pretrained source is read on a fresh start only
         if not self.runtime.dist.is_main:
@@ -111,8 +104,8 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------- #
     def fit(self) -> None:
-        """Train to the target (or --max-steps): step, act, report, evaluate, save."""
-        cfg, target = self.cfg, self.target_steps
+        """Train to the target (or --max-steps): step, act, then whatever is due."""
+        target = self.target_steps
         if self.step >= target:
             self.log.line(self.step, f"Note | nothing to do: step {self.step} already reached the target "
                                      f"({target} steps)")
@@ -133,18 +126,22 @@ class Trainer:
                                              self.evaluator.probe_loss)
                 self.elapsed += time.perf_counter() - started
                 self.report(events, result)
-                if self._every(cfg.eval.every_steps) or self.step == target:
-                    self.evaluate()
-                if self._every(cfg.log.sample_every_steps) and cfg.log.sample_tokens and self.runtime.dist.is_main:
-                    self.log.line(self.step, f"Sample | {self.evaluator.sample(self.step)!r}")
-                if self.step == target:
-                    self.write_metrics()
-                # Ranks agree on stopping and on time-based saves (their signals and clocks differ).
-                self.stop_requested, timed = dist.any_rank([self.stop_requested, self.checkpointer.minutes_due()])
-                if self._every(cfg.checkpoint.every_steps) or timed or self.step == target:
-                    self.save()
-                self.rundir.heartbeat()
+                self._whatever_is_due(target)
             self._finish(stopped)
+
+    def _whatever_is_due(self, target: int) -> None:
+        """After a step, in this order: evaluation, a sample, the last log row, a checkpoint."""
+        if self.evaluator.due(self.step, target):
+            self.evaluate()
+        if self.evaluator.sample_due(self.step):
+            self.log.line(self.step, f"Sample | {self.evaluator.sample(self.step)!r}")
+        if self.step == target:
+            self.write_metrics()
+        # Ranks agree on stopping and on time-based saves (their signals and clocks differ).
+        self.stop_requested, timed = dist.any_rank([self.stop_requested, self.checkpointer.minutes_due()])
+        if self.checkpointer.due(self.step, target, timed):
+            self.save()
+        self.rundir.heartbeat()
 
     def _finish(self, stopped: DataStopped | None) -> None:
         """Save where training stopped and wait for the write; a fatal data stop then raises (exit 2)."""
@@ -170,13 +167,10 @@ class Trainer:
         self.log.close()
         self.rundir.close()
 
-    def _every(self, every: int) -> bool:
-        return every > 0 and self.step % every == 0
-
     def train_step(self) -> StepResult:
         """One optimizer step on the next batches; step, tokens and the log window advance."""
         batches = self.stream.next_batches(self.cfg.train.grad_accum, self.cfg.train.batch_size)
-        self.expert_param_steps += self.expert_params * sum(self.plasticity.experts.expert_counts())
+        self.param_steps.add_step()
         result = self.train.train_batch(batches, self.step, self.plasticity)
         if not result.finite:
             self.log.warn(self.step + 1, result.skip_note)
@@ -192,7 +186,7 @@ class Trainer:
             self.log.events(self.step, self.tokens, mean_ce, self.metrics.lr, events,
                             self.plasticity.experts.expert_counts())
         self.log.usage(self.step, self.plasticity.experts.decision_usage(self.step))   # None off morph steps
-        if self._every(self.cfg.log.every_steps):
+        if self.log.row_due(self.step):
             self.write_metrics()
 
     def write_metrics(self) -> None:
@@ -204,7 +198,7 @@ class Trainer:
         experts = self.plasticity.experts.expert_counts()
         row = self.metrics.row(self.step, self.tokens, self.elapsed, self.tokens_per_step, self.world,
                                self.cfg.moe, experts, self.train.loss_scale)
-        row.update(expert_param_steps=self.expert_param_steps,
+        row.update(expert_param_steps=self.param_steps.total,
                    optim_state_bytes=state_bytes(self.train.optimizer))
         self.log.train_row(row)
         self.metrics = self._new_window()
@@ -223,32 +217,28 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------ #
     def save(self) -> None:
-        state = self.state_dict()   # a collective under DDP (gathers every rank's part)
-        if self.runtime.dist.enabled:   # replicas must be identical: a mismatch is a bug and stops the run
-            digest = dist.replicas_digest(layout.replicated(state, self.runtime.dist.rank), self.step)
-            self.log.line(self.step, f"Ranks | {self.world} replicas identical (digest {digest})", echo=False)
-        self.checkpointer.save(state)
+        self.checkpointer.save(self.state_dict())   # state_dict: a collective under DDP (every rank's part)
 
     def state_dict(self) -> dict:
         """The checkpoint (checkpoint_layout.py describes it); every rank's own part gathered from all."""
         mine = layout.rank_part(rng=Runtime.rng_state(), data=self.stream.state_dict(),
                                 metrics=self.metrics.state_dict(), plasticity=self.plasticity.state_dict())
         return layout.new(step=self.step, tokens=self.tokens, elapsed=self.elapsed, world_size=self.world,
-                          expert_param_steps=self.expert_param_steps, config=self.cfg.to_dict(),
+                          expert_param_steps=self.param_steps.total, config=self.cfg.to_dict(),
                           train_module=self.train.state_dict(), ranks=dist.gather_objects(mine))
 
-    def load_state_dict(self, state: dict, restore_data: bool = True) -> None:
+    def load_state_dict(self, state: dict, restore_data: bool = True) -> list[str]:
+        """Every component's state from the checkpoint; returns notes for the log."""
         rank = self.runtime.dist.rank
         self.train.load_state_dict(layout.train_module(state))
         self.plasticity.load_state_dict(layout.rank_plasticity(state, rank))
         if restore_data:
             self.stream.load_state_dict(layout.rank_data(state, rank))
         self.step, self.tokens, self.elapsed = layout.step(state), layout.tokens(state), layout.elapsed(state)
-        # A checkpoint written before the count: its steps at the experts live now (a note says so).
-        self.expert_param_steps = layout.expert_param_steps(state, self.step * self.expert_params
-                                                            * sum(self.plasticity.experts.expert_counts()))
+        notes = self.param_steps.restore(layout.expert_param_steps(state), self.step)
         self.metrics = MetricsWindow.from_state(layout.rank_metrics(state, rank), self.runtime.device)
         Runtime.set_rng_state(layout.rank_rng(state, rank))
+        return notes
 
     def _request_stop(self, signum: int) -> None:
         """SIGINT / SIGTERM: finish the current step, save, exit cleanly (a second one stops now)."""
