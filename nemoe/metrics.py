@@ -46,7 +46,10 @@ class ParamSteps:
         self.per_expert, self.live, self.total = params_per_expert(model), live, 0
 
     def add_step(self) -> None:
-        self.total += self.per_expert * sum(self.live())
+        self.total += self._per_step()
+
+    def _per_step(self) -> int:
+        return self.per_expert * sum(self.live())
 
     def restore(self, saved: int | None, step: int) -> list[str]:
         """The count a checkpoint holds; one written before the count: its steps at the experts
@@ -54,7 +57,7 @@ class ParamSteps:
         if saved is not None:
             self.total = saved
             return []
-        self.total = step * self.per_expert * sum(self.live())
+        self.total = step * self._per_step()
         return [f"the checkpoint predates expert_param_steps: the steps up to {step} are counted at the "
                 f"experts live now ({self.total:,} parameter-steps)"]
 

@@ -67,11 +67,15 @@ def change_notes(state: dict, cfg_dict: dict) -> tuple[list[str], bool]:
 NEAR_MISS = 0.75
 
 
+def _and_mirror(paths: RunPaths, mirror: RunPaths | None) -> list[RunPaths]:
+    return [paths] + ([mirror] if mirror else [])
+
+
 def other_runs(paths: RunPaths, mirror: RunPaths | None = None) -> list[str]:
     """Names of the runs other than `paths.name` in its run folder (and the mirror): folders under
     checkpoints/ with a checkpoint, or under logs/ with a training log."""
     names = set()
-    for base in [paths] + ([mirror] if mirror else []):
+    for base in _and_mirror(paths, mirror):
         for folder in (base.ckpt_dir.parent, base.log_dir.parent):
             if folder.is_dir():
                 names.update(d.name for d in folder.iterdir() if d.is_dir() and d.name != paths.name and (
@@ -85,7 +89,7 @@ def refuse_if_misnamed(paths: RunPaths, mirror: RunPaths | None) -> None:
     rather than start a new run beside it. A name unlike every run there (a new experiment: the
     Colab notebook always passes --resume), nothing there at all (a first start), or this run's
     own logs (killed before its first checkpoint): go on, fresh."""
-    if any((p.log_dir / log).is_file() for p in [paths] + ([mirror] if mirror else []) for log in (TEXT_LOG, TRAIN_CSV)):
+    if any((p.log_dir / log).is_file() for p in _and_mirror(paths, mirror) for log in (TEXT_LOG, TRAIN_CSV)):
         return
     near = difflib.get_close_matches(paths.name, other_runs(paths, mirror), n=3, cutoff=NEAR_MISS)
     if not near:
