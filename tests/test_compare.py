@@ -362,6 +362,25 @@ def test_a_committed_run_with_other_settings_is_refused(grid, config, tmp_path, 
     assert "morph_bias-s0 was made with other settings (moe.bias_rate" in capsys.readouterr().err
 
 
+def test_the_evaluation_schedule_changes_no_training_so_committed_runs_are_kept(grid, config, tmp_path, capsys):
+    # morph (splits, prunes, probation: the usage counts matter) evaluated at other steps trains the same
+    out = tmp_path / "often"
+    assert compare(config, out, "--strategies", "morph", "--seed-list", "1",
+                   tiny=[t for t in TINY if not t.startswith("eval.every_steps")] + ["eval.every_steps=3"]) == 0
+    runs = {name: pd.read_csv(folder / "logs" / "morph-s1" / "training_log.csv").drop(
+        columns=["tokens_per_s", "elapsed_s", "rss_mb"]) for name, folder in (("often", out), ("grid", grid))}
+    assert runs["often"].equals(runs["grid"])
+    assert (out / "logs" / "morph-s1" / "events.csv").read_bytes() == (grid / "logs" / "morph-s1" / "events.csv").read_bytes()
+    often, every4 = (pd.read_csv(f / "logs" / "morph-s1" / "eval.csv") for f in (out, grid))
+    assert sorted(set(often["step"])) == [0, 3, 6, 9, 12] and sorted(set(every4["step"])) == [0, 4, 8, 12]
+    assert often[often["step"] == 12]["loss"].tolist() == every4[every4["step"] == 12]["loss"].tolist()
+    # so a study may evaluate its new arms more often than the committed runs it reuses
+    study = tmp_path / "study"
+    assert compare(config, grid, *GRID, "--study", str(study), "--rebuild") == 0
+    assert compare(config, tmp_path / "again", *GRID, "--study", str(study), "--rebuild",
+                   "--set", "eval.every_steps=3") == 0
+
+
 # --------------------------------------------------------------------------- #
 # Domain shift
 # --------------------------------------------------------------------------- #

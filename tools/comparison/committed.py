@@ -92,13 +92,22 @@ def inert(config: dict) -> set[str]:
     return {"moe.bias_rate"} if config.get("moe", {}).get("balance", "aux_loss") == "aux_loss" else set()
 
 
+# Settings that only observe training: when the held-out sets are evaluated (the evaluator never
+# touches the training RNG and its passes count no expert usage, so a run trains the same way
+# whatever eval.every_steps says; its held-out curve is sampled at other steps, and the final
+# evaluation at the target is there in every run). A study can evaluate new arms more often
+# than the committed runs it reuses (tests/test_compare.py checks the training is unchanged).
+OBSERVING = {"eval.every_steps"}
+
+
 def check_committed(plan: Plan, run: Run) -> None:
     """A committed run must have been made with this command's settings (as run.check_settings)."""
     record = read_summary(plan.study, run)
     if record["protocol"] != plan.protocol:
         raise UserError(f"{run_folder(plan.study, run)}: a {record['protocol']} run, this is a {plan.protocol}")
     expected = expected_config(plan, run).to_dict()
-    ignore = ({"data.sources"} if plan.protocol in PHASED else set()) | (inert(record["config"]) & inert(expected))
+    ignore = (({"data.sources"} if plan.protocol in PHASED else set()) | (inert(record["config"]) & inert(expected))
+              | OBSERVING)
     changes = [c for c in config_changes(record["config"], expected) if c[0] not in ignore]
     if changes:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes[:5])
