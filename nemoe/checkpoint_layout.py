@@ -11,16 +11,17 @@ Format v2 (FORMAT): the components' states by name, plus the run's progress.
     format                  FORMAT (added when the file is written, `stamped`)
     step, tokens, elapsed   progress (elapsed: training seconds over every resume)
     world_size              data-parallel processes that wrote it
-    expert_param_steps      cumulative parameter-steps of the live experts (absent in older files)
     config                  the resolved config
     train_module            model, optimizer, scaler, bad_steps
     ranks                   per rank: rng, data (stream position), metrics (the open
-                            log window), plasticity (each mechanism's state by its config
-                            key, with this rank's statistics since the last decision; the
-                            expert mechanism's under EXPERTS, its expert records included)
+                            log window's losses), plasticity (each mechanism's state by its
+                            config key, with this rank's statistics since the last decision
+                            and the last log row; the expert mechanism's under EXPERTS, its
+                            expert records and live-expert parameter-steps included)
 
 v1 files (V1_FORMAT: one flat dict, written before the components existed) load through
-`upgrade_v1`.
+`upgrade_v1`; v2 files written while the trainer kept the expert reports itself (a top-level
+`expert_param_steps`, the routing counts in the log window) through `upgrade_expert_reports`.
 """
 
 from __future__ import annotations
@@ -41,13 +42,12 @@ _REQUIRED_V1 = ("step", "model", "optimizer", "controller", "trainer", "data", "
 # Writing
 # --------------------------------------------------------------------------- #
 
-def new(*, step: int, tokens: int, elapsed: float, world_size: int, expert_param_steps: int, config: dict,
-        train_module: dict, ranks: list[dict]) -> dict:
+def new(*, step: int, tokens: int, elapsed: float, world_size: int, config: dict, train_module: dict,
+        ranks: list[dict]) -> dict:
     """A checkpoint: the progress, the resolved config, the train module's state and every rank's
     part (`rank_part`, gathered from all ranks)."""
     return {"step": step, "tokens": tokens, "elapsed": elapsed, "world_size": world_size,
-            "expert_param_steps": expert_param_steps, "config": config, "train_module": train_module,
-            "ranks": ranks}
+            "config": config, "train_module": train_module, "ranks": ranks}
 
 
 def rank_part(*, rng, data: dict, metrics: dict, plasticity: dict) -> dict:
@@ -70,10 +70,28 @@ def read(raw, path) -> dict:
     naming `path` if it is not a nemoe checkpoint."""
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if fmt == V1_FORMAT and all(k in raw for k in _REQUIRED_V1):
-        return upgrade_v1(raw)
+        return upgrade_expert_reports(upgrade_v1(raw))
     if fmt != FORMAT or any(k not in raw for k in _REQUIRED):
         raise UserError(f"{path}: not a nemoe checkpoint (expected format {FORMAT})")
-    return raw
+    return upgrade_expert_reports(raw)
+
+
+def upgrade_expert_reports(state: dict) -> dict:
+    """The expert reports where the expert mechanism keeps them now: the top-level
+    `expert_param_steps` (absent in files older still: the mechanism counts those steps at the
+    experts live on resume, and says so) and each rank's log-window routing `counts` move into
+    the rank's EXPERTS state (`param_steps`, `window_counts`). A file written since is unchanged."""
+    param_steps = state.pop("expert_param_steps", None)
+    for part in state["ranks"]:
+        experts = part.get("plasticity", {}).get(EXPERTS)
+        counts = part.get("metrics", {}).pop("counts", None)
+        if experts is None:
+            continue
+        if counts is not None:
+            experts.setdefault("window_counts", list(counts))
+        if param_steps is not None:
+            experts.setdefault("param_steps", param_steps)
+    return state
 
 
 def upgrade_v1(old: dict) -> dict:
@@ -119,11 +137,6 @@ def world_size(state: dict) -> int:
 def config(state: dict) -> dict:
     """The resolved config it was written under, as nested dicts."""
     return state["config"]
-
-
-def expert_param_steps(state: dict, default: int | None = None) -> int | None:
-    """The cumulative expert parameter-steps; `default` for a file written before the count."""
-    return state.get("expert_param_steps", default)
 
 
 def train_module(state: dict) -> dict:
@@ -189,4 +202,5 @@ def replicated(state: dict, rank: int) -> dict:
     RNG or statistics since the last decision)."""
     experts = expert_state(state, rank)
     return {"model": {k: v for k, v in model_weights(state).items() if not k.endswith("usage_counts")},
-            "optimizer": optimizer_state(state), "experts": {k: v for k, v in experts.items() if k != "usage_counts"}}
+            "optimizer": optimizer_state(state),
+            "experts": {k: v for k, v in experts.items() if k not in ("usage_counts", "window_counts")}}

@@ -24,7 +24,7 @@ from nemoe.files import atomic_write
 from nemoe.schedule import every
 from nemoe.schema import (CSV_LOGS, EVAL_COLUMNS, EVAL_CSV, EVENT_COLUMNS, EVENTS_CSV, LEGACY_EVENT_RENAMES,
                           STATE_COLUMNS, STATE_CSV, TENSORBOARD_DIR, TEXT_LINE, TEXT_LOG, TRAIN_CSV,
-                          layer_column, train_columns)
+                          train_columns)
 
 
 def _fmt(value) -> str:
@@ -150,10 +150,10 @@ class RunLogger:
             self.progress = Progress(
                 TextColumn("[bold]nemoe"), BarColumn(), TextColumn("{task.fields[tokens]}"),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-                TextColumn("experts per layer {task.fields[experts]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[structure]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=self.console, transient=False)
             self._task = self.progress.add_task("train", total=target_tokens, tokens="", loss="-",
-                                                speed="-", experts="-")
+                                                speed="-", structure="")
             self.progress.start()
 
     @staticmethod
@@ -237,22 +237,22 @@ class RunLogger:
     def warn(self, step: int, text: str) -> None:
         self.line(step, f"Warning | {text}")
 
-    def train_row(self, row: dict) -> None:
-        """A training_log.csv row, its text line (with the ETA and experts per layer), TensorBoard."""
-        experts = per_layer([row[layer_column("experts", i)] for i in range(self.n_layers)])
+    def train_row(self, row: dict, structure: str = "") -> None:
+        """A training_log.csv row, its text line (with the ETA and `structure`, the plasticity
+        mechanisms' words for the model's shape, e.g. "Experts per layer [2, 3]"), TensorBoard."""
         self.last_step = row["step"]
         self._guard(self.train_csv.write, row)
         self._tb(lambda: self.tensorboard.train_row(row))
         n = row.get("window_steps")
         over = f"mean of {n} step{'s' if n != 1 else ''}" if n else "interval mean"
         text = (f"{step_text(row['tokens'], row['loss_ce'], row['lr'], row['loss_lb'], over)} | GradNorm "
-                f"{row['grad_norm']:.3f} | Tok/s {row['tokens_per_s']:,.0f} | Experts per layer {experts} | "
-                f"ETA {duration(self._eta(row))}")
+                f"{row['grad_norm']:.3f} | Tok/s {row['tokens_per_s']:,.0f} | "
+                f"{structure + ' | ' if structure else ''}ETA {duration(self._eta(row))}")
         self.line(row["step"], text, echo=self.progress is None)
         if self.progress is not None:
             self.progress.update(self._task, completed=row["tokens"], tokens=f"{row['tokens']:,}",
                                  loss=f"{row['loss_ce']:.4f}", speed=f"{row['tokens_per_s']:,.0f}",
-                                 experts=experts)
+                                 structure=structure)
 
     def _eta(self, row: dict) -> float:
         """Seconds to the target at the wall-clock rate since the previous row (evaluations and
@@ -265,21 +265,21 @@ class RunLogger:
         return max(self.target_tokens - tokens, 0) / rate if rate > 0 else float("nan")
 
     def events(self, step: int, tokens: int, loss_ce: float, lr: float, events: list,
-               expert_counts: list[int]) -> None:
+               notes: list[str] = ()) -> None:
         """One step's structural events (nemoe.plasticity.Event): events.csv rows, a text line each,
-        one TensorBoard table; after expert events, the experts per layer."""
+        one TensorBoard table; then the mechanisms' `notes` on them (text log only)."""
         rows = [e.as_row() for e in events]
         for e, row in zip(events, rows):
             self._guard(self.events_csv.write, row)
             self.line(step, f"{step_text(tokens, loss_ce, lr, over='this step')} | {e.describe()}")
         self._tb(lambda: self.tensorboard.events(step, rows))
-        if any(e.granularity == "expert" for e in events):
-            self.line(step, f"Experts per layer | {per_layer(expert_counts)}", echo=False)
+        for note in notes:
+            self.line(step, note, echo=False)
 
-    def usage(self, step: int, usage: list[list[float]] | None) -> None:
-        """Expert usage shares per layer at a morph decision (None: no decision at this step)."""
-        if usage is not None:
-            self._tb(lambda: self.tensorboard.usage(step, usage))
+    def distributions(self, step: int, values: dict[str, list[float]]) -> None:
+        """TensorBoard histograms (tag -> values) the mechanisms report at this step."""
+        if values:
+            self._tb(lambda: self.tensorboard.histograms(step, values))
 
     def eval_rows(self, rows: list[dict], text: str) -> None:
         for row in rows:
@@ -336,11 +336,6 @@ def step_text(tokens: int, loss_ce: float, lr: float, loss_lb: float | None = No
     return f"Tokens {tokens:,} | LossCE{what} {loss_ce:.4f}{lb} | LR {lr:.2e}"
 
 
-def per_layer(counts) -> str:
-    """Experts per layer as the logs show them: [5, 6] (layer 0 has 5, layer 1 has 6)."""
-    return "[" + ", ".join(str(int(n)) for n in counts) + "]"
-
-
 def duration(seconds: float) -> str:
     """3725 -> '1:02:05', 65 -> '1:05'; '?' when unknown."""
     if seconds != seconds or seconds == float("inf"):
@@ -365,9 +360,9 @@ class NullLogger:
     def line(self, step: int, text: str, echo: bool = True) -> None: ...
     def print(self, text: str) -> None: ...
     def warn(self, step: int, text: str) -> None: ...
-    def train_row(self, row: dict) -> None: ...
-    def events(self, step, tokens, loss_ce, lr, events, expert_counts) -> None: ...
-    def usage(self, step: int, usage) -> None: ...
+    def train_row(self, row: dict, structure: str = "") -> None: ...
+    def events(self, step, tokens, loss_ce, lr, events, notes=()) -> None: ...
+    def distributions(self, step: int, values) -> None: ...
     def eval_rows(self, rows: list[dict], text: str) -> None: ...
     def state_rows(self, rows: list[dict]) -> None: ...
     def fsync(self) -> None: ...

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from nemoe import distributed as dist
-from nemoe.schema import layer_column
 from nemoe.train_module import StepResult
 
 
@@ -31,35 +30,6 @@ def resident_mb() -> float:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def params_per_expert(model) -> int:
-    """Parameters of one expert (its MLP: what NemoeLM.count_params counts per live expert)."""
-    return model.count_params(live_experts=1)["live"] - model.count_params(live_experts=0)["live"]
-
-
-class ParamSteps:
-    """Live-expert parameter-steps (training_log.csv expert_param_steps): each optimizer step adds
-    the parameters of the experts live in it; `live()` gives the live experts per layer."""
-
-    def __init__(self, model, live):
-        self.per_expert, self.live, self.total = params_per_expert(model), live, 0
-
-    def add_step(self) -> None:
-        self.total += self._per_step()
-
-    def _per_step(self) -> int:
-        return self.per_expert * sum(self.live())
-
-    def restore(self, saved: int | None, step: int) -> list[str]:
-        """The count a checkpoint holds; one written before the count: its steps at the experts
-        live now, and a note saying so."""
-        if saved is not None:
-            self.total = saved
-            return []
-        self.total = step * self._per_step()
-        return [f"the checkpoint predates expert_param_steps: the steps up to {step} are counted at the "
-                f"experts live now ({self.total:,} parameter-steps)"]
 
 
 def release_free_memory() -> None:
@@ -91,7 +61,6 @@ class MetricsWindow:
     loss_lb: torch.Tensor
     loss_z: torch.Tensor
     grad_norm: torch.Tensor     # () sum over the applied steps
-    counts: torch.Tensor        # (L, E) token-choices per slot
     wall_start: float           # the run's training time when the window opened
     steps: int = 0
     micro: int = 0
@@ -104,10 +73,9 @@ class MetricsWindow:
             self.balance = torch.zeros((), device=self.loss_ce.device)
 
     @classmethod
-    def empty(cls, n_layers: int, n_slots: int, device, wall_start: float) -> "MetricsWindow":
+    def empty(cls, device, wall_start: float) -> "MetricsWindow":
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        return cls(zero(), zero(), zero(), zero(), torch.zeros(n_layers, n_slots, dtype=torch.long, device=device),
-                   wall_start)
+        return cls(zero(), zero(), zero(), zero(), wall_start)
 
     def add(self, result: StepResult) -> None:
         for m in result.micro:
@@ -117,7 +85,6 @@ class MetricsWindow:
             self.loss_z += m.loss_z
             if m.balance is not None:
                 self.balance += m.balance
-            self.counts += m.counts.to(self.counts.device)
         self.steps += 1
         if result.finite:   # a skipped step's norm is inf or nan: it is counted, not averaged
             self.grad_norm += result.grad_norm.float()
@@ -126,15 +93,14 @@ class MetricsWindow:
         self.lr = result.lr
 
     def row(self, step: int, tokens: int, elapsed: float, tokens_per_step: int, world_size: int,
-            moe_cfg, experts: list[int], loss_scale: float) -> dict:
-        """One training_log.csv row of means over the window (a collective under DDP)."""
+            moe_cfg, loss_scale: float) -> dict:
+        """A training_log.csv row of means over the window (a collective under DDP); the
+        plasticity mechanisms add their own columns (Plasticity.log_row: experts per layer, ...)."""
         micro, steps, applied = max(self.micro, 1), max(self.steps, 1), self.steps - self.skipped
         # Means over every rank's micro-batches (equal sizes), and every rank's routing counts.
         losses = dist.sum_over_ranks(torch.stack([self.loss_ce, self.loss_lb, self.loss_z, self.balance]).double())
         loss_ce, loss_lb, loss_z, balance = (losses / (micro * world_size)).tolist()
         tokens_per_s = steps * tokens_per_step / max(elapsed - self.wall_start, 1e-9)
-        counts = dist.sum_over_ranks(self.counts.double()).cpu()
-        share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         # loss_lb is measured under every balance mode; it enters `loss` with the weight the
         # optimizer gave it (moe.aux_coef: 0 under balance: bias).
         row = {"step": step, "tokens": tokens, "loss_ce": loss_ce, "loss_lb": loss_lb,
@@ -145,11 +111,6 @@ class MetricsWindow:
                "grad_scale": loss_scale, "skipped_steps": self.skipped,
                "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": round(elapsed, 3), "rss_mb": resident_mb(),
                "window_steps": self.steps}   # for the text line only: not a training_log.csv column
-        for i, n in enumerate(experts):
-            p = share[i][share[i] > 0]
-            row[layer_column("experts", i)] = n
-            row[layer_column("usage_entropy", i)] = round(float(-(p * p.log()).sum()), 6)
-            row[layer_column("max_load", i)] = round(float(share[i].max() * n), 6)  # max / mean over live
         return row
 
     def state_dict(self) -> dict:
@@ -158,4 +119,5 @@ class MetricsWindow:
 
     @classmethod
     def from_state(cls, state: dict, device) -> "MetricsWindow":
-        return cls(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()})
+        # (the routing counts an older window held are the expert mechanism's: checkpoint_layout moves them)
+        return cls(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items() if k != "counts"})

@@ -29,7 +29,7 @@ import struct
 import threading
 from pathlib import Path
 
-from nemoe.schema import (EVENT_COLUMNS, TB_CONFIG_TAG, TB_EVENTS_TAG, TB_USAGE_TAG, eval_tag, state_tag,
+from nemoe.schema import (EVENT_COLUMNS, TB_CONFIG_TAG, TB_EVENTS_TAG, eval_tag, state_tag,
                           tensorboard_tag)
 
 # Rewritten by every writer at its start step, so a truncation drops them from that step on.
@@ -38,7 +38,7 @@ START_TAGS = (_LAYOUT_TAG, TB_CONFIG_TAG)
 # The file the survivors of a truncation go to: "0000000000" (the writers' seconds field)
 # sorts before every file a writer names after its start time.
 HISTORY_FILE = "events.out.tfevents.0000000000.nemoe.history"
-USAGE_BINS = [i / 20 for i in range(21)]   # usage shares in [0, 1], 0.05 wide
+SHARE_BINS = [i / 20 for i in range(21)]   # shares in [0, 1], 0.05 wide
 
 # Custom scalars (TensorBoard's "Custom Scalars" tab): charts that overlay several tags, by regex.
 LAYOUT = {
@@ -114,12 +114,11 @@ class TensorBoardLog:
         lines += ["| " + " | ".join(_cell(row[c]) for c in EVENT_COLUMNS) + " |" for row in rows]
         self.writer.add_text(TB_EVENTS_TAG, "\n".join(lines), step)
 
-    def usage(self, step: int, usage: list[list[float]]) -> None:
+    def histograms(self, step: int, values: dict[str, list[float]]) -> None:
+        """Histograms of shares in [0, 1] (the mechanisms' distributions, e.g. expert usage at a decision)."""
         import numpy as np
-        for layer, shares in enumerate(usage):
-            if shares:
-                self.writer.add_histogram(f"{TB_USAGE_TAG}/L{layer}", np.asarray(shares, dtype=np.float64),
-                                          step, bins=np.asarray(USAGE_BINS))
+        for tag, shares in values.items():
+            self.writer.add_histogram(tag, np.asarray(shares, dtype=np.float64), step, bins=np.asarray(SHARE_BINS))
 
     def flush(self) -> None:
         self.writer.flush()

@@ -29,7 +29,7 @@ from nemoe.errors import UserError
 from nemoe.evaluator import Evaluator
 from nemoe.files import atomic_write
 from nemoe.logs import NullLogger, RunLogger, start_line
-from nemoe.metrics import MetricsWindow, ParamSteps, release_free_memory
+from nemoe.metrics import MetricsWindow, release_free_memory
 from nemoe.plasticity import Plasticity
 from nemoe.rundir import RunDir, change_notes, incompatibility
 from nemoe.runtime import Runtime, on_stop_signal
@@ -60,7 +60,6 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.tokenizer, self.model, self.runtime)
         self.plasticity = Plasticity(cfg, self.model, self.evaluator.probe_batch)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
-        self.param_steps = ParamSteps(self.model, self.plasticity.experts.expert_counts)
         self.metrics, self.stop_requested = self._new_window(), False
         if info.rank > 0:
             # Same initial weights on every rank (seeded above), its own dropout stream.
@@ -170,7 +169,6 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One optimizer step on the next batches; step, tokens and the log window advance."""
         batches = self.stream.next_batches(self.cfg.train.grad_accum, self.cfg.train.batch_size)
-        self.param_steps.add_step()
         result = self.train.train_batch(batches, self.step, self.plasticity)
         if not result.finite:
             self.log.warn(self.step + 1, result.skip_note)
@@ -184,8 +182,8 @@ class Trainer:
             # The step's loss over all ranks (every rank has the same events, so all take part).
             mean_ce = dist.sum_over_ranks(result.loss_ce.double()).item() / self.world
             self.log.events(self.step, self.tokens, mean_ce, self.metrics.lr, events,
-                            self.plasticity.experts.expert_counts())
-        self.log.usage(self.step, self.plasticity.experts.decision_usage(self.step))   # None off morph steps
+                            self.plasticity.event_notes(events))
+        self.log.distributions(self.step, self.plasticity.distributions(self.step))
         if self.log.row_due(self.step):
             self.write_metrics()
 
@@ -195,12 +193,10 @@ class Trainer:
         if not self.metrics.steps:
             return
         release_free_memory()   # before rss_mb is measured: the row shows what the run holds
-        experts = self.plasticity.experts.expert_counts()
         row = self.metrics.row(self.step, self.tokens, self.elapsed, self.tokens_per_step, self.world,
-                               self.cfg.moe, experts, self.train.loss_scale)
-        row.update(expert_param_steps=self.param_steps.total,
-                   optim_state_bytes=state_bytes(self.train.optimizer))
-        self.log.train_row(row)
+                               self.cfg.moe, self.train.loss_scale)
+        row.update(self.plasticity.log_row(), optim_state_bytes=state_bytes(self.train.optimizer))
+        self.log.train_row(row, self.plasticity.structure())
         self.metrics = self._new_window()
         states = self.plasticity.snapshot()
         if self.runtime.dist.is_main:   # dormant expert neurons, every run (measuring changes nothing)
@@ -209,7 +205,7 @@ class Trainer:
             self.log.state_rows([{"step": self.step, "tokens": self.tokens, **row} for row in states])
 
     def _new_window(self) -> MetricsWindow:
-        return MetricsWindow.empty(self.cfg.model.n_layers, self.cfg.moe.experts_max, self.runtime.device, self.elapsed)
+        return MetricsWindow.empty(self.runtime.device, self.elapsed)
 
     def evaluate(self) -> None:
         rows = self.evaluator.evaluate(self.step, self.tokens)
@@ -224,18 +220,17 @@ class Trainer:
         mine = layout.rank_part(rng=Runtime.rng_state(), data=self.stream.state_dict(),
                                 metrics=self.metrics.state_dict(), plasticity=self.plasticity.state_dict())
         return layout.new(step=self.step, tokens=self.tokens, elapsed=self.elapsed, world_size=self.world,
-                          expert_param_steps=self.param_steps.total, config=self.cfg.to_dict(),
-                          train_module=self.train.state_dict(), ranks=dist.gather_objects(mine))
+                          config=self.cfg.to_dict(), train_module=self.train.state_dict(),
+                          ranks=dist.gather_objects(mine))
 
     def load_state_dict(self, state: dict, restore_data: bool = True) -> list[str]:
         """Every component's state from the checkpoint; returns notes for the log."""
         rank = self.runtime.dist.rank
         self.train.load_state_dict(layout.train_module(state))
-        self.plasticity.load_state_dict(layout.rank_plasticity(state, rank))
+        self.step, self.tokens, self.elapsed = layout.step(state), layout.tokens(state), layout.elapsed(state)
+        notes = self.plasticity.load_state_dict(layout.rank_plasticity(state, rank), self.step)
         if restore_data:
             self.stream.load_state_dict(layout.rank_data(state, rank))
-        self.step, self.tokens, self.elapsed = layout.step(state), layout.tokens(state), layout.elapsed(state)
-        notes = self.param_steps.restore(layout.expert_param_steps(state), self.step)
         self.metrics = MetricsWindow.from_state(layout.rank_metrics(state, rank), self.runtime.device)
         Runtime.set_rng_state(layout.rank_rng(state, rank))
         return notes

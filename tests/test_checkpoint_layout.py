@@ -63,10 +63,12 @@ def _state():
     ranks = [layout.rank_part(rng={"torch": torch.tensor([r], dtype=torch.uint8)}, data={"position": 10 + r},
                               metrics={"steps": r},
                               plasticity={layout.EXPERTS: {"records": records, "next_id": 2,
-                                                           "usage_counts": torch.full((2, 2), float(r))},
+                                                           "usage_counts": torch.full((2, 2), float(r)),
+                                                           "window_counts": [torch.full((2,), r)] * 2,
+                                                           "param_steps": 99},
                                           "heads": {"gate": r}})
              for r in range(2)]
-    return layout.new(step=5, tokens=640, elapsed=1.5, world_size=2, expert_param_steps=99, config={"model": {}},
+    return layout.new(step=5, tokens=640, elapsed=1.5, world_size=2, config={"model": {}},
                       train_module={"model": {"w": torch.ones(2), "blocks.0.moe.usage_counts": torch.zeros(2)},
                                     "optimizer": {"state": {}}, "scaler": {}, "bad_steps": 0},
                       ranks=ranks)
@@ -76,7 +78,6 @@ def test_the_accessors_read_what_new_and_rank_part_wrote():
     state = _state()
     assert (layout.step(state), layout.tokens(state), layout.elapsed(state)) == (5, 640, 1.5)
     assert layout.world_size(state) == 2 and layout.config(state) == {"model": {}}
-    assert layout.expert_param_steps(state) == 99
     assert layout.train_module(state)["bad_steps"] == 0
     assert torch.equal(layout.model_weights(state)["w"], torch.ones(2))
     assert layout.optimizer_state(state) == {"state": {}}
@@ -84,21 +85,42 @@ def test_the_accessors_read_what_new_and_rank_part_wrote():
     assert layout.rank_data(state, 1) == {"position": 11} and layout.rank_metrics(state, 1) == {"steps": 1}
     assert torch.equal(layout.rank_rng(state, 1)["torch"], torch.tensor([1], dtype=torch.uint8))
     assert layout.rank_plasticity(state, 0)["heads"] == {"gate": 0}
-    assert layout.expert_state(state, 1)["next_id"] == 2
+    assert layout.expert_state(state, 1)["next_id"] == 2 and layout.expert_state(state, 1)["param_steps"] == 99
     assert layout.expert_records(state)[1][1]["id"] == 1 and layout.expert_records(state, 1)[0][1] is None
 
 
-def test_a_file_from_before_expert_param_steps_reads_as_the_default():
-    state = _state()
-    del state["expert_param_steps"]
-    assert layout.expert_param_steps(state) is None and layout.expert_param_steps(state, 7) == 7
+def _as_trainer_reports(state: dict, param_steps: int | None) -> dict:
+    """A v2 file as written while the trainer kept the expert reports: the parameter-steps at the
+    top level (or nowhere, older still), the routing counts in each rank's log window."""
+    old = {**state, "ranks": []}
+    if param_steps is not None:
+        old["expert_param_steps"] = param_steps
+    for r, part in enumerate(layout.ranks(state)):
+        experts = {k: v for k, v in part["plasticity"][layout.EXPERTS].items() if k not in ("window_counts", "param_steps")}
+        old["ranks"].append({**part, "metrics": {**part["metrics"], "counts": torch.full((2, 2), 10 + r)},
+                             "plasticity": {**part["plasticity"], layout.EXPERTS: experts}})
+    return {"format": layout.FORMAT, **old}
+
+
+def test_a_file_from_when_the_trainer_kept_the_expert_reports_reads_in_todays_layout():
+    upgraded = layout.read(_as_trainer_reports(_state(), 77), "x.pt")
+    assert "expert_param_steps" not in upgraded
+    for r in range(2):
+        experts = layout.expert_state(upgraded, r)
+        assert experts["param_steps"] == 77
+        assert torch.equal(torch.stack(experts["window_counts"]), torch.full((2, 2), 10 + r)), "each rank its own"
+        assert layout.rank_metrics(upgraded, r) == {"steps": r}, "the window keeps its losses, not the counts"
+    older = layout.read(_as_trainer_reports(_state(), None), "x.pt")
+    assert "param_steps" not in layout.expert_state(older), "before the count: the mechanism counts and notes it"
+    today = _state()
+    assert layout.read({"format": layout.FORMAT, **today}, "x.pt") == {"format": layout.FORMAT, **today}
 
 
 def test_replicated_leaves_out_what_each_rank_holds_alone():
     state = _state()
     one, two = layout.replicated(state, 0), layout.replicated(state, 1)
     assert list(one) == ["model", "optimizer", "experts"]
-    assert list(one["model"]) == ["w"] and "usage_counts" not in one["experts"]
+    assert list(one["model"]) == ["w"] and not {"usage_counts", "window_counts"} & set(one["experts"])
     assert one["experts"] == two["experts"]
 
 
@@ -113,8 +135,7 @@ def test_the_file_keeps_its_key_order_and_loads_as_written(tmp_path):
     has always written them (a reordering would change the file's bytes)."""
     path = ckpt.save_checkpoint(tmp_path, _state(), keep_last=2)
     raw = torch.load(path, weights_only=True)
-    assert list(raw) == ["format", "step", "tokens", "elapsed", "world_size", "expert_param_steps", "config",
-                         "train_module", "ranks"]
+    assert list(raw) == ["format", "step", "tokens", "elapsed", "world_size", "config", "train_module", "ranks"]
     assert raw["format"] == layout.FORMAT and list(raw["ranks"][0]) == ["rng", "data", "metrics", "plasticity"]
     loaded = ckpt.load_checkpoint(path)
     assert layout.expert_records(loaded) == layout.expert_records(_state())
@@ -132,13 +153,14 @@ def _as_v1(state: dict) -> dict:
     the world size in the config, the experts' state as the controller's, the usage counts in
     the model buffers)."""
     train, mine = layout.train_module(state), layout.ranks(state)[0]
-    controller = {k: v for k, v in layout.expert_state(state).items() if k != "usage_counts"}
+    controller = {k: v for k, v in layout.expert_state(state).items()
+                  if k not in ("usage_counts", "window_counts", "param_steps")}
     return {"format": layout.V1_FORMAT, "step": layout.step(state), "model": train["model"],
             "optimizer": train["optimizer"], "scaler": train["scaler"], "controller": controller,
             "data": mine["data"], "plasticity": {k: v for k, v in mine["plasticity"].items() if k != layout.EXPERTS},
             "trainer": {"step": layout.step(state), "tokens": layout.tokens(state),
                         "elapsed": layout.elapsed(state), "bad_steps": train["bad_steps"],
-                        "window": mine["metrics"]},
+                        "window": {**mine["metrics"], "counts": torch.stack(layout.expert_state(state)["window_counts"])}},
             "rng": mine["rng"], "config": {**layout.config(state), "world_size": 1}}
 
 
@@ -151,7 +173,8 @@ def test_a_v1_file_loads_as_the_same_state_regrouped(tmp_path):
     assert loaded["format"] == layout.FORMAT
     assert (layout.step(loaded), layout.tokens(loaded), layout.elapsed(loaded)) == (5, 640, 1.5)
     assert layout.world_size(loaded) == 1 and layout.config(loaded) == {"model": {}}
-    assert layout.expert_param_steps(loaded) is None, "v1 did not count it: the trainer notes the default"
+    assert "param_steps" not in layout.expert_state(loaded), "v1 did not count it: the mechanism notes the default"
+    assert torch.equal(torch.stack(layout.expert_state(loaded)["window_counts"]), torch.zeros(2, 2, dtype=torch.long))
     assert torch.equal(layout.model_weights(loaded)["w"], torch.ones(2))
     assert layout.train_module(loaded)["bad_steps"] == 0 and layout.optimizer_state(loaded) == {"state": {}}
     assert layout.rank_data(loaded, 0) == {"position": 10} and layout.rank_metrics(loaded, 0) == {"steps": 0}

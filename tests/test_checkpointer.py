@@ -126,7 +126,7 @@ def test_the_mirror_copies_verifies_and_keeps_the_last(tmp_path):
 
 def test_load_latest_takes_the_newest_valid_of_both_folders(tmp_path):
     local, drive = tmp_path / "local", tmp_path / "drive"
-    state = lambda step: layout.new(step=step, tokens=0, elapsed=0.0, world_size=1, expert_param_steps=0,  # noqa: E731
+    state = lambda step: layout.new(step=step, tokens=0, elapsed=0.0, world_size=1,  # noqa: E731
                                     config={}, train_module={}, ranks=[])
     ckpt.save_checkpoint(local, state(4), keep_last=3)
     for step in (4, 8):   # the mirror has a newer verified copy (the local disk lost 8)

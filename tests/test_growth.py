@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
+from nemoe import checkpoint_layout as layout
+
 from nemoe.config import load_config
 from nemoe.errors import UserError
-from nemoe.metrics import params_per_expert
+from nemoe.plasticity.growth import params_per_expert
 from nemoe.slot_optim import state_bytes
 from nemoe.model import NemoeLM, split_block
 from nemoe.plasticity.experts import ExpertMorphogenesis, ExpertRecord, plan_layer
@@ -157,6 +159,38 @@ def test_cost_measures():
 # The comparison's cost columns
 # --------------------------------------------------------------------------- #
 
+def test_what_a_run_had_spent_at_each_evaluation_from_its_log_rows():
+    from tools.comparison.results import cost_log, spent_at
+    cfg = load_config("study_bytes.yaml")
+    per_expert = params_per_expert(NemoeLM(tiny_config(model={"d_model": 128, "d_expert": 512, "n_layers": 4,
+                                                             "n_heads": 4, "vocab_size": 320, "seq_len": 16})))
+    log = pd.DataFrame({"step": [20, 40, 60], "elapsed_s": [10.0, 20.0, 32.0], "experts_L0": [8, 8, 8],
+                        "experts_L1": [8, 8, 8], "experts_L2": [8, 8, 8], "experts_L3": [8, 8, 8]})
+    # a log from before the expert_param_steps column: counted from its experts per layer (a static pool: exact)
+    costs = cost_log(cfg, log)
+    assert costs["expert_param_steps"].tolist() == [20 * 32 * per_expert, 40 * 32 * per_expert, 60 * 32 * per_expert]
+    counted = cost_log(cfg, log.assign(expert_param_steps=[1.0, 5.0, 9.0]))
+    assert counted["expert_param_steps"].tolist() == [1.0, 5.0, 9.0], "the run's own count wins"
+    spent = spent_at(pd.Series([0, 10, 30, 60]), counted)
+    assert spent["wall_s"] == [0.0, 5.0, 15.0, 32.0] and spent["expert_param_steps"] == [0.0, 0.5, 3.0, 9.0]
+    assert all(math.isnan(x) for x in spent_at(pd.Series([10]), None)["wall_s"])
+
+
+def test_a_committed_run_from_before_the_count_takes_it_from_its_costs(tmp_path):
+    import json
+    import types
+    from tools.comparison.committed import COSTS_CSV, read_rows
+    run = types.SimpleNamespace(name="static_max-s0")
+    folder = tmp_path / "runs" / run.name
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"format": 1, "rows": [{"strategy": "static_max",
+                                                                           "expert_param_steps": None}]}))
+    assert math.isnan(read_rows(tmp_path, run)[0]["expert_param_steps"])
+    pd.DataFrame({"step": [20], "elapsed_s": [1.0], "expert_param_steps": [64.0]}).to_csv(folder / COSTS_CSV,
+                                                                                          index=False)
+    assert read_rows(tmp_path, run)[0]["expert_param_steps"] == 64.0
+
+
 def test_size_costs_and_tokens_to_target_from_the_runs_files():
     from tools.comparison.results import add_tokens_to_target, size_costs
     log = pd.DataFrame({"step": [1, 2], "tokens": [64, 128], "rss_mb": [500.0, 480.0],
@@ -249,7 +283,7 @@ def test_a_growing_run_logs_its_cost_and_resumes_exactly_across_scheduled_births
                                       again.drop(columns=[c for c in HOST if c in again]))
     path = old / "checkpoints" / "g" / "nemo_ckpt_step6.pt"
     state = torch.load(path, weights_only=True)
-    del state["expert_param_steps"]
+    del layout.expert_state(state)["param_steps"]
     torch.save(state, path)
     train_old, _, _ = grow_run(old, "--resume", "--max-steps", "8")
     assert "the checkpoint predates expert_param_steps" in (old / "logs" / "g" / "training_log.txt").read_text()
@@ -286,3 +320,5 @@ def test_the_comparison_reports_what_growth_cost(tmp_path):
     assert "| grow | 1 | " in report and "| 0.83 |" in report   # (16 + 64) / 96 of static_max's
     summary = pd.read_csv(out / "summary.csv")
     assert {"expert_param_steps", "optim_state_peak_bytes", "rss_peak_mb"} <= set(summary["metric"])
+    assert (out / "cost.png").stat().st_size > 0, "held-out loss against what each arm spent"
+

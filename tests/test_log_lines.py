@@ -8,6 +8,8 @@ logs are not touched by any of this (tests/test_tensorboard.py, tests/test_train
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import types
 
 import pytest
@@ -17,8 +19,10 @@ from nemoe import rundir
 from nemoe.config import load_config
 from nemoe.logs import RunLogger, start_line
 from nemoe.metrics import MetricsWindow
+from nemoe.model import NemoeLM
+from nemoe.plasticity import Plasticity
 from nemoe.plasticity.base import Event
-from nemoe.plasticity.experts import Action, reading
+from nemoe.plasticity.experts import Action, ExpertMorphogenesis, reading
 from nemoe.plasticity.growth import Growth
 from nemoe.schema import RunPaths, train_columns
 from nemoe.train_module import MicroBatchStats, StepResult
@@ -56,33 +60,50 @@ def test_interval_rows_and_event_lines_say_which_loss_they_show(tmp_path, capsys
                   parents="3", value=0.6123, threshold=0.35, n_before=2, n_after=3, probe_loss_before=5.2,
                   probe_loss_after=5.2, reading=reading(Action("split", 2, (0,), 0.6123, 0.35)))
 
+    experts = ExpertMorphogenesis(tiny_config(), NemoeLM(tiny_config()))
+    experts.records[1][2] = experts._new_record(birth_step=10, origin="split")   # the split's child: [2, 3]
+
     def write(logger):
-        logger.events(10, 640, 5.5823, 1e-3, [event], [2, 3])
-        logger.train_row(row_at(10) | {"window_steps": 10})
-        logger.train_row(row_at(11) | {"window_steps": 1})
+        # the logger writes what the mechanisms say (Plasticity.event_notes, .structure), naming none
+        logger.events(10, 640, 5.5823, 1e-3, [event], experts.event_notes([event]))
+        logger.train_row(row_at(10) | {"window_steps": 10}, experts.structure())
+        logger.train_row(row_at(11) | {"window_steps": 1}, experts.structure())
 
     event_line, counts, row, single = logged(tmp_path, write)
-    assert event_line.startswith("Tokens 640 | LossCE (this step) 5.5823 | LR 1.00e-03 | Event evolve_split")
+    assert event_line.startswith("Tokens 640 | LossCE (this step) 5.5823 | LR 1.00e-03 | Event expert_split")
     assert "| Usage 0.6123 > split_usage 0.35 | Experts 2→3 |" in event_line and "Thresh" not in event_line
     assert counts == "Experts per layer | [2, 3]"
     assert row.startswith("Tokens 640 | LossCE (mean of 10 steps) 7.9000 | LossLB (mean) 1.0100 | LR")
     assert "| Experts per layer [2, 3] |" in row and "2/3" not in row
     assert single.startswith("Tokens 704 | LossCE (mean of 1 step) 7.8000")
+    assert experts.event_notes([dataclasses.replace(event, granularity="neuron")]) == [], "notes on its own events"
     assert "window_steps" not in (tmp_path / "training_log.csv").read_text(), "a text-line field, no column"
     assert event_line in capsys.readouterr().out
 
 
 def test_the_log_window_row_counts_its_steps_and_the_csv_keeps_its_columns(tmp_path):
-    window = MetricsWindow.empty(2, 4, "cpu", 0.0)
+    cfg = tiny_config()
+    window = MetricsWindow.empty("cpu", 0.0)
     micro = MicroBatchStats(loss_ce=torch.tensor(2.0), loss_lb=torch.tensor(1.0), loss_z=torch.tensor(0.1),
                             counts=torch.ones(2, 4, dtype=torch.long), balance=torch.tensor(1.0))
-    for _ in range(3):
+    plasticity = Plasticity(cfg, NemoeLM(cfg), torch.zeros(1, 17, dtype=torch.long))
+    for step in range(3):
         window.add(StepResult([micro], torch.tensor(0.5), True, 1e-3))
-    row = window.row(3, 192, 1.0, 64, 1, tiny_config().moe, [2, 2], 1.0)
+        for layer in plasticity.experts.layers:   # what the training forward counts: 3 and 1 choices
+            layer.usage_counts += torch.tensor([3, 1, 0, 0])
+        plasticity.after_step(step)
+    row = window.row(3, 192, 1.0, 64, 1, cfg.moe, 1.0)
     assert row["window_steps"] == 3
+    # the expert columns come from the mechanism: live experts, entropy and max load of the window's shares
+    extra = plasticity.log_row()
+    per_expert = 2 * (32 * 48) + 48 + 32
+    assert extra == {"experts_L0": 2, "experts_L1": 2, "usage_entropy_L0": round(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), 6),
+                     "usage_entropy_L1": round(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), 6),
+                     "max_load_L0": 1.5, "max_load_L1": 1.5, "expert_param_steps": 3 * 2 * 2 * per_expert}
+    assert plasticity.log_row()["usage_entropy_L0"] == 0.0, "a new window starts at each row"
 
     def write(logger):
-        logger.train_row(row | {"expert_param_steps": 0, "optim_state_bytes": 0})
+        logger.train_row(row | extra | {"optim_state_bytes": 0})
 
     (line,) = logged(tmp_path, write)
     assert "LossCE (mean of 3 steps) 2.0000" in line

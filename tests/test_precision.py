@@ -75,11 +75,19 @@ def assert_same(a, b, where="state"):
         assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
 
 
+# What the logs count of every step, skipped or not (as the log window counts its losses): the
+# expert mechanism's routing counts since the last row and its live-expert parameter-steps.
+LOG_COUNTS = ("window_counts", "param_steps")
+
+
 def everything(tm: TrainModule, plasticity: Plasticity) -> dict:
-    """What a skipped step must leave alone: weights, optimizer moments, every mechanism's state."""
+    """What a skipped step must leave alone: weights, optimizer moments, every mechanism's state
+    (but the log counts)."""
     # (The LR follows the step count, skipped or not: param_groups are not compared.)
+    state = plasticity.state_dict()
+    state["experts"] = {k: v for k, v in state["experts"].items() if k not in LOG_COUNTS}
     return clone({"params": dict(tm.model.named_parameters()), "optimizer": tm.optimizer.state_dict()["state"],
-                  "plasticity": plasticity.state_dict()})
+                  "plasticity": state})
 
 
 # --------------------------------------------------------------------------- #
@@ -139,10 +147,10 @@ def test_router_softmax_losses_and_balance_statistics_are_fp32(precision):
     assert out.loss_ce.dtype == out.loss_lb.dtype == out.loss_z.dtype == torch.float32
     assert all(c.dtype == torch.int64 for c in out.counts)
     result = tm.train_batch([batch(1)], 0)
-    window = MetricsWindow.empty(2, 4, "cpu", 0.0)
+    window = MetricsWindow.empty("cpu", 0.0)
     window.add(result)
     assert window.loss_ce.dtype == window.loss_lb.dtype == window.grad_norm.dtype == torch.float32
-    assert window.counts.dtype == torch.int64
+    assert all(m.counts.dtype == torch.int64 for m in result.micro)
 
 
 # --------------------------------------------------------------------------- #
@@ -159,7 +167,10 @@ def test_a_forced_overflow_skips_that_step_and_leaves_every_state_bit_identical(
     # Statistics of every kind are under way, so "unchanged" means something.
     assert experts.usage_counts.sum() > 0 and neuron.taylor.sum() > 0 and heads.gate_grad_steps > 0
     before, scale = everything(tm, plasticity), tm.loss_scale
+    counted = experts.window_counts.sum().item(), experts.param_steps.total
     result = tm.train_batch([batch(3)], 3, plasticity)
+    assert experts.window_counts.sum() == counted[0] + 3 * 4 * 16, "the skipped step's routing is in the log window"
+    assert experts.param_steps.total > counted[1], "and its live experts in the parameter-steps"
     assert not result.finite and tm.bad_steps == 1
     assert all(layer.usage_counts.sum() == 0 for layer in tm.model.moe_layers), "the step's buffer is cleared"
     assert_same(everything(tm, plasticity), before)

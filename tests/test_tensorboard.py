@@ -134,7 +134,7 @@ class FakeEvent:
         return self.row
 
     def describe(self) -> str:
-        return f"Event evolve_{self.row['event']} | Layer {self.row['layer']}"
+        return f"Event expert_{self.row['event']} | Layer {self.row['layer']}"
 
 
 def open_logger(log_dir: Path, start: int = 0, **log) -> RunLogger:
@@ -148,9 +148,9 @@ def write_steps(logger: RunLogger, steps, loss_shift: float = 0.0) -> None:
         row["loss_ce"] += loss_shift
         if step % 4 == 0:
             logger.events(step, 64 * step, 5.0, 1e-3, [FakeEvent(step, 0), FakeEvent(step, 1, "prune")],
-                          [2, 3])
-            logger.usage(step, [[0.25, 0.75], [0.2, 0.3, 0.5]])
-        logger.train_row(row)
+                          ["Experts per layer | [2, 3]"])
+            logger.distributions(step, {"usage/L0": [0.25, 0.75], "usage/L1": [0.2, 0.3, 0.5]})
+        logger.train_row(row, "Experts per layer [2, 3]")   # the mechanisms' words (Plasticity.structure)
         logger.state_rows([{"step": step, "tokens": 64 * step, "granularity": "head", "layer": 0,
                             "unit": "h1", "name": "gate", "value": 1.0 - step / 100}])
         if step % 5 == 0:

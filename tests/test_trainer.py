@@ -75,7 +75,7 @@ def test_run_writes_every_output(uninterrupted):
     assert sorted(set(evals["step"])) == [0, 8, 16, 24]
     assert len(events) > 0 and {"split"} <= set(events["event"])
     text = (uninterrupted / "logs" / "tiny" / "training_log.txt").read_text()
-    assert "Event evolve_split | Layer" in text and "→" in text
+    assert "Event expert_split | Layer" in text and "→" in text
     # The lines say what they show: the cap, which loss, experts per layer, the step a checkpoint saved.
     assert "(30 steps) | stops at step 24 (1,536 tokens, --max-steps)" in text
     assert "| LossCE (mean of 1 step) " in text and "| LossCE (this step) " in text and "> split_usage 0.3" in text

@@ -30,7 +30,8 @@ cycles: many shifts: the sources (--cycle, default the config's) visited in a fi
        reference run per source and seed (tools/comparison/cycles.py). Also writes
        trends.csv (one row per run) and adaptation.png.
 Writes report.md, results.csv (one row per run, or per run and phase),
-summary.csv (per strategy, then one row per comparison) and curves.png into the out folder.
+summary.csv (per strategy, then one row per comparison) and curves.png into the out folder
+(grid: also cost.png, held-out loss against live-expert parameter-steps and training seconds).
 
 Declared before running (kept in declared.json, in the study or out folder; a later command
 uses the recorded declaration and refuses another): --primary ARM-BASELINE,... the primary
@@ -56,7 +57,8 @@ from tools.cli import guard
 from tools.comparison import declared
 from tools.comparison.cycles_report import cycles_report
 from tools.comparison.plan import STRATEGIES, Plan, build_plan
-from tools.comparison.report import curves_picture, data_order_consistent, grid_report, shift_report
+from tools.comparison.report import (cost_picture, curves_picture, data_order_consistent, grid_report,
+                                     shift_report)
 from tools.comparison.results import add_tokens_to_target, collect, eval_curves
 from tools.comparison.run import execute_all, finished
 from tools.comparison.seeds import plan_lines
@@ -136,6 +138,8 @@ def write_report(plan: Plan, results: pd.DataFrame, failures: dict[str, str]) ->
         summary.to_csv(folder / "summary.csv", index=False)
         (folder / "report.md").write_text(text, encoding="utf-8")
         curves_picture(folder / "curves.png", curves, sources, title, [p.end for p in phases[:-1]])
+        if plan.protocol == "grid":
+            cost_picture(folder / "cost.png", curves, title)
     return text
 
 
@@ -162,7 +166,8 @@ def main(argv=None):
     text = write_report(plan, results, failures)
     print(text)
     where = plan.out if plan.study is None else f"{plan.out} and {plan.study}"
-    extra = ", trends.csv, adaptation.png" if plan.protocol == "cycles" else ""
+    extra = (", trends.csv, adaptation.png" if plan.protocol == "cycles" else
+             ", cost.png" if (plan.out / "cost.png").is_file() else "")
     print(f"wrote report.md, results.csv, summary.csv, curves.png{extra} in {where}")
     if not data_order_consistent(results):
         raise UserError("the data order differs between strategies of one seed; see report.md")

@@ -67,19 +67,35 @@ class Plasticity:
             events += new
         return events
 
-    # -- output and checkpoints ------------------------------------------------------- #
+    # -- output: every mechanism's reports, in order (see nemoe.plasticity.base) ------- #
+    def log_row(self) -> dict:
+        """The mechanisms' columns of a training_log.csv row (a collective under DDP)."""
+        return {k: v for m in self.mechanisms for k, v in m.log_row().items()}
+
+    def structure(self) -> str:
+        return " | ".join(text for m in self.mechanisms if (text := m.structure()))
+
+    def event_notes(self, events: list[Event]) -> list[str]:
+        return [line for m in self.mechanisms for line in m.event_notes(events)]
+
+    def distributions(self, step: int) -> dict[str, list[float]]:
+        return {tag: values for m in self.mechanisms for tag, values in m.distributions(step).items()}
+
     def snapshot(self) -> list[dict]:
         """Rows of plasticity.csv (without step and tokens) of the mechanisms that report state."""
         return [{"granularity": m.granularity, **row} for m in self.mechanisms for row in m.snapshot()]
 
+    # -- checkpoints ------------------------------------------------------------------ #
     def state_dict(self) -> dict:
         return {m.config_key: m.state_dict() for m in self.mechanisms}
 
-    def load_state_dict(self, state: dict) -> None:
-        """A mechanism switched on at resume starts fresh (its key is missing)."""
+    def load_state_dict(self, state: dict, step: int) -> list[str]:
+        """Each mechanism's state (one switched on at resume starts fresh: its key is missing);
+        returns the mechanisms' notes for the log."""
         for m in self.mechanisms:
             if m.config_key in state:
                 m.load_state_dict(state[m.config_key])
+        return [note for m in self.mechanisms for note in m.resumed(step)]
 
 
 __all__ = ["ActContext", "Event", "ExpertMorphogenesis", "HeadPlasticity", "LayerSenescence", "LayerShift",

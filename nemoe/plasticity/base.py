@@ -17,7 +17,16 @@ boundaries only:
     on_layer_shift(shift)  another mechanism moved whole blocks: records follow them
     on_events(events)      another mechanism's events of this step (e.g. a new expert)
     snapshot()             at every log step: rows of plasticity.csv
-    state_dict()           in every checkpoint; load_state_dict() on --resume
+    log_row()              at every log step: its columns of the training_log.csv row
+                           (over the steps since the previous row); structure(): the
+                           row's text-line words for it (e.g. "Experts per layer [2, 3]")
+    event_notes(events)    text-log lines after a step's events; distributions(step):
+                           TensorBoard histograms at a step (e.g. shares at a decision)
+    state_dict()           in every checkpoint; load_state_dict() and resumed(step) on --resume
+
+The trainer and the logger see mechanisms only through these calls: what a mechanism
+measures reaches training_log.csv, events.csv, plasticity.csv, TensorBoard and the text
+log without either naming it.
 
 Decisions must be the same on every data-parallel rank: statistics taken from
 activations are summed over ranks before use (`distributed.sum_over_ranks_`;
@@ -34,10 +43,6 @@ from typing import Callable
 import torch
 
 from nemoe.schema import EVENT_COLUMNS
-
-# The text log names an event with its granularity's prefix (the seed's "evolve_split").
-_TEXT_PREFIX = {"expert": "evolve", "neuron": "neuron", "head": "head", "layer": "layer"}
-
 
 @dataclass
 class LayerShift:
@@ -79,7 +84,7 @@ class Event:
 
     def describe(self) -> str:
         """The event's part of its training_log.txt line."""
-        name = f"{_TEXT_PREFIX[self.granularity]}_{self.event}"
+        name = f"{self.granularity}_{self.event}"   # expert_split, neuron_turnover, head_prune, ...
         probe = f"Probe {self.probe_loss_before:.4f}→{self.probe_loss_after:.4f}"
         if self.granularity != "expert":
             expert = f" | Expert {self.expert}" if self.expert >= 0 else ""
@@ -168,11 +173,34 @@ class Mechanism:
         layer, unit, name, value (e.g. {"layer": 3, "unit": "L3", "name": "vitality", "value": 0.8})."""
         return []
 
+    # -- reports (the logger writes them; none of this changes training) ---------- #
+    def log_row(self) -> dict:
+        """Its columns of the training_log.csv row being written, over the steps since the previous
+        row; a new window starts. Called on every rank at the same steps (it may sum over ranks)."""
+        return {}
+
+    def structure(self) -> str:
+        """Its structure in a few words for the row's text line and the progress bar ("": nothing)."""
+        return ""
+
+    def event_notes(self, events: list[Event]) -> list[str]:
+        """Text-log lines to write after a step's events (every mechanism's)."""
+        return []
+
+    def distributions(self, step: int) -> dict[str, list[float]]:
+        """TensorBoard histograms at this step: tag -> values."""
+        return {}
+
+    # -- checkpoints ------------------------------------------------------------ #
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def resumed(self, step: int) -> list[str]:
+        """After load_state_dict, resuming at `step`: notes for the run's log."""
+        return []
 
 
 # --------------------------------------------------------------------------- #

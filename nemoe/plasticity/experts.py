@@ -58,7 +58,8 @@ from nemoe.distributed import sum_over_ranks, world_size
 from nemoe.moe import MoELayer
 from nemoe.plasticity.base import (ActContext, Event, LayerShift, Mechanism, add_relative_noise_, element_states,
                                    shift_rows)
-from nemoe.plasticity.growth import Growth, growth_decisions, growth_target, slot_grad_sq
+from nemoe.plasticity.growth import Growth, ParamSteps, growth_decisions, growth_target, slot_grad_sq
+from nemoe.schema import TB_USAGE_TAG, layer_column
 
 
 @dataclass
@@ -274,6 +275,12 @@ class ExpertMorphogenesis(Mechanism):
         # for split_by: gradient, the (L, E) gradient utility since the last decision (sum over the
         # applied steps of each slot's squared expert-gradient norm; the same on every rank).
         self.total_steps = cfg.total_steps(world_size())
+        # What the logs show of the pool (log_row, snapshot): this rank's token-choices per slot
+        # since the previous training_log.csv row, and the live-expert parameter-steps.
+        self.window_counts = torch.zeros_like(self.usage_counts)
+        self.window_share: torch.Tensor | None = None   # the last row's shares, for plasticity.csv
+        self.param_steps = ParamSteps(model, self.expert_counts)
+        self._saved_param_steps: int | None = 0
         self.grad_utility = None
         if cfg.morph.grow_until is not None and cfg.morph.split_by == "gradient":
             self.grad_utility = torch.zeros(cfg.model.n_layers, cfg.moe.experts_max, dtype=torch.float64,
@@ -317,9 +324,12 @@ class ExpertMorphogenesis(Mechanism):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """The optimizer step `step` is done (or skipped): clear the per-step counts and set
-        the routing of step + 1's forward pass."""
-        for layer in self.layers:
+        """The optimizer step `step` is done (or skipped): its routing counts join the log window
+        (every step's, as the row's losses), its live experts the parameter-steps; clear the
+        per-step counts and set the routing of step + 1's forward pass."""
+        self.param_steps.add_step()
+        for li, layer in enumerate(self.layers):
+            self.window_counts[li] += layer.usage_counts
             layer.usage_counts.zero_()
         self.update_routing(step + 1)
 
@@ -436,14 +446,57 @@ class ExpertMorphogenesis(Mechanism):
             row = self._founders(birth_step=shift.step)
         self.records[shift.newborn] = row
 
+    # -- reports ---------------------------------------------------------------- #
+    @torch.no_grad()
+    def log_row(self) -> dict:
+        """Per layer: live experts, the entropy of the routing shares over the row's window and its
+        max load (the largest share over the mean share of a live expert); the cumulative
+        live-expert parameter-steps. Sums the window's counts over ranks (a collective)."""
+        counts = sum_over_ranks(self.window_counts.double()).cpu()
+        self.window_counts.zero_()
+        share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        self.window_share = share
+        row = {}
+        for i, n in enumerate(self.expert_counts()):
+            p = share[i][share[i] > 0]
+            row[layer_column("experts", i)] = n
+            row[layer_column("usage_entropy", i)] = round(float(-(p * p.log()).sum()), 6)
+            row[layer_column("max_load", i)] = round(float(share[i].max() * n), 6)  # max / mean over live
+        row.update(expert_param_steps=self.param_steps.total)   # training_log.csv column
+        return row
+
+    def structure(self) -> str:
+        return f"Experts per layer {per_layer(self.expert_counts())}"
+
+    def event_notes(self, events: list[Event]) -> list[str]:
+        if any(e.granularity == self.granularity for e in events):
+            return [f"Experts per layer | {per_layer(self.expert_counts())}"]
+        return []
+
+    def distributions(self, step: int) -> dict[str, list[float]]:
+        """At a decision: each layer's usage shares over the interval that just ended (of the
+        experts live when it decided)."""
+        usage = self.decision_usage(step)
+        return {} if usage is None else {f"{TB_USAGE_TAG}/L{li}": shares for li, shares in enumerate(usage) if shares}
+
+    def snapshot(self) -> list[dict]:
+        """plasticity.csv: each live expert's share of its layer's token-choices over the last row's window."""
+        if self.window_share is None:
+            return []
+        return [{"layer": li, "unit": f"e{r.id}", "name": "usage", "value": round(float(self.window_share[li][slot]), 6)}
+                for li, row in enumerate(self.records) for slot, r in enumerate(row) if r is not None]
+
     # -- checkpointing --------------------------------------------------------- #
     def state_dict(self) -> dict:
         """Records and generator (the same on every rank), this rank's usage counts since
         the last decision (summed over ranks only when the next decision reads them) and, with
-        split_by: gradient, the gradient utility since the last decision."""
+        split_by: gradient, the gradient utility since the last decision; for the logs, this
+        rank's counts since the last row and the live-expert parameter-steps."""
         state = {"next_id": self.next_id, "generator": self.generator.get_state(),
                  "records": [[None if r is None else dataclasses.asdict(r) for r in row] for row in self.records],
-                 "usage_counts": [row.cpu() for row in self.usage_counts]}
+                 "usage_counts": [row.cpu() for row in self.usage_counts],
+                 "window_counts": [row.cpu() for row in self.window_counts],
+                 "param_steps": self.param_steps.total}
         if self.grad_utility is not None:
             state["grad_utility"] = self.grad_utility.cpu()
         return state
@@ -455,6 +508,10 @@ class ExpertMorphogenesis(Mechanism):
                          for r in row] for row in state["records"]]
         for row, counts in zip(self.usage_counts, state.get("usage_counts", [])):
             row.copy_(counts)
+        self.window_counts.zero_()
+        for row, counts in zip(self.window_counts, state.get("window_counts", [])):
+            row.copy_(counts)
+        self._saved_param_steps = state.get("param_steps")   # None: a checkpoint written before the count
         if self.grad_utility is not None:
             # Absent: a checkpoint of a run without it (split_by changed on resume): from zero.
             self.grad_utility.zero_()
@@ -464,3 +521,11 @@ class ExpertMorphogenesis(Mechanism):
             # Zero at every step boundary; a checkpoint written before the interval counts
             # moved here holds them in the model's buffers too (they would count twice).
             layer.usage_counts.zero_()
+
+    def resumed(self, step: int) -> list[str]:
+        return self.param_steps.restore(self._saved_param_steps, step)
+
+
+def per_layer(counts) -> str:
+    """Experts per layer as the logs show them: [5, 6] (layer 0 has 5, layer 1 has 6)."""
+    return "[" + ", ".join(str(int(n)) for n in counts) + "]"

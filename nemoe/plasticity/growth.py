@@ -83,3 +83,36 @@ def slot_grad_sq(layer: MoELayer) -> torch.Tensor:
         if p.grad is not None:
             total += torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float64).pow(2)
     return total
+
+
+# --------------------------------------------------------------------------- #
+# What a pool costs
+# --------------------------------------------------------------------------- #
+
+def params_per_expert(model) -> int:
+    """Parameters of one expert (its MLP: what NemoeLM.count_params counts per live expert)."""
+    return model.count_params(live_experts=1)["live"] - model.count_params(live_experts=0)["live"]
+
+
+class ParamSteps:
+    """Live-expert parameter-steps (training_log.csv expert_param_steps): each optimizer step adds
+    the parameters of the experts live in it; `live()` gives the live experts per layer."""
+
+    def __init__(self, model, live):
+        self.per_expert, self.live, self.total = params_per_expert(model), live, 0
+
+    def add_step(self) -> None:
+        self.total += self._per_step()
+
+    def _per_step(self) -> int:
+        return self.per_expert * sum(self.live())
+
+    def restore(self, saved: int | None, step: int) -> list[str]:
+        """The count a checkpoint holds; one written before the count: its steps at the experts
+        live now, and a note saying so."""
+        if saved is not None:
+            self.total = saved
+            return []
+        self.total = step * self._per_step()
+        return [f"the checkpoint predates expert_param_steps: the steps up to {step} are counted at the "
+                f"experts live now ({self.total:,} parameter-steps)"]

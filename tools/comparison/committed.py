@@ -4,6 +4,8 @@ span sittings (and machines) and its report can be rebuilt without the run folde
     studies/<name>/declared.json           what the study declared before it ran
     studies/<name>/runs/<run>/summary.json its results row(s), its resolved config, provenance
     studies/<name>/runs/<run>/eval.csv     its held-out curve (the run's eval.csv)
+    studies/<name>/runs/<run>/costs.csv    what it had spent at each log row: step, training
+                                           seconds, live-expert parameter-steps (COST_COLUMNS)
 
 No checkpoints. A run with a summary here is not run again; the report reads its rows from here.
 """
@@ -27,6 +29,8 @@ from tools.runfiles import read_run_config
 from tools.comparison.plan import PHASED, Plan, Run, expected_config
 
 SUMMARY_JSON = "summary.json"
+COSTS_CSV = "costs.csv"
+COST_COLUMNS = ["step", "elapsed_s", "expert_param_steps"]   # of training_log.csv
 FORMAT = 1
 
 
@@ -55,8 +59,8 @@ def _commit() -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def write_summary(plan: Plan, run: Run, rows: list[dict]) -> None:
-    """Keep a finished run's results rows, config and held-out curve under plan.study."""
+def write_summary(plan: Plan, run: Run, rows: list[dict], costs: pd.DataFrame | None = None) -> None:
+    """Keep a finished run's results rows, config, held-out curve and costs (results.cost_log) under plan.study."""
     folder = run_folder(plan.study, run)
     folder.mkdir(parents=True, exist_ok=True)
     log_dir = run.paths(plan.out).log_dir
@@ -65,9 +69,17 @@ def write_summary(plan: Plan, run: Run, rows: list[dict]) -> None:
               "summarised_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "commit_at_summary": _commit(), "rows": rows, "config": read_run_config(log_dir)}
     shutil.copyfile(log_dir / schema.EVAL_CSV, folder / schema.EVAL_CSV)
+    if costs is not None:
+        costs[COST_COLUMNS].to_csv(folder / COSTS_CSV, index=False)
     tmp = folder / (SUMMARY_JSON + ".tmp")   # the summary last: its presence means the run is complete
     tmp.write_text(json.dumps(record, indent=1, default=_plain, allow_nan=True) + "\n", encoding="utf-8")
     tmp.replace(folder / SUMMARY_JSON)
+
+
+def committed_costs(study: Path, run: Run) -> pd.DataFrame | None:
+    """A committed run's costs.csv (None: summarised before the file was kept)."""
+    path = run_folder(study, run) / COSTS_CSV
+    return pd.read_csv(path) if path.is_file() else None
 
 
 def read_summary(study: Path, run: Run) -> dict:
@@ -82,8 +94,14 @@ def read_summary(study: Path, run: Run) -> dict:
 
 
 def read_rows(study: Path, run: Run) -> list[dict]:
-    """The committed results rows of a run (NaN restored where JSON kept it)."""
-    return [{k: (math.nan if v is None else v) for k, v in row.items()} for row in read_summary(study, run)["rows"]]
+    """The committed results rows of a run (NaN restored where JSON kept it; a run summarised before
+    its log had expert_param_steps gets the count its costs.csv holds, when it has one)."""
+    rows = [{k: (math.nan if v is None else v) for k, v in row.items()} for row in read_summary(study, run)["rows"]]
+    costs = committed_costs(study, run)
+    for row in rows:
+        if costs is not None and math.isnan(row.get("expert_param_steps", 0.0)):
+            row["expert_param_steps"] = float(costs["expert_param_steps"].iloc[-1])
+    return rows
 
 
 def inert(config: dict) -> set[str]:

@@ -336,6 +336,35 @@ def band_plot(ax, curves: pd.DataFrame, source: str) -> None:
     ax.grid(alpha=0.3)
 
 
+def cost_picture(path: Path, curves: pd.DataFrame, title: str) -> bool:
+    """Held-out loss (all) against what each arm had spent by then: live-expert parameter-steps and
+    training seconds (mean over seeds at each evaluation, min..max band of the loss). False (and no
+    file) when no run's costs are known."""
+    mixed = curves[(curves["source"] == "all") & (curves["step"] > 0)]
+    if mixed[["expert_param_steps", "wall_s"]].isna().all().all():
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for ax, (x, label) in zip(axes, (("expert_param_steps", "live-expert parameter-steps"),
+                                      ("wall_s", "training seconds (evaluation and checkpoints excluded)"))):
+        for strategy, frame in mixed.groupby("strategy", sort=False):
+            at = frame.groupby("step").agg(x=(x, "mean"), loss=("loss", "mean"), lo=("loss", "min"),
+                                           hi=("loss", "max")).dropna()
+            if at.empty:
+                continue
+            line, = ax.plot(at["x"], at["loss"], label=strategy, linewidth=1.5)
+            ax.fill_between(at["x"], at["lo"], at["hi"], color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out loss (all sources)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title + " — what each arm had spent at each evaluation (mean over seeds, band = min..max)")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
 def curves_picture(path: Path, curves: pd.DataFrame, sources: list[str], title: str,
                    boundaries: list[int] = ()) -> None:
     plt = pyplot()

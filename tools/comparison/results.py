@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from nemoe import schema
@@ -19,7 +20,7 @@ from nemoe.errors import UserError
 from nemoe.flops import training_flops
 from tools.csvlogs import layer_columns, read_eval, read_events, read_training_log
 from tools.runfiles import read_run_config
-from tools.comparison.committed import committed_eval, has_summary, read_rows, write_summary
+from tools.comparison.committed import committed_costs, committed_eval, has_summary, read_rows, write_summary
 from tools.comparison.cycles import visit_rows
 from tools.comparison.plan import Plan, Run
 
@@ -32,6 +33,12 @@ def meta_model(cfg: Config):
     from nemoe.model import NemoeLM   # torch: only for a model's shapes; reading results needs none
     with torch.device("meta"):
         return NemoeLM(cfg)
+
+
+def expert_size(cfg: Config) -> int:
+    """Parameters of one expert of the run's model."""
+    from nemoe.plasticity.growth import params_per_expert   # torch, as meta_model
+    return params_per_expert(meta_model(cfg))
 
 
 def param_counts(model, live_experts: float) -> dict[str, float]:
@@ -66,6 +73,26 @@ def size_costs(train_log: pd.DataFrame) -> dict[str, float]:
             "optim_state_peak_bytes": largest("optim_state_bytes"), "rss_peak_mb": largest("rss_mb")}
 
 
+def cost_log(cfg: Config, train_log: pd.DataFrame) -> pd.DataFrame:
+    """step, elapsed_s and expert_param_steps at each log row. A log written before the
+    expert_param_steps column gets it counted from each row's experts per layer over the steps
+    since the previous row: exact for a pool that does not change (a static arm's); an evolving
+    pool's changes inside an interval count at the row's end."""
+    frame = train_log[["step", "elapsed_s"]].copy()
+    if "expert_param_steps" in train_log and train_log["expert_param_steps"].notna().all():
+        frame["expert_param_steps"] = train_log["expert_param_steps"].astype(float)
+    else:
+        live = train_log[layer_columns(train_log)].sum(axis=1)
+        steps = train_log["step"].diff().fillna(train_log["step"])
+        frame["expert_param_steps"] = (steps * live * expert_size(cfg)).cumsum().astype(float)
+    return frame
+
+
+def run_costs(out: Path, run: Run) -> pd.DataFrame:
+    log_dir = run.paths(out).log_dir
+    return cost_log(config_from_dict(read_run_config(log_dir)), read_training_log(log_dir / schema.TRAIN_CSV))
+
+
 def run_results(out: Path, run: Run) -> dict:
     """One run's final numbers, read from its own eval.csv, training_log.csv, events.csv, config.yaml."""
     log_dir = run.paths(out).log_dir
@@ -85,6 +112,7 @@ def run_results(out: Path, run: Run) -> dict:
     model = meta_model(cfg)
     row.update(compute(model, cfg, train_log))
     row.update(size_costs(train_log))
+    row["expert_param_steps"] = float(cost_log(cfg, train_log)["expert_param_steps"].iloc[-1])
     row.update(param_counts(model, sum(train[c] for c in layer_columns(train_log))))
     row["events"] = len(events)
     for kind, count in events["granularity"].value_counts().items():
@@ -157,15 +185,31 @@ def data_fingerprint(cfg: Config, steps: int = FINGERPRINT_STEPS) -> str:
 
 
 def eval_curves(plan: Plan, runs: list[Run]) -> pd.DataFrame:
-    """Every run's held-out losses: strategy, seed, step, tokens, source, loss (committed ones from the
-    study folder)."""
+    """Every run's held-out losses: strategy, seed, step, tokens, source, loss, and what the run had
+    spent by then, wall_s (training seconds) and expert_param_steps (committed ones from the study
+    folder; NaN where the run's costs are not kept)."""
     frames = []
     for run in runs:
-        evals = (committed_eval(plan.study, run) if has_summary(plan.study, run)
-                 else read_eval(run.paths(plan.out).log_dir / schema.EVAL_CSV))
-        frames.append(evals.assign(strategy=run.strategy, seed=run.seed)[["strategy", "seed", "step", "tokens",
-                                                                            "source", "loss"]])
+        if has_summary(plan.study, run):
+            evals, costs = committed_eval(plan.study, run), committed_costs(plan.study, run)
+        else:
+            evals, costs = read_eval(run.paths(plan.out).log_dir / schema.EVAL_CSV), run_costs(plan.out, run)
+        evals = evals.assign(strategy=run.strategy, seed=run.seed, **spent_at(evals["step"], costs))
+        frames.append(evals[["strategy", "seed", "step", "tokens", "source", "loss", "wall_s", "expert_param_steps"]])
     return pd.concat(frames, ignore_index=True)
+
+
+def spent_at(steps: pd.Series, costs: pd.DataFrame | None) -> dict[str, list[float]]:
+    """Training seconds and live-expert parameter-steps at each of `steps`, interpolated between
+    the log rows (both are cumulative and 0 at step 0; a log row every log.every_steps)."""
+    spent = {}
+    for name, column in (("wall_s", "elapsed_s"), ("expert_param_steps", "expert_param_steps")):
+        if costs is None or column not in costs or costs[column].isna().all():
+            spent[name] = [math.nan] * len(steps)
+            continue
+        known = costs[["step", column]].dropna().sort_values("step")
+        spent[name] = np.interp(steps.to_numpy(float), [0.0, *known["step"]], [0.0, *known[column]]).tolist()
+    return spent
 
 
 def target_loss(results: pd.DataFrame, baseline: str | None) -> float:
@@ -281,7 +325,7 @@ def collect(plan: Plan, failures: dict[str, str]) -> pd.DataFrame:
             continue
         found = rows_of(plan, run)
         if plan.study is not None:
-            write_summary(plan, run, found)
+            write_summary(plan, run, found, run_costs(plan.out, run))
         rows += found
     if not rows:
         raise UserError("no run finished; see " + ", ".join(f"{n}: {w}" for n, w in failures.items()))
