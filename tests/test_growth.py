@@ -183,9 +183,9 @@ def test_a_committed_run_from_before_the_count_takes_it_from_its_costs(tmp_path)
     run = types.SimpleNamespace(name="static_max-s0")
     folder = tmp_path / "runs" / run.name
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({"format": 1, "rows": [{"strategy": "static_max",
-                                                                           "expert_param_steps": None}]}))
-    assert math.isnan(read_rows(tmp_path, run)[0]["expert_param_steps"])
+    (folder / "summary.json").write_text(json.dumps({"format": 1, "protocol": "grid",
+                                                     "rows": [{"strategy": "static_max"}]}))
+    assert "expert_param_steps" not in read_rows(tmp_path, run)[0], "no costs.csv: nothing to count from"
     pd.DataFrame({"step": [20], "elapsed_s": [1.0], "expert_param_steps": [64.0]}).to_csv(folder / COSTS_CSV,
                                                                                           index=False)
     assert read_rows(tmp_path, run)[0]["expert_param_steps"] == 64.0

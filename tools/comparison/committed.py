@@ -96,10 +96,11 @@ def read_summary(study: Path, run: Run) -> dict:
 def read_rows(study: Path, run: Run) -> list[dict]:
     """The committed results rows of a run (NaN restored where JSON kept it; a run summarised before
     its log had expert_param_steps gets the count its costs.csv holds, when it has one)."""
-    rows = [{k: (math.nan if v is None else v) for k, v in row.items()} for row in read_summary(study, run)["rows"]]
-    costs = committed_costs(study, run)
+    record = read_summary(study, run)
+    rows = [{k: (math.nan if v is None else v) for k, v in row.items()} for row in record["rows"]]
+    costs = committed_costs(study, run) if record["protocol"] == "grid" else None
     for row in rows:
-        if costs is not None and math.isnan(row.get("expert_param_steps", 0.0)):
+        if costs is not None and math.isnan(row.get("expert_param_steps", math.nan)):
             row["expert_param_steps"] = float(costs["expert_param_steps"].iloc[-1])
     return rows
 

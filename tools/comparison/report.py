@@ -192,12 +192,15 @@ def cost_lines(plan: Plan, summary: pd.DataFrame, results: pd.DataFrame, to_targ
     if to_target:
         target_text = (f"Tokens to target: tokens trained at the first evaluation whose held-out loss (all) is at "
                        f"or below `{baseline}`'s final one, mean over its seeds ({fmt(target)}); evaluations every "
-                       f"{every} steps ({every * plan.base.tokens_per_step():,} tokens) resolve it; the mean is "
+                       f"{every} steps ({every * plan.base.tokens_per_step():,} tokens) resolve it (runs reused from the study "
+                       f"folder keep the schedule they ran with: their eval.csv); the mean is "
                        f"over the runs that reached it (`reached`)." if baseline
                        else "Tokens to target: no target baseline in this grid (--target-baseline).")
     lines = ["## What the expert pool cost", "",
              "Live-expert param·steps: Σ over steps of the parameters of the experts live in the step (their "
-             "MLP weights; training_log.csv expert_param_steps). Optimizer state peak: the largest size of the "
+             "MLP weights; training_log.csv expert_param_steps; a log that predates that column: counted from its "
+             "experts per layer at each log row, exact for a pool that does not change). Optimizer state peak: "
+             "the largest size of the "
              "optimizer's state tensors at any log row (optim_state_bytes). Peak RSS: the largest rss_mb of a "
              "log row. " + target_text, "",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
