@@ -255,13 +255,13 @@ class ExpertMorphogenesis(Mechanism):
 
     @classmethod
     def config_section(cls, cfg):
-        return cfg.morph
+        return cfg.plasticity.experts
 
     def __init__(self, cfg, model, probe_batch=None):
         super().__init__(cfg, model, probe_batch)
-        self.morph, self.moe = cfg.morph, cfg.moe
+        self.morph, self.moe = cfg.plasticity.experts, cfg.moe
         self.ramp_steps = cfg.ramp_steps
-        self.generator = torch.Generator().manual_seed(cfg.morph.seed)
+        self.generator = torch.Generator().manual_seed(cfg.plasticity.experts.seed)
         self.records: list[list[ExpertRecord | None]] = []
         self.next_id = 0
         self.last_decision: tuple[int, list[list[float]]] | None = None   # for the logs, not checkpointed
@@ -275,7 +275,7 @@ class ExpertMorphogenesis(Mechanism):
         # applied steps of each slot's squared expert-gradient norm; the same on every rank).
         self.total_steps = cfg.total_steps(world_size())
         self.grad_utility = None
-        if cfg.morph.grow_until is not None and cfg.morph.split_by == "gradient":
+        if self.morph.grow_until is not None and self.morph.split_by == "gradient":
             self.grad_utility = torch.zeros(cfg.model.n_layers, cfg.moe.experts_max, dtype=torch.float64,
                                             device=self.usage_counts.device)
 
