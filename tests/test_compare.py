@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=16", "model.d_expert=64",
     "moe.experts_init=2", "moe.experts_max=4",
-    "morph.interval=4", "morph.probation_steps=4", "morph.split_usage=0.3", "morph.prune_usage=0.2",
+    "plasticity.experts.interval=4", "plasticity.experts.probation_steps=4", "plasticity.experts.split_usage=0.3",
+    "plasticity.experts.prune_usage=0.2",
     "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=3", "train.total_tokens=768",
     "train.device=cpu", "train.precision=fp32",
     "log.every_steps=4", "log.sample_every_steps=0", "log.console=plain",
@@ -83,9 +84,10 @@ def final_eval(out, run):
 def test_new_strategies_set_what_they_say():
     base = load_config("local.yaml", TINY)
     static_max = load_config("local.yaml", TINY + STRATEGIES["static_max"].overrides(base))
-    assert static_max.moe.experts_init == static_max.moe.experts_max == 4 and not static_max.morph.enabled
+    assert static_max.moe.experts_init == static_max.moe.experts_max == 4 \
+        and not static_max.plasticity.experts.enabled
     morph_bias = load_config("local.yaml", TINY + STRATEGIES["morph_bias"].overrides(base))
-    assert morph_bias.moe.balance == "bias" and morph_bias.morph.enabled
+    assert morph_bias.moe.balance == "bias" and morph_bias.plasticity.experts.enabled
     assert load_config("local.yaml", TINY + STRATEGIES["morph"].overrides(base)).moe.balance == "aux_loss"
 
 

@@ -32,14 +32,14 @@ def test_t4_is_the_seed_card():
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.seq_len) == (384, 6, 6, 64)
     assert (cfg.moe.experts_init, cfg.moe.experts_max) == (2, 4)
     assert cfg.train.batch_size * cfg.train.grad_accum == 16 and cfg.train.lr == 2e-4
-    assert cfg.morph.interval == 1000 and cfg.checkpoint.every_steps == 2000
+    assert cfg.plasticity.experts.interval == 1000 and cfg.checkpoint.every_steps == 2000
     weights = {s.name: s.weight for s in cfg.data.sources}
     assert weights == {"fineweb": 0.6, "alpaca": 0.2, "wikitext": 0.2}
 
 
 def test_set_overrides_are_parsed_and_type_checked():
-    cfg = load_config("local", ["train.lr=3e-4", "moe.top_k=2", "morph.enabled=false"])
-    assert cfg.train.lr == 3e-4 and cfg.moe.top_k == 2 and cfg.morph.enabled is False
+    cfg = load_config("local", ["train.lr=3e-4", "moe.top_k=2", "plasticity.experts.enabled=false"])
+    assert cfg.train.lr == 3e-4 and cfg.moe.top_k == 2 and cfg.plasticity.experts.enabled is False
     with pytest.raises(UserError, match="train.batch_size: expected int"):
         load_config("local", ["train.batch_size=big"])
 
@@ -127,11 +127,11 @@ def test_every_bound_generates_its_check(key, field):
 
 def test_bound_messages_and_a_cross_field_check():
     with pytest.raises(UserError) as err:
-        tiny_config(train={"lr": -1}, model={"dropout": 1.5}, morph={"crossover_prob": 2})
+        tiny_config(train={"lr": -1}, model={"dropout": 1.5}, plasticity={"experts": {"crossover_prob": 2}})
     problems = str(err.value).split("\n  - ")[1:]
     assert "train.lr must be > 0, got -1.0" in problems
     assert "model.dropout must be in [0, 1), got 1.5" in problems
-    assert "morph.crossover_prob must be in [0, 1], got 2.0" in problems
+    assert "plasticity.experts.crossover_prob must be in [0, 1], got 2.0" in problems
     assert "train.min_lr (2e-05) must be <= train.lr (-1.0)" in problems   # TrainConfig.check
     assert "plasticity.layers.max_dropout (0.1) must be >= model.dropout (1.5)" in problems
 

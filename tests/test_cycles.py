@@ -76,7 +76,7 @@ def test_phases_visit_the_sources_in_a_fixed_cycle(config):
     fresh = plan.references[5]
     assert [(p.source, p.end) for p in fresh.phases] == [("b", 60)]
     cfg = load_config(config, fresh.overrides + fresh.phases[0].overrides)
-    assert cfg.morph.enabled is False and cfg.train.seed == 1 and cfg.total_steps() == 1920
+    assert cfg.plasticity.experts.enabled is False and cfg.train.seed == 1 and cfg.total_steps() == 1920
     assert not plan_of(config, "--no-fresh").references
 
 

@@ -214,7 +214,7 @@ def test_config_reference_lists_every_setting_with_its_default_and_bounds(render
     assert set(keys) <= set(rows), set(keys) - set(rows)
     assert "| `train.lr` | `0.0002` | float, > 0 |  | Peak learning rate (AdamW). |" in rows["train.lr"]
     assert "| refused |" in rows["moe.top_k"] and "`1` \\| `2`" in rows["moe.top_k"]
-    assert "(derived from `train.seed`)" in rows["morph.seed"]
+    assert "(derived from `train.seed`)" in rows["plasticity.experts.seed"]
 
 
 def test_config_reference_check_flags_a_stale_page_and_write_mends_it(rendered, tmp_path, monkeypatch, capsys):

@@ -144,8 +144,8 @@ def _records(n_live, n_slots=4, newborn=()):
 
 
 def _plan(records, usage, step=1000, **morph):
-    cfg = tiny_config(morph=morph)
-    return plan_layer(records, usage, cfg.morph, cfg.moe.top_k, cfg.moe.experts_min, step,
+    cfg = tiny_config(plasticity={"experts": morph})
+    return plan_layer(records, usage, cfg.plasticity.experts, cfg.moe.top_k, cfg.moe.experts_min, step,
                       torch.Generator().manual_seed(0))
 
 
@@ -175,12 +175,12 @@ def test_policy_never_prunes_a_newborn_on_probation():
 def test_crossover_parents_follow_fitness():
     picks = {0: 0, 1: 0, 2: 0}
     gen = torch.Generator().manual_seed(0)
-    cfg = tiny_config(morph={"crossover_prob": 1.0, "split_usage": 0.99})
+    cfg = tiny_config(plasticity={"experts": {"crossover_prob": 1.0, "split_usage": 0.99}})
     for _ in range(200):
         records = _records(3)
         for r, fit in zip(records, (0.8, 0.19, 0.01)):
             r.usage_ema = fit
-        (action,) = plan_layer(records, [0.34, 0.33, 0.33, 0.0], cfg.morph, 1, 2, 1000, gen)
+        (action,) = plan_layer(records, [0.34, 0.33, 0.33, 0.0], cfg.plasticity.experts, 1, 2, 1000, gen)
         assert action.kind == "crossover" and action.slot == 3
         for p in action.parents:
             picks[p] += 1
@@ -188,8 +188,8 @@ def test_crossover_parents_follow_fitness():
 
 
 def test_controller_events_and_bounds_over_many_intervals():
-    cfg = tiny_config(morph={"interval": 1, "probation_steps": 2, "split_usage": 0.3,
-                             "prune_usage": 0.2, "crossover_prob": 0.5})
+    cfg = tiny_config(plasticity={"experts": {"interval": 1, "probation_steps": 2, "split_usage": 0.3,
+                                              "prune_usage": 0.2, "crossover_prob": 0.5}})
     model, opt = trained_model(cfg)
     controller = ExpertMorphogenesis(cfg, model)
     gen = torch.Generator().manual_seed(3)
@@ -216,7 +216,7 @@ def test_controller_events_and_bounds_over_many_intervals():
 
 
 def test_controller_state_round_trip_gives_same_future_decisions():
-    cfg = tiny_config(morph={"crossover_prob": 0.5})
+    cfg = tiny_config(plasticity={"experts": {"crossover_prob": 0.5}})
     a = ExpertMorphogenesis(cfg, NemoeLM(cfg))
     torch.rand(5, generator=a.generator)
     b = ExpertMorphogenesis(cfg, NemoeLM(cfg))
@@ -226,7 +226,7 @@ def test_controller_state_round_trip_gives_same_future_decisions():
 
 
 def test_ramp_opens_linearly():
-    cfg = tiny_config(morph={"probation_steps": 8})   # ramp = 4 steps
+    cfg = tiny_config(plasticity={"experts": {"probation_steps": 8}})   # ramp = 4 steps
     model, opt = trained_model(cfg)
     controller = ExpertMorphogenesis(cfg, model)
     layer = model.moe_layers[0]
@@ -244,8 +244,8 @@ def test_ramp_opens_linearly():
 def _loop_controller(**morph):
     """A controller whose layer 0 holds expert 0 (busy), expert 1 and expert 2, a split child of 0
     on probation until step 100 that got no traffic: the split-fail loop's setup."""
-    cfg = tiny_config(morph={"interval": 100, "probation_steps": 100, "split_usage": 0.5,
-                             "crossover_prob": 0.0, "prune_usage": 0.0} | morph)
+    cfg = tiny_config(plasticity={"experts": {"interval": 100, "probation_steps": 100, "split_usage": 0.5,
+                                              "crossover_prob": 0.0, "prune_usage": 0.0} | morph})
     model, opt = trained_model(cfg)
     controller = ExpertMorphogenesis(cfg, model)
     copy_slot(model.moe_layers[0], opt, 0, 2, 0.01, torch.Generator().manual_seed(0))
@@ -270,10 +270,10 @@ def test_a_parent_whose_child_failed_probation_does_not_split_again_at_once():
     cfg, model, opt, controller = _loop_controller()
     parent_id = controller.records[0][0].id
     assert _interval(controller, opt, 100, [0.6, 0.4, 0.0]) == [("failed_probation", 2, "")]
-    assert cfg.morph.cooldown_intervals >= 1
-    for k in range(1, cfg.morph.cooldown_intervals):     # still cooling: no split of expert 0
+    assert cfg.plasticity.experts.cooldown_intervals >= 1
+    for k in range(1, cfg.plasticity.experts.cooldown_intervals):   # still cooling: no split of expert 0
         assert _interval(controller, opt, 100 + 100 * k, [0.6, 0.4, 0.0]) == []
-    step = 100 + 100 * cfg.morph.cooldown_intervals       # cool-down over: it may split again
+    step = 100 + 100 * cfg.plasticity.experts.cooldown_intervals       # cool-down over: it may split again
     assert _interval(controller, opt, step, [0.6, 0.4, 0.0]) == [("split", 2, str(parent_id))]
 
 

@@ -27,17 +27,17 @@ GROW = {"grow_until": 0.5, "interval": 4, "probation_steps": 4, "prune_usage": 0
 def grow_config(split_by="usage", **moe):
     # 40 steps (total_tokens = 40 x 4 x 16); experts 1 -> 4 by step 20: five decisions.
     return tiny_config(moe={"experts_init": 1, "experts_min": 1, **moe},
-                       morph={**GROW, "split_by": split_by},
+                       plasticity={"experts": {**GROW, "split_by": split_by}},
                        train={"device": "cpu", "seed": 0, "batch_size": 4, "total_tokens": 2560})
 
 
 def test_schedule_rises_linearly_to_the_max_by_grow_until():
     cfg = grow_config()
     assert cfg.total_steps() == 40
-    targets = [growth_target(s, cfg.morph, 1, 4, 40) for s in range(4, 41, 4)]
+    targets = [growth_target(s, cfg.plasticity.experts, 1, 4, 40) for s in range(4, 41, 4)]
     # Decision k of 5: 1 + ceil(3 k / 5); experts_max at step 20 and after.
     assert targets == [2, 3, 3, 4, 4, 4, 4, 4, 4, 4]
-    assert growth_target(20, tiny_config().morph, 2, 4, 40) is None, "no schedule: None"
+    assert growth_target(20, tiny_config().plasticity.experts, 2, 4, 40) is None, "no schedule: None"
 
 
 def test_config_refuses_a_schedule_that_cannot_work():
@@ -45,15 +45,17 @@ def test_config_refuses_a_schedule_that_cannot_work():
         with pytest.raises(UserError) as err:
             load_config("local.yaml", list(sets))
         return str(err.value)
-    assert "needs morph.enabled: true" in problems("morph.grow_until=0.5", "morph.enabled=false")
-    assert "must be > moe.experts_init (6)" in problems("morph.grow_until=0.5", "moe.experts_init=6")
-    assert "morph.grow_until must be in (0, 1], got 1.5" in problems("morph.grow_until=1.5")
-    assert "morph.grow_until must be in (0, 1], got 0" in problems("morph.grow_until=0")
-    assert "leaves no morph decision" in problems("morph.grow_until=0.05")
-    assert "set morph.grow_until too" in problems("morph.split_by=gradient")
-    assert "morph.split_by must be usage or gradient" in problems("morph.grow_until=0.5", "morph.split_by=size")
-    cfg = load_config("local.yaml", ["morph.grow_until=0.5", "morph.split_by=gradient"])
-    assert cfg.morph.grow_until == 0.5 and cfg.morph.split_by == "gradient"
+    assert "needs plasticity.experts.enabled: true" in problems("plasticity.experts.grow_until=0.5",
+                                                               "plasticity.experts.enabled=false")
+    assert "must be > moe.experts_init (6)" in problems("plasticity.experts.grow_until=0.5", "moe.experts_init=6")
+    assert "plasticity.experts.grow_until must be in (0, 1], got 1.5" in problems("plasticity.experts.grow_until=1.5")
+    assert "plasticity.experts.grow_until must be in (0, 1], got 0" in problems("plasticity.experts.grow_until=0")
+    assert "leaves no morph decision" in problems("plasticity.experts.grow_until=0.05")
+    assert "set plasticity.experts.grow_until too" in problems("plasticity.experts.split_by=gradient")
+    assert "plasticity.experts.split_by must be usage or gradient" in problems("plasticity.experts.grow_until=0.5",
+                                                                               "plasticity.experts.split_by=size")
+    cfg = load_config("local.yaml", ["plasticity.experts.grow_until=0.5", "plasticity.experts.split_by=gradient"])
+    assert cfg.plasticity.experts.grow_until == 0.5 and cfg.plasticity.experts.split_by == "gradient"
 
 
 def _records(n_live, slots=6):
@@ -61,7 +63,7 @@ def _records(n_live, slots=6):
 
 
 def test_plan_births_follow_the_target_ranked_by_the_criterion():
-    morph = grow_config().morph
+    morph = grow_config().plasticity.experts
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
     records = _records(3)
@@ -215,9 +217,10 @@ def test_growth_strategies_set_what_they_say():
     base = load_config("study_bytes.yaml")
     for name, split_by in (("grow", "usage"), ("grow_grad", "gradient")):
         cfg = load_config("study_bytes.yaml", STRATEGIES[name].overrides(base))
-        assert (cfg.morph.enabled, cfg.morph.grow_until, cfg.morph.split_by) == (True, 0.5, split_by)
+        experts = cfg.plasticity.experts
+        assert (experts.enabled, experts.grow_until, experts.split_by) == (True, 0.5, split_by)
         assert (cfg.moe.experts_init, cfg.moe.experts_max) == (2, 8)
-        assert cfg.morph.prune_usage == 0 and cfg.morph.probation_min_usage == 0
+        assert experts.prune_usage == 0 and experts.probation_min_usage == 0
         assert "by 0.5 of the run" in STRATEGIES[name].about
     assert target_baseline(None, ["dense", "static_max", "grow"]) == "static_max"
     assert target_baseline(None, ["dense", "grow"]) is None
@@ -234,8 +237,9 @@ def grow_run(run_dir, *extra):
     from train_nemoe import main
     args = ["--config", "local", "--run-dir", str(run_dir), "--run-name", "g"]
     # 30 steps: experts 2 -> 4 by step 15 (decisions at 4, 8, 12: targets 3, 4, 4); no deaths.
-    for item in TINY + ["morph.grow_until=0.5", "morph.split_by=gradient", "morph.prune_usage=0",
-                        "morph.probation_min_usage=0", "eval.every_steps=4"]:
+    for item in TINY + ["plasticity.experts.grow_until=0.5", "plasticity.experts.split_by=gradient",
+                        "plasticity.experts.prune_usage=0", "plasticity.experts.probation_min_usage=0",
+                        "eval.every_steps=4"]:
         args += ["--set", item]
     assert main(args + list(extra)) == 0
     d = run_dir / "logs" / "g"

@@ -28,8 +28,8 @@ from tests.test_trainer import TINY, logs, run
 PRECISIONS = ["fp32", "fp16", "bf16"]
 # Every mechanism on, intervals short enough that each one has statistics before step 6.
 ALL_MECHANISMS = {"model": {"n_layers": 3, "n_heads": 4, "dropout": 0.1},
-                  "morph": {"interval": 4, "probation_steps": 4, "split_usage": 0.3},
-                  "plasticity": {"layers": {"enabled": True, "interval": 5, "min_age": 4, "trigger": 100.0,
+                  "plasticity": {"experts": {"interval": 4, "probation_steps": 4, "split_usage": 0.3},
+                                 "layers": {"enabled": True, "interval": 5, "min_age": 4, "trigger": 100.0,
                                             "warmup_steps": 3, "max_dropout": 0.3, "lifespan": 50},
                                  "heads": {"enabled": True, "min_heads": 1, "interval": 5, "prune": "importance"},
                                  "neuron": {"enabled": True, "interval": 5, "prune_rate": 0.1,

@@ -240,7 +240,8 @@ def test_a_mixture_is_refused_as_gpt2_and_exported_as_nemoe(source, tmp_path):
 
 TINY = ["model.seq_len=16", "train.batch_size=4", "train.total_tokens=896", "train.warmup_steps=2",
         "train.lr=1e-3", "train.device=cpu", "train.precision=fp32",
-        "morph.interval=6", "morph.probation_steps=4", "morph.probation_min_usage=0.0",
+        "plasticity.experts.interval=6", "plasticity.experts.probation_steps=4",
+        "plasticity.experts.probation_min_usage=0.0",
         "plasticity.heads.interval=3", "plasticity.heads.recover_steps=2",
         "log.every_steps=1", "log.sample_every_steps=0", "log.console=plain",
         "eval.every_steps=0", "eval.batches=1", "eval.batch_size=2",

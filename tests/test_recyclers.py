@@ -221,9 +221,10 @@ def test_comparison_strategies_set_the_method():
     for name, (method, maturity) in want.items():
         cfg = load_config("local.yaml", STRATEGIES[name].overrides(base))
         n = cfg.plasticity.neuron
-        assert (n.enabled, n.method, n.maturity_intervals, cfg.morph.enabled) == (True, method, maturity, False)
+        assert (n.enabled, n.method, n.maturity_intervals, cfg.plasticity.experts.enabled) == \
+            (True, method, maturity, False)
     wd0 = load_config("local.yaml", STRATEGIES["static_wd0"].overrides(base))
-    assert wd0.train.weight_decay == 0 and not wd0.morph.enabled and not wd0.plasticity.neuron.enabled
+    assert wd0.train.weight_decay == 0 and not wd0.plasticity.experts.enabled and not wd0.plasticity.neuron.enabled
 
 
 # --------------------------------------------------------------------------- #
@@ -232,7 +233,7 @@ def test_comparison_strategies_set_the_method():
 
 def test_a_run_without_mechanisms_writes_dormant_fractions(tmp_path):
     from tests.test_trainer import run, set_args
-    assert run(tmp_path, "--max-steps", "2", *set_args(["morph.enabled=false"])) == 0
+    assert run(tmp_path, "--max-steps", "2", *set_args(["plasticity.experts.enabled=false"])) == 0
     state = pd.read_csv(tmp_path / "logs" / "tiny" / "plasticity.csv")
     assert set(state["name"]) == {"dormant_0", "dormant_0.025", "dormant_0.1"}
     assert set(state["granularity"]) == {"neuron"} and sorted(set(state["step"])) == [1, 2]
@@ -243,11 +244,13 @@ def test_a_run_without_mechanisms_writes_dormant_fractions(tmp_path):
 @pytest.mark.parametrize("method", ["redo", "cbp", "shrink_perturb"])
 def test_resume_is_bit_exact_across_recycler_events(tmp_path, method):
     from tests.test_trainer import logs, run, set_args
-    sets = set_args(["morph.enabled=false", "plasticity.neuron.enabled=true", "plasticity.neuron.interval=3",
+    sets = set_args(["plasticity.experts.enabled=false", "plasticity.neuron.enabled=true",
+                     "plasticity.neuron.interval=3",
                      f"plasticity.neuron.method={method}", "plasticity.neuron.redo_tau=0.5",
                      "plasticity.neuron.cbp_replacement_rate=0.02", "plasticity.neuron.cbp_maturity=1"]
                     if method != "shrink_perturb" else
-                    ["morph.enabled=false", "plasticity.neuron.enabled=true", "plasticity.neuron.interval=3",
+                    ["plasticity.experts.enabled=false", "plasticity.neuron.enabled=true",
+                     "plasticity.neuron.interval=3",
                      "plasticity.neuron.method=shrink_perturb"])
     a, b = tmp_path / "a", tmp_path / "b"
     assert run(a, "--max-steps", "7", *sets) == 0

@@ -246,9 +246,11 @@ BAD_CONFIGS = [
     "moe: {top_k: 3}\n",
     "moe: {top_k: 2, experts_min: 1, experts_init: 2}\n",
     "moe: {lb_coef: -1}\n",
-    "morph: {interval: 0}\n",
-    "morph: {split_usage: 0.01, prune_usage: 0.02}\n",
-    "morph: {crossover_prob: 2}\n",
+    "plasticity: {experts: {interval: 0}}\n",
+    "plasticity: {experts: {split_usage: 0.01, prune_usage: 0.02}}\n",
+    "morph: {crossover_prob: 2}\n",                         # the old spelling of plasticity.experts
+    "morph: {interval: 5}\nplasticity: {experts: {interval: 5}}\n",   # both spellings at once
+    "morph: {interval: 5}\nplasticity: 3\n",                 # the alias's parent is not a section
     "train: {lr: 0}\n",
     "train: {precision: fp8}\n",
     "train: {device: cuda}\n",                                # no CUDA GPU on this machine

@@ -16,7 +16,8 @@ from tests.test_plasticity_neuron import probe as neuron_probe
 from tests.test_plasticity_neuron import train as neuron_train
 from tools.comparison import plan as cmp
 
-DERIVED = ("morph.seed", "data.seed", "plasticity.neuron.seed", "plasticity.heads.seed", "plasticity.layers.seed")
+DERIVED = ("plasticity.experts.seed", "data.seed", "plasticity.neuron.seed", "plasticity.heads.seed",
+           "plasticity.layers.seed")
 
 
 def seeds(cfg) -> dict[str, int]:
@@ -35,10 +36,19 @@ def test_derived_seeds_differ_per_run_seed_and_are_stable():
     assert derive_seed(1337, "data") == 1680710313 and derive_seed(0, "morph") == derive_seed(0, "morph")
 
 
+def test_the_experts_seed_keeps_the_label_of_its_old_path():
+    """plasticity.experts was the top-level `morph` section: its seed still derives from "morph", so
+    every run made before the move reproduces bit-identically (PlasticityConfig's seed_label)."""
+    cfg = tiny_config(train={"seed": 1337})
+    assert cfg.plasticity.experts.seed == derive_seed(1337, "morph") == 1134203188
+    assert cfg.plasticity.experts.seed != derive_seed(1337, "plasticity.experts")
+    assert load_config("local").plasticity.experts.seed == derive_seed(1337, "morph")
+
+
 def test_explicit_seeds_win_and_saved_configs_reload_to_the_same_values():
-    cfg = tiny_config(train={"seed": 0}, morph={"seed": 5}, data={"seed": 0},
-                      plasticity={"heads": {"seed": 7}, "layers": {"seed": None}})
-    assert (cfg.morph.seed, cfg.data.seed, cfg.plasticity.heads.seed) == (5, 0, 7)
+    cfg = tiny_config(train={"seed": 0}, data={"seed": 0},
+                      plasticity={"experts": {"seed": 5}, "heads": {"seed": 7}, "layers": {"seed": None}})
+    assert (cfg.plasticity.experts.seed, cfg.data.seed, cfg.plasticity.heads.seed) == (5, 0, 7)
     assert cfg.plasticity.neuron.seed == derive_seed(0, "plasticity.neuron")
     assert cfg.plasticity.layers.seed == derive_seed(0, "plasticity.layers"), "null means derived"
     saved = yaml.safe_load(dump_config(cfg))

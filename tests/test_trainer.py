@@ -25,8 +25,9 @@ TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=16", "model.d_expert=64",
     "model.dropout=0.1",  # dropout on: resume must restore the RNG too
     "moe.experts_init=2", "moe.experts_max=4",
-    "morph.interval=4", "morph.probation_steps=4", "morph.split_usage=0.3", "morph.prune_usage=0.2",
-    "morph.crossover_prob=0.5", "morph.probation_min_usage=0.2",
+    "plasticity.experts.interval=4", "plasticity.experts.probation_steps=4", "plasticity.experts.split_usage=0.3",
+    "plasticity.experts.prune_usage=0.2",
+    "plasticity.experts.crossover_prob=0.5", "plasticity.experts.probation_min_usage=0.2",
     "train.batch_size=4", "train.lr=3e-3", "train.warmup_steps=3", "train.total_tokens=1920",
     "train.device=cpu", "train.precision=fp32",
     "log.every_steps=1", "log.sample_every_steps=0", "log.console=plain",

@@ -20,7 +20,7 @@ from nemoe.model import NemoeLM
 from tools.harness import close_trainer, open_trainer, peak_matmul_flops, run_steps, timed
 
 MEMORY_CAP = 15e9          # bytes: a T4's usable memory, with a little room (15 GB, not GiB)
-T4_MORPH_INTERVAL = 1000   # configs/t4.yaml morph.interval, the interval the overhead target is for
+T4_MORPH_INTERVAL = 1000   # configs/t4.yaml plasticity.experts.interval, the interval the overhead target is for
 
 
 # --------------------------------------------------------------------------- #
@@ -45,7 +45,7 @@ def trainer_overrides(shapes, quick: bool, device: torch.device) -> dict:
         raw["train"].update(batch_size=t4["train"]["batch_size"], grad_accum=t4["train"]["grad_accum"])
         raw["eval"] = {"batch_size": t4["eval"]["batch_size"]}
     raw["moe"] = dict(t4["moe"])
-    raw["morph"].update(interval=shapes.morph_interval, probation_steps=shapes.morph_interval,
+    raw["plasticity"]["experts"].update(interval=shapes.morph_interval, probation_steps=shapes.morph_interval,
                         split_usage=0.3, prune_usage=0.02, crossover_prob=1.0, probation_min_usage=0.01)
     raw["train"].update(device=str(device), precision="fp32", warmup_steps=1)
     raw["log"] = {"every_steps": 10 ** 6, "sample_every_steps": 0, "console": "plain"}
@@ -96,7 +96,7 @@ def gpu_trainer_run(ctx, batch_size: int, steps: int, compile_model: bool = Fals
     """
     raw = trainer_overrides(ctx.shapes, ctx.quick, ctx.device)
     raw["train"].update(precision="fp16", batch_size=batch_size, compile=compile_model)
-    raw["morph"]["interval"] = T4_MORPH_INTERVAL
+    raw["plasticity"]["experts"]["interval"] = T4_MORPH_INTERVAL
     trainer = open_trainer(raw, ctx.run_dir / f"gpu-b{batch_size}-compile{int(compile_model)}", "bench")
     try:
         losses = run_steps(trainer, 3)   # warm-up (and compilation)

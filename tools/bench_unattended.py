@@ -145,7 +145,7 @@ def bench_prefetch(ctx) -> dict:
     # enough on a CPU that a slow source is a large share of them, as on a GPU.
     raw["model"] = {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 64, "d_expert": 64}
     raw["train"].update(batch_size=16, device=str(ctx.device), precision="fp32")
-    raw["morph"]["enabled"] = False
+    raw["plasticity"]["experts"]["enabled"] = False
     raw["log"] = {"every_steps": 10 ** 6, "sample_every_steps": 0, "console": "plain"}
     raw["eval"] = {"every_steps": 0, "batches": 1, "batch_size": 2}
     raw["checkpoint"] = {"every_steps": 0, "every_minutes": 0}

@@ -50,8 +50,13 @@ package ([`sections.py`](../nemoe/config/sections.py); data sources:
 (`Literal[...]`), its `setting(...)` its bounds and whether it is unsafe to change on resume,
 and [`lib.py`](../nemoe/config/lib.py) checks them all in one pass; rules across
 fields are each section's `check(cfg)`. `train.seed` is the run seed: every other `seed` left
-unset (`morph`, `data`, `plasticity.neuron / heads / layers`) is derived from it when the
+unset (`data`, `plasticity.experts / neuron / heads / layers`) is derived from it when the
 config is built, and `config.yaml` records the concrete values.
+
+Old spelling: expert morphogenesis was the top-level section `morph:` before it became
+`plasticity.experts`. A file, `--set morph.KEY=VALUE`, a run's `config.yaml`, a checkpoint or a
+committed study summary that says `morph` is read as `plasticity.experts` (the same keys, and
+the same derived seed: it keeps the label `morph`); giving both spellings at once is an error.
 
 Columns: **default** (null: unset), **allowed** (the type, its choices and bounds) and
 **resume**: *refused* marks a setting whose change on `--resume` would make a checkpoint mean

@@ -80,7 +80,7 @@ def check_config(quick: bool, device: str, precision: str, steps: int, compile_m
     raw["model"] = dict(QUICK_MODEL) if quick else dict(t4["model"])
     raw["moe"] = dict(t4["moe"])
     interval = max(steps // 4, 2)
-    raw["morph"].update(interval=interval, probation_steps=interval)
+    raw["plasticity"]["experts"].update(interval=interval, probation_steps=interval)
     batch = 4 if quick else t4["train"]["batch_size"]
     raw["train"].update(device=device, precision=precision, compile=compile_model, batch_size=batch,
                         grad_accum=t4["train"]["grad_accum"], lr=t4["train"]["lr"], min_lr=t4["train"]["min_lr"],

@@ -44,7 +44,8 @@ from tools.csvlogs import read_training_log
 
 SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.d_expert=128",
          "train.batch_size=4", "train.device=cpu", "train.precision=fp32", "train.warmup_steps=20",
-         "moe.experts_max=4", "morph.interval=25", "morph.probation_steps=50", "morph.probation_min_usage=0.0",
+         "moe.experts_max=4", "plasticity.experts.interval=25", "plasticity.experts.probation_steps=50",
+         "plasticity.experts.probation_min_usage=0.0",
          "plasticity.neuron.enabled=true", "plasticity.neuron.interval=50",
          "log.every_steps=10", "log.sample_every_steps=500", "log.console=plain",
          "eval.every_steps=100", "eval.batches=2", "eval.batch_size=4",

@@ -17,9 +17,9 @@ datasets, transformers: tests/test_import_graph.py checks it), so the config of 
 can be read and checked anywhere:
 
     lib.py         the generic machinery: typed fields with bounds, building, validation
-    sections.py    the root Config, its sections (model, moe, morph, train, log, eval,
-                   checkpoint), validation of a whole config, resume safety
-    plasticity.py  the plasticity section (neuron, heads, layers)
+    sections.py    the root Config, its sections (model, moe, train, log, eval, checkpoint),
+                   validation of a whole config, old spellings (ALIASES), resume safety
+    plasticity.py  the plasticity section (experts, neuron, heads, layers)
     data.py        the data section (the sources of the mixture)
     files.py       finding a config, YAML, --set overrides, load_config
     init_from.py   model.init_from: the model's shape from a pretrained source
@@ -30,13 +30,13 @@ Every public name is importable from `nemoe.config` itself.
 from nemoe.config.data import DataConfig, SourceConfig
 from nemoe.config.files import CONFIG_DIR, apply_overrides, dump_config, find_config, load_config, read_yaml
 from nemoe.config.lib import setting
-from nemoe.config.plasticity import (HeadPlasticityConfig, LayerPlasticityConfig, NeuronPlasticityConfig,
-                                     PlasticityConfig)
-from nemoe.config.sections import (RETIRED_KEYS, CheckpointConfig, Config, EvalConfig, LogConfig, ModelConfig,
-                                   MoEConfig, MorphConfig, TrainConfig, config_changes, config_from_dict, is_unsafe)
+from nemoe.config.plasticity import (ExpertPlasticityConfig, HeadPlasticityConfig, LayerPlasticityConfig, MorphConfig,
+                                     NeuronPlasticityConfig, PlasticityConfig)
+from nemoe.config.sections import (ALIASES, RETIRED_KEYS, CheckpointConfig, Config, EvalConfig, LogConfig, ModelConfig,
+                                   MoEConfig, TrainConfig, config_changes, config_from_dict, is_unsafe, normalise)
 
-__all__ = ["CONFIG_DIR", "RETIRED_KEYS", "CheckpointConfig", "Config", "DataConfig", "EvalConfig",
-           "HeadPlasticityConfig", "LayerPlasticityConfig", "LogConfig", "ModelConfig", "MoEConfig", "MorphConfig",
-           "NeuronPlasticityConfig", "PlasticityConfig", "SourceConfig", "TrainConfig", "apply_overrides",
+__all__ = ["ALIASES", "CONFIG_DIR", "RETIRED_KEYS", "CheckpointConfig", "Config", "DataConfig", "EvalConfig",
+           "ExpertPlasticityConfig", "HeadPlasticityConfig", "LayerPlasticityConfig", "LogConfig", "ModelConfig",
+           "MoEConfig", "MorphConfig", "NeuronPlasticityConfig", "PlasticityConfig", "SourceConfig", "TrainConfig", "apply_overrides",
            "config_changes", "config_from_dict", "dump_config", "find_config", "is_unsafe", "load_config",
-           "read_yaml", "setting"]
+           "normalise", "read_yaml", "setting"]

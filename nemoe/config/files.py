@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from nemoe.config.init_from import adopt_source
-from nemoe.config.sections import Config, config_from_dict
+from nemoe.config.sections import Config, alias_key, config_from_dict, normalise
 from nemoe.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -46,7 +46,9 @@ def read_yaml(path: Path) -> dict:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings; values are parsed as YAML scalars."""
+    """Apply `section.key=value` strings; values are parsed as YAML scalars. Old section spellings
+    (sections.ALIASES: `morph.interval=7`), in `raw` or in a key, are read as their sections now."""
+    raw = normalise(raw)
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -58,7 +60,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError:
             value = text
         node = raw
-        parts = key.strip().split(".")
+        parts = alias_key(key.strip()).split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part, {}), dict):
                 problems.append(f"--set {key}: {part} is not a section")

@@ -235,11 +235,14 @@ def derive_seed(run_seed: int, section: str) -> int:
 
 
 def resolve_seeds(section, run_seed: int, where: str = "") -> None:
-    """Set every `seed` field left None in the section tree to `derive_seed(run_seed, its section)`."""
+    """Set every `seed` field left None in the section tree to `derive_seed(run_seed, its section)`.
+
+    A section's label is its dotted path, or the field's `seed_label` metadata where one is given:
+    a section moved to a new path keeps its old label, so its derived seed does not change."""
     for f in fields(section):
         value = getattr(section, f.name)
         if is_dataclass(value):
-            resolve_seeds(value, run_seed, join(where, f.name))
+            resolve_seeds(value, run_seed, f.metadata.get("seed_label", join(where, f.name)))
         elif f.name == "seed" and value is None:
             setattr(section, f.name, derive_seed(run_seed, where))
 

@@ -1,6 +1,7 @@
-"""The `plasticity` section of the run config: neuron apoptosis, attention-head prune/grow and
-layer senescence (all off by default). Expert morphogenesis is the `morph` section in
-nemoe/config/sections.py; the mechanisms themselves live in nemoe/plasticity/.
+"""The `plasticity` section of the run config: expert morphogenesis (on by default; older files
+call the section `morph:`, read as `plasticity.experts`, see ALIASES in nemoe/config/sections.py),
+neuron apoptosis, attention-head prune/grow and layer senescence (off by default); the mechanisms
+themselves live in nemoe/plasticity/.
 
 Fields follow nemoe/config/lib.py's conventions (see nemoe/config/__init__.py): type, bounds and
 resume safety on the field, a docstring under it, and each section's cross-field rules
@@ -14,6 +15,76 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nemoe.config.lib import setting
+
+
+@dataclass
+class ExpertPlasticityConfig:
+    """Expert morphogenesis (nemoe/plasticity/experts.py): split, crossover, probation, prune and the
+    growth schedule. Older files spell the section `morph:` (ALIASES in nemoe/config/sections.py)."""
+
+    enabled: bool = True
+    """Run the morphogenesis controller; false gives the static-MoE baseline."""
+    interval: int = setting(1000, gt=0)
+    """Optimizer steps between controller decisions."""
+    split_usage: float = setting(0.35, le=1)
+    """An expert whose usage share over the interval exceeds this may split."""
+    prune_usage: float = setting(0.02, ge=0)
+    """An expert whose usage share over the interval is below this may be pruned."""
+    crossover_prob: float = setting(0.1, ge=0, le=1)
+    """Chance per layer and interval of a crossover when nothing split and a slot is free."""
+    crossover_alpha: float = setting(0.5, ge=0, le=1)
+    """Child = alpha * parent A + (1 - alpha) * parent B (parameters and router row)."""
+    mutation_std: float = setting(0.01, ge=0)
+    """Std of a split child's mutation noise, relative to each parameter's RMS."""
+    probation_steps: int = setting(2000, ge=0)
+    """Steps a newborn is immune to pruning before its review."""
+    probation_min_usage: float = setting(0.05, ge=0, le=1)
+    """Usage share a newborn must reach by its review, else it is removed (failed_probation)."""
+    cooldown_intervals: int = setting(2, ge=0)
+    """After a newborn fails probation, its parents may not split for this many intervals (the
+    failing decision included), so a busy parent does not refill the freed slot with a copy of
+    the child that just failed; 0: no cool-down."""
+    ramp_steps: int = setting(0, ge=0)
+    """Steps over which a newborn's routing weight opens from 0 to 1; 0 means probation_steps // 2."""
+    usage_ema: float = setting(0.5, ge=0, lt=1)
+    """Smoothing of the usage average across intervals (fitness): ema = a * ema + (1 - a) * usage."""
+    seed: int | None = None
+    """Seed of the controller's own generator (decisions and mutation noise). None (default):
+    derived from train.seed when the config is built; an explicit value always wins."""
+    grow_until: float | None = setting(None, gt=0, le=1)
+    """Growth schedule: the share of the run (train.total_tokens) by which every layer has grown from
+    moe.experts_init to moe.experts_max experts; the target rises linearly over the decisions up to
+    there, and births follow it only (split_usage and crossover_prob play no part; probation and
+    pruning still apply, and the schedule refills what they free). Needs plasticity.experts.enabled
+    and moe.experts_max > moe.experts_init. None: no schedule."""
+    split_by: Literal["usage", "gradient"] = "usage"
+    """Growth schedule: which graduated expert a scheduled birth copies: usage (the most used over
+    the last interval) or gradient (the largest gradient utility: the sum over the interval's
+    applied steps of the squared norm of its weights' gradient; docs/architecture.md, Growth
+    schedule). gradient needs grow_until."""
+
+    def check(self, cfg) -> list[str]:
+        problems = []
+        key = "plasticity.experts"
+        if self.prune_usage >= self.split_usage:
+            problems.append(f"{key}.prune_usage ({self.prune_usage}) must be < {key}.split_usage "
+                            f"({self.split_usage})")
+        if self.grow_until is not None:
+            moe = cfg.moe
+            if not self.enabled:
+                problems.append(f"{key}.grow_until needs {key}.enabled: true (the schedule's births are "
+                                "morphogenesis decisions)")
+            if moe.experts_max <= moe.experts_init:
+                problems.append(f"{key}.grow_until: moe.experts_max ({moe.experts_max}) must be > "
+                                f"moe.experts_init ({moe.experts_init}), else there is nothing to grow")
+            if 0 < self.grow_until <= 1 and self.grow_until * cfg.total_steps() < self.interval:
+                problems.append(f"{key}.grow_until ({self.grow_until}) x {cfg.total_steps()} steps leaves no "
+                                f"morph decision ({key}.interval {self.interval}) to grow at: raise grow_until "
+                                f"or lower {key}.interval")
+        elif self.split_by == "gradient":
+            problems.append(f"{key}.split_by: {self.split_by} chooses the parents of scheduled births; "
+                            f"set {key}.grow_until too")
+        return problems
 
 
 @dataclass
@@ -189,10 +260,17 @@ class LayerPlasticityConfig:
         return problems
 
 
+# The class's name before the section moved under `plasticity:` (it was the top-level `morph`).
+MorphConfig = ExpertPlasticityConfig
+
+
 @dataclass
 class PlasticityConfig:
-    """Structural plasticity at granularities other than whole experts (all off by default)."""
+    """Structural plasticity at every granularity: experts (on by default), neuron, heads, layers (off)."""
 
+    # The experts section's derived seed keeps the label of its old path, "morph" (derive_seed in
+    # lib.py hashes the label): every run seeded before the move reproduces bit-identically.
+    experts: ExpertPlasticityConfig = field(default_factory=ExpertPlasticityConfig, metadata={"seed_label": "morph"})
     neuron: NeuronPlasticityConfig = field(default_factory=NeuronPlasticityConfig)
     heads: HeadPlasticityConfig = field(default_factory=HeadPlasticityConfig)
     layers: LayerPlasticityConfig = field(default_factory=LayerPlasticityConfig)

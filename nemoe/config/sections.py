@@ -96,71 +96,6 @@ class MoEConfig:
 
 
 @dataclass
-class MorphConfig:
-    enabled: bool = True
-    """Run the morphogenesis controller; false gives the static-MoE baseline."""
-    interval: int = setting(1000, gt=0)
-    """Optimizer steps between controller decisions."""
-    split_usage: float = setting(0.35, le=1)
-    """An expert whose usage share over the interval exceeds this may split."""
-    prune_usage: float = setting(0.02, ge=0)
-    """An expert whose usage share over the interval is below this may be pruned."""
-    crossover_prob: float = setting(0.1, ge=0, le=1)
-    """Chance per layer and interval of a crossover when nothing split and a slot is free."""
-    crossover_alpha: float = setting(0.5, ge=0, le=1)
-    """Child = alpha * parent A + (1 - alpha) * parent B (parameters and router row)."""
-    mutation_std: float = setting(0.01, ge=0)
-    """Std of a split child's mutation noise, relative to each parameter's RMS."""
-    probation_steps: int = setting(2000, ge=0)
-    """Steps a newborn is immune to pruning before its review."""
-    probation_min_usage: float = setting(0.05, ge=0, le=1)
-    """Usage share a newborn must reach by its review, else it is removed (failed_probation)."""
-    cooldown_intervals: int = setting(2, ge=0)
-    """After a newborn fails probation, its parents may not split for this many intervals (the
-    failing decision included), so a busy parent does not refill the freed slot with a copy of
-    the child that just failed; 0: no cool-down."""
-    ramp_steps: int = setting(0, ge=0)
-    """Steps over which a newborn's routing weight opens from 0 to 1; 0 means probation_steps // 2."""
-    usage_ema: float = setting(0.5, ge=0, lt=1)
-    """Smoothing of the usage average across intervals (fitness): ema = a * ema + (1 - a) * usage."""
-    seed: int | None = None
-    """Seed of the controller's own generator (decisions and mutation noise). None (default):
-    derived from train.seed when the config is built; an explicit value always wins."""
-    grow_until: float | None = setting(None, gt=0, le=1)
-    """Growth schedule: the share of the run (train.total_tokens) by which every layer has grown from
-    moe.experts_init to moe.experts_max experts; the target rises linearly over the decisions up to
-    there, and births follow it only (split_usage and crossover_prob play no part; probation and
-    pruning still apply, and the schedule refills what they free). Needs morph.enabled and
-    moe.experts_max > moe.experts_init. None: no schedule."""
-    split_by: Literal["usage", "gradient"] = "usage"
-    """Growth schedule: which graduated expert a scheduled birth copies: usage (the most used over
-    the last interval) or gradient (the largest gradient utility: the sum over the interval's
-    applied steps of the squared norm of its weights' gradient; docs/architecture.md, Growth
-    schedule). gradient needs grow_until."""
-
-    def check(self, cfg: Config) -> list[str]:
-        problems = []
-        if self.prune_usage >= self.split_usage:
-            problems.append(f"morph.prune_usage ({self.prune_usage}) must be < morph.split_usage ({self.split_usage})")
-        if self.grow_until is not None:
-            moe = cfg.moe
-            if not self.enabled:
-                problems.append("morph.grow_until needs morph.enabled: true (the schedule's births are "
-                                "morphogenesis decisions)")
-            if moe.experts_max <= moe.experts_init:
-                problems.append(f"morph.grow_until: moe.experts_max ({moe.experts_max}) must be > "
-                                f"moe.experts_init ({moe.experts_init}), else there is nothing to grow")
-            if 0 < self.grow_until <= 1 and self.grow_until * cfg.total_steps() < self.interval:
-                problems.append(f"morph.grow_until ({self.grow_until}) x {cfg.total_steps()} steps leaves no "
-                                f"morph decision (morph.interval {self.interval}) to grow at: raise grow_until "
-                                f"or lower morph.interval")
-        elif self.split_by == "gradient":
-            problems.append(f"morph.split_by: {self.split_by} chooses the parents of scheduled births; "
-                            f"set morph.grow_until too")
-        return problems
-
-
-@dataclass
 class TrainConfig:
     batch_size: int = setting(16, gt=0)
     """Sequences per micro-batch."""
@@ -190,7 +125,7 @@ class TrainConfig:
     fp16 / bf16 also run on CPU through CPU autocast: correct but slow (to test the T4 path)."""
     seed: int = 1337
     """The run seed: model init, dropout and sampling, and every other section's seed left at
-    None (morph, data, plasticity.neuron / heads / layers) is derived from it."""
+    None (data, plasticity.experts / neuron / heads / layers) is derived from it."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N. auto picks CUDA when present."""
     activation_checkpointing: bool = False
@@ -267,7 +202,6 @@ class Config:
     """Run name used when --run-name is not given (set from the config file's name)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
-    morph: MorphConfig = field(default_factory=MorphConfig)
     plasticity: PlasticityConfig = field(default_factory=PlasticityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -294,7 +228,8 @@ class Config:
 
     @property
     def ramp_steps(self) -> int:
-        return self.morph.ramp_steps or max(1, self.morph.probation_steps // 2)
+        experts = self.plasticity.experts
+        return experts.ramp_steps or max(1, experts.probation_steps // 2)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -304,11 +239,54 @@ class Config:
 # world_size: the trainer takes it from torchrun and keeps it in the checkpoint's "trainer" state.
 RETIRED_KEYS = ("world_size",)
 
+# Old spelling -> the section's path now. Read wherever a config dict enters (config_from_dict,
+# `--set` in files.py, config_changes), so a YAML file, a run's config.yaml, a checkpoint's config
+# or a committed study summary written with the old spelling means what it meant.
+ALIASES = {"morph": "plasticity.experts"}
+
+
+def alias_key(key: str) -> str:
+    """A dotted key with an old section spelling replaced: morph.interval -> plasticity.experts.interval."""
+    for old, new in ALIASES.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return key
+
+
+def normalise(raw: dict) -> dict:
+    """`raw` (nested dicts, YAML shape) with every aliased section moved to its path now; a copy
+    where anything moved. Both spellings of one section at once is a UserError naming both."""
+    if not isinstance(raw, dict) or not any(old in raw for old in ALIASES):
+        return raw
+    raw = dict(raw)
+    for old, new in ALIASES.items():
+        if old not in raw:
+            continue
+        *parents, name = new.split(".")
+        node, where = raw, []
+        for part in parents:
+            where.append(part)
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise UserError(f"config: {old} is read as {new}, but {'.'.join(where)} is not a section "
+                                f"(got {child!r})")
+            node[part] = child = dict(child)
+            node = child
+        if name in node:
+            raise UserError(f"config: both {old} (the old spelling) and {new} are given; they are one "
+                            f"section: keep {new} only")
+        node[name] = raw.pop(old)
+    return raw
+
 
 def config_from_dict(raw: dict) -> Config:
-    """Build and validate a Config from nested dicts (YAML shape); every problem in one UserError."""
+    """Build and validate a Config from nested dicts (YAML shape; old spellings in ALIASES are read
+    as their sections now); every problem in one UserError."""
     if not isinstance(raw, dict):
         raise UserError(f"config: expected a mapping of sections, got {raw!r}")
+    raw = normalise(raw)
     problems: list[str] = []
     cfg = configlib.build(Config, {k: v for k, v in raw.items() if k not in RETIRED_KEYS}, "", problems)
     if not problems:  # wrong types first: values replaced by defaults would mislead the checks
@@ -324,8 +302,9 @@ def config_from_dict(raw: dict) -> Config:
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) for every key that differs; `name` and retired keys are ignored.
-    A key the saved config lacks (a setting added after it was written) counts as its default."""
-    return configlib.changes(saved, now, ignore=("name", *RETIRED_KEYS),
+    A key the saved config lacks (a setting added after it was written) counts as its default; old
+    section spellings (ALIASES) compare as their sections now."""
+    return configlib.changes(normalise(saved), normalise(now), ignore=("name", *RETIRED_KEYS),
                              defaults=configlib.flatten(Config().to_dict()))
 
 

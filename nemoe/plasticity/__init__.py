@@ -1,6 +1,6 @@
 """Structural plasticity at every granularity, run by one container.
 
-    experts  expert morphogenesis (the `morph` section): split, crossover, probation, prune
+    experts  expert morphogenesis (plasticity.experts): split, crossover, probation, prune
     neuron   neuron apoptosis inside experts (plasticity.neuron)
     heads    attention-head prune / grow through gates (plasticity.heads)
     layers   layer senescence: blocks age, die and are reborn (plasticity.layers)
@@ -34,7 +34,7 @@ class Plasticity:
 
     def __init__(self, cfg, model: torch.nn.Module, probe_batch: torch.Tensor):
         self.experts = ExpertMorphogenesis(cfg, model, probe_batch)
-        enabled = [name for name, section in vars(cfg.plasticity).items() if section.enabled]
+        enabled = [name for name, section in vars(cfg.plasticity).items() if name in REGISTRY and section.enabled]
         self.mechanisms: list[Mechanism] = [self.experts] + [REGISTRY[n](cfg, model, probe_batch) for n in enabled]
 
     def __iter__(self):

@@ -132,7 +132,7 @@ class Mechanism:
     """Base of one structural mechanism; `section` is its config (enabled, interval, ...)."""
 
     granularity = ""   # expert | neuron | head | layer: the events.csv `granularity` column
-    config_key = ""    # its section under `plasticity:` (experts: the `morph` section)
+    config_key = ""    # its section under `plasticity:` (experts; older files spell it `morph:`)
 
     def __init__(self, cfg, model: torch.nn.Module, probe_batch: torch.Tensor):
         """model: the bare NemoeLM (never a DDP or compiled wrapper); probe_batch: fixed

@@ -256,13 +256,13 @@ class ExpertMorphogenesis(Mechanism):
 
     @classmethod
     def config_section(cls, cfg):
-        return cfg.morph
+        return cfg.plasticity.experts
 
     def __init__(self, cfg, model, probe_batch=None):
         super().__init__(cfg, model, probe_batch)
-        self.morph, self.moe = cfg.morph, cfg.moe
+        self.morph, self.moe = cfg.plasticity.experts, cfg.moe
         self.ramp_steps = cfg.ramp_steps
-        self.generator = torch.Generator().manual_seed(cfg.morph.seed)
+        self.generator = torch.Generator().manual_seed(cfg.plasticity.experts.seed)
         self.records: list[list[ExpertRecord | None]] = []
         self.next_id = 0
         self.last_decision: tuple[int, list[list[float]]] | None = None   # for the logs, not checkpointed
@@ -282,7 +282,7 @@ class ExpertMorphogenesis(Mechanism):
         self.param_steps = ParamSteps(model, self.expert_counts)
         self._saved_param_steps: int | None = 0
         self.grad_utility = None
-        if cfg.morph.grow_until is not None and cfg.morph.split_by == "gradient":
+        if self.morph.grow_until is not None and self.morph.split_by == "gradient":
             self.grad_utility = torch.zeros(cfg.model.n_layers, cfg.moe.experts_max, dtype=torch.float64,
                                             device=self.usage_counts.device)
 

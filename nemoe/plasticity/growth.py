@@ -1,4 +1,4 @@
-"""The growth schedule of expert morphogenesis (morph.grow_until, morph.split_by).
+"""The growth schedule of expert morphogenesis (plasticity.experts.grow_until and .split_by).
 
 A run starts with moe.experts_init experts per layer and reaches moe.experts_max by
 `grow_until` x the run's steps. The target rises linearly over the morph decisions up

@@ -62,15 +62,17 @@ def _only_mechanism(name: str | None) -> list[str]:
 def _grow(split_by: str) -> Callable[[Config], list[str]]:
     # Births by the schedule only; no pruning (prune_usage 0) and every newborn graduates
     # (probation_min_usage 0), so the pool grows as scheduled and stays at experts_max.
-    return lambda cfg: ["morph.enabled=true", f"morph.grow_until={GROW_UNTIL}", f"morph.split_by={split_by}",
-                        "morph.prune_usage=0", "morph.probation_min_usage=0", *_only_mechanism(None)]
+    return lambda cfg: ["plasticity.experts.enabled=true", f"plasticity.experts.grow_until={GROW_UNTIL}",
+                        f"plasticity.experts.split_by={split_by}", "plasticity.experts.prune_usage=0",
+                        "plasticity.experts.probation_min_usage=0", *_only_mechanism(None)]
 
 
 def _dense(cfg: Config) -> list[str]:
     # One slot of width top_k * d_expert: the FLOPs and active parameters per token of
     # the top-k MoE, as a plain FFN (a one-slot MoELayer is exactly a dense FFN).
     return ["moe.experts_init=1", "moe.experts_min=1", "moe.experts_max=1", "moe.top_k=1",
-            "morph.enabled=false", f"model.d_expert={cfg.moe.top_k * cfg.d_expert}", *_only_mechanism(None)]
+            "plasticity.experts.enabled=false", f"model.d_expert={cfg.moe.top_k * cfg.d_expert}",
+            *_only_mechanism(None)]
 
 
 # plasticity.neuron variants (static experts): functional turnover with and without newborn
@@ -90,28 +92,29 @@ NEURON_METHODS = [
 STRATEGIES = {s.name: s for s in [
     Strategy("dense", "one FFN, same active parameters per token as the MoE", _dense),
     Strategy("static_moe", "the MoE with its initial experts, no morphogenesis",
-             lambda cfg: ["morph.enabled=false", *_only_mechanism(None)]),
+             lambda cfg: ["plasticity.experts.enabled=false", *_only_mechanism(None)]),
     Strategy("static_max", "the MoE with experts_max experts from step 0 (the final size morphogenesis "
              "may grow to), no morphogenesis",
-             lambda cfg: ["morph.enabled=false", f"moe.experts_init={cfg.moe.experts_max}", *_only_mechanism(None)]),
+             lambda cfg: ["plasticity.experts.enabled=false", f"moe.experts_init={cfg.moe.experts_max}",
+                          *_only_mechanism(None)]),
     Strategy("morph", "expert morphogenesis: split, prune, crossover, probation",
-             lambda cfg: ["morph.enabled=true", *_only_mechanism(None)]),
+             lambda cfg: ["plasticity.experts.enabled=true", *_only_mechanism(None)]),
     Strategy("morph_bias", "morphogenesis with auxiliary-loss-free balancing (moe.balance=bias: a selection "
              "bias instead of the load-balance loss)",
-             lambda cfg: ["morph.enabled=true", "moe.balance=bias", *_only_mechanism(None)]),
+             lambda cfg: ["plasticity.experts.enabled=true", "moe.balance=bias", *_only_mechanism(None)]),
     Strategy("grow", f"growth schedule: from experts_init to experts_max experts by {GROW_UNTIL:g} of the run "
-             "(morph.grow_until), each birth copying the most-used expert (split_by usage); no pruning, every "
-             "newborn graduates", _grow("usage"), in_default_grid=False),
+             "(plasticity.experts.grow_until), each birth copying the most-used expert (split_by usage); no "
+             "pruning, every newborn graduates", _grow("usage"), in_default_grid=False),
     Strategy("grow_grad", f"growth schedule: from experts_init to experts_max experts by {GROW_UNTIL:g} of the run, "
              "each birth copying the expert of largest gradient utility (split_by gradient); no pruning, every "
              "newborn graduates", _grow("gradient"), in_default_grid=False),
     *[Strategy(m, f"plasticity.{m} alone (static experts)",
-               (lambda cfg, m=m: ["morph.enabled=false", *_only_mechanism(m)]), mechanism=m)
+               (lambda cfg, m=m: ["plasticity.experts.enabled=false", *_only_mechanism(m)]), mechanism=m)
       for m in MECHANISMS],
     Strategy("static_wd0", "static_moe with train.weight_decay=0 (to induce plasticity loss)",
-             lambda cfg: ["morph.enabled=false", "train.weight_decay=0", *_only_mechanism(None)],
+             lambda cfg: ["plasticity.experts.enabled=false", "train.weight_decay=0", *_only_mechanism(None)],
              in_default_grid=False),
-    *[Strategy(name, about, (lambda cfg, sets=sets: ["morph.enabled=false", *_only_mechanism("neuron"),
+    *[Strategy(name, about, (lambda cfg, sets=sets: ["plasticity.experts.enabled=false", *_only_mechanism("neuron"),
                                                       *[f"plasticity.neuron.{x}" for x in sets]]),
                mechanism="neuron", in_default_grid=False) for name, about, sets in NEURON_METHODS],
 ]}
