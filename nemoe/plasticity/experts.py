@@ -1,4 +1,4 @@
-"""Expert morphogenesis (the `morph` section): experts split, cross over, serve probation and die.
+"""Expert morphogenesis (the `plasticity.experts` section): experts split, cross over, serve probation and die.
 
 Two halves, kept apart so each can be read and tested alone:
 
@@ -10,9 +10,9 @@ Two halves, kept apart so each can be read and tested alone:
        next `cooldown_intervals` - 1 (their `cooldown_until` step);
     2. split: the most-used graduated expert above `split_usage` that is not
        cooling down is cloned into a free slot (with relative mutation noise);
-       under a growth schedule (morph.grow_until, nemoe/plasticity/growth.py)
+       under a growth schedule (plasticity.experts.grow_until, nemoe/plasticity/growth.py)
        instead: as many graduated experts as the layer lacks of the schedule's
-       target, chosen by usage or gradient utility (morph.split_by);
+       target, chosen by usage or gradient utility (plasticity.experts.split_by);
     3. crossover (never under a growth schedule): if nothing split and a slot is free, with probability
        `crossover_prob`, two graduated parents drawn in proportion to their
        fitness are blended into a child;
@@ -114,7 +114,7 @@ def plan_layer(records: list[ExpertRecord | None], usage: list[float], morph, to
     """Decide one layer's actions for this interval (pure except for `generator`).
 
     records: per slot, the live expert or None; usage: per slot share of
-    token-choices over the interval; morph: the MorphConfig; growth: the schedule's
+    token-choices over the interval; morph: the plasticity.experts section; growth: the schedule's
     births at this decision (None: no schedule, births by the usage rule and crossover).
     """
     actions: list[Action] = []
@@ -248,15 +248,11 @@ class ExpertMorphogenesis(Mechanism):
     """Owns the expert records and the decision generator; acts on the model's MoE layers.
 
     Always built (the records name every expert in the logs, also in a static-MoE
-    run); acts only when `morph.enabled`.
+    run); acts only when `plasticity.experts.enabled`.
     """
 
     granularity = "expert"
     config_key = "experts"
-
-    @classmethod
-    def config_section(cls, cfg):
-        return cfg.plasticity.experts
 
     def __init__(self, cfg, model, probe_batch=None):
         super().__init__(cfg, model, probe_batch)
@@ -271,7 +267,7 @@ class ExpertMorphogenesis(Mechanism):
         # (L, E) this rank's token-choices per slot over the applied steps since the last decision.
         self.usage_counts = torch.zeros(cfg.model.n_layers, cfg.moe.experts_max, dtype=torch.long,
                                         device=self.layers[0].usage_counts.device)
-        # Growth schedule (morph.grow_until): the run's steps (the schedule is a share of them) and,
+        # Growth schedule (plasticity.experts.grow_until): the run's steps (the schedule is a share of them) and,
         # for split_by: gradient, the (L, E) gradient utility since the last decision (sum over the
         # applied steps of each slot's squared expert-gradient norm; the same on every rank).
         self.total_steps = cfg.total_steps(world_size())
