@@ -137,8 +137,9 @@ def declared_lines(d: Declaration) -> list[str]:
                      f"equivalent' when the 95% CI lies entirely outside it; else 'inconclusive')")
     if d.noninferiority is not None:
         lines.append(f"- non-inferiority margin +{d.noninferiority:g} nats ('non-inferior' when the 95% "
-                     f"CI's upper bound lies below +{d.noninferiority:g}; 'inferior' when its lower bound "
-                     f"lies above it; else 'inconclusive')")
+                     f"CI's upper bound lies below +{d.noninferiority:g}, i.e. the one-sided p shown beside "
+                     f"it is below {d.alpha / 2:g}; 'inferior' when its lower bound lies above it; else "
+                     f"'inconclusive')")
     if d.finished_before:
         lines.append(f"- **declared after {len(d.finished_before)} run(s) had finished**: "
                      + ", ".join(d.finished_before))
