@@ -61,7 +61,11 @@ def strategy_order(plan: Plan) -> list[str]:
 def report_header(plan: Plan, title: str) -> list[str]:
     b = plan.base
     seeds = sorted({r.seed for r in plan.runs})
-    return [f"# {title}", "", f"Reproduce: `{plan.command}`", "",
+    # A rebuild reproduces the report only: the runs come from the command the study declared with.
+    recorded = plan.declared.command if plan.rebuild and plan.declared is not None else ""
+    reproduce = f"Reproduce: `{recorded}` (this report rebuilt by `{plan.command}`)" if recorded \
+        else f"Reproduce: `{plan.command}`"
+    return [f"# {title}", "", reproduce, "",
             f"Config `{plan.config}` · seeds {', '.join(map(str, seeds))} (seed s sets train.seed; the data, "
             f"morph and plasticity seeds derive from it) · {b.tokens_per_step():,} tokens/step · held-out: {b.eval.batches} fixed batches × "
             f"{b.eval.batch_size} sequences per source, the same for every run ({heldout_sizes(b)}).", "",
