@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nemoe import memory
 from nemoe.distributed import sum_over_ranks
 from nemoe.model import NemoeLM, split_block
-from nemoe.plasticity.experts import slot_params
+from nemoe.plasticity.expert_surgery import slot_params
 from nemoe.pretrained import import_weights
 from nemoe.runtime import Runtime
 from nemoe.slot_optim import SlotAdamW

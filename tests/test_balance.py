@@ -17,7 +17,7 @@ import nemoe.train_module as train_module
 from nemoe import checkpoint_layout as layout
 from nemoe.model import NemoeLM, split_block
 from nemoe.moe import MoELayer
-from nemoe.plasticity.experts import blend_slots, clear_slot, copy_slot, open_slot
+from nemoe.plasticity.expert_surgery import blend_slots, clear_slot, copy_slot, open_slot
 from nemoe.runtime import Runtime
 from nemoe.train_module import TrainModule
 from tests.conftest import tiny_config

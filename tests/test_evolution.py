@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nemoe.model import NemoeLM, split_block
-from nemoe.plasticity.experts import (ExpertMorphogenesis, ExpertRecord, blend_slots, clear_slot, copy_slot,
-                                      open_slot, plan_layer, slot_params)
+from nemoe.plasticity.expert_surgery import blend_slots, clear_slot, copy_slot, open_slot, slot_params
+from nemoe.plasticity.experts import ExpertMorphogenesis, ExpertRecord, plan_layer
 from tests.conftest import act, tiny_config
 
 

@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 
-from nemoe.plasticity.experts import blend_slots, clear_slot, copy_slot, open_slot, slot_params
+from nemoe.plasticity.expert_surgery import blend_slots, clear_slot, copy_slot, open_slot, slot_params
 from nemoe.runtime import Runtime
 from nemoe.slot_optim import SlotAdamW, state_bytes
 from nemoe.train_module import TrainModule

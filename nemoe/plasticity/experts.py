@@ -20,7 +20,7 @@ Two halves, kept apart so each can be read and tested alone:
        if the layer keeps at least `experts_min` graduated experts.
   Fitness is an expert's usage share averaged across intervals (an EMA): the
   traffic the router chooses to give it, which is what the layer pays it for.
-* surgery -- `copy_slot`, `blend_slots`, `clear_slot` write parameter slots and
+* surgery (nemoe/plasticity/expert_surgery.py) -- `copy_slot`, `blend_slots`, `clear_slot` write parameter slots and
   the matching slots of every optimizer state tensor; nothing is rebuilt, and the
   optimizer, GradScaler and LR schedule are never reset.
 
@@ -56,8 +56,8 @@ import torch
 
 from nemoe.distributed import sum_over_ranks, world_size
 from nemoe.moe import MoELayer
-from nemoe.plasticity.base import (ActContext, Event, LayerShift, Mechanism, add_relative_noise_, element_states,
-                                   shift_rows)
+from nemoe.plasticity.base import ActContext, Event, LayerShift, Mechanism, shift_rows
+from nemoe.plasticity.expert_surgery import blend_slots, clear_slot, copy_slot, open_slot
 from nemoe.plasticity.growth import Growth, ParamSteps, growth_decisions, growth_target, slot_grad_sq
 from nemoe.schema import TB_USAGE_TAG, layer_column
 
@@ -181,63 +181,6 @@ def plan_layer(records: list[ExpertRecord | None], usage: list[float], morph, to
         if usage[low] < morph.prune_usage:
             actions.append(Action("prune", low, usage=usage[low], threshold=morph.prune_usage))
     return actions
-
-
-# --------------------------------------------------------------------------- #
-# Surgery: parameter slots and their optimizer state
-# --------------------------------------------------------------------------- #
-
-def slot_params(layer: MoELayer) -> list[torch.nn.Parameter]:
-    """Every parameter of the layer that has the expert slot as its first axis."""
-    e = layer.experts
-    return [e.w_in, e.b_in, e.w_out, e.b_out, layer.router.weight]
-
-
-@torch.no_grad()
-def copy_slot(layer: MoELayer, optimizer, src: int, dst: int, mutation_std: float,
-              generator: torch.Generator) -> None:
-    """dst := src + noise, noise ~ N(0, (mutation_std * RMS(src tensor))^2); moments and
-    selection bias copied."""
-    if layer.select_bias is not None:
-        layer.select_bias[dst] = layer.select_bias[src]
-    for p in slot_params(layer):
-        p[dst] = p[src]
-        if mutation_std > 0:
-            add_relative_noise_(p[dst], p[src], mutation_std, generator)
-        for s in element_states(optimizer, p):
-            s[dst] = s[src]
-
-
-@torch.no_grad()
-def blend_slots(layer: MoELayer, optimizer, a: int, b: int, dst: int, alpha: float) -> None:
-    """dst := alpha * a + (1 - alpha) * b, for parameters, router rows, moments and selection bias."""
-    if layer.select_bias is not None:
-        layer.select_bias[dst] = alpha * layer.select_bias[a] + (1 - alpha) * layer.select_bias[b]
-    for p in slot_params(layer):
-        p[dst] = alpha * p[a] + (1 - alpha) * p[b]
-        for s in element_states(optimizer, p):
-            s[dst] = alpha * s[a] + (1 - alpha) * s[b]
-
-
-@torch.no_grad()
-def clear_slot(layer: MoELayer, optimizer, slot: int) -> None:
-    """Free a slot: no routing, zero parameters, moments and selection bias."""
-    layer.active[slot] = False
-    layer.route_offset[slot] = -math.inf
-    layer.usage_counts[slot] = 0
-    if layer.select_bias is not None:
-        layer.select_bias[slot] = 0
-    for p in slot_params(layer):
-        p[slot] = 0
-        for s in element_states(optimizer, p):
-            s[slot] = 0
-
-
-def open_slot(layer: MoELayer, slot: int) -> None:
-    """Make a slot live with routing weight 0 (opened later by the ramp)."""
-    layer.active[slot] = True
-    layer.route_offset[slot] = -math.inf
-    layer.usage_counts[slot] = 0
 
 
 # --------------------------------------------------------------------------- #
