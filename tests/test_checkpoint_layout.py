@@ -15,13 +15,16 @@ from nemoe.plasticity.experts import ExpertMorphogenesis
 from tests.conftest import REPO
 
 # What spelling the layout looks like: its own top-level keys as strings or subscripts, a
-# chain of two of its nested keys, or a format string.
+# chain of two of its nested keys, or a format string. (A rank's plasticity part is reached
+# through "ranks", caught on its own: `["plasticity"]["experts"]` alone is also the config's
+# path to the expert section, so that pair is not a layout spelling.)
+_PAIRS = [(a, b) for a in ("plasticity", "experts", "records", "model", "optimizer", "rng", "data", "metrics")
+          for b in ("experts", "records", "model", "optimizer", "state", "usage_counts", "rng", "data", "metrics",
+                    "plasticity") if (a, b) != ("plasticity", "experts")]
 _SPELLINGS = re.compile("|".join([
     r"""["'](ranks|train_module)["']""",
-    r"""\[\s*["'](world_size|elapsed|expert_param_steps)["']\s*\]""",
-    r"""\.get\(\s*["']expert_param_steps["']|["']expert_param_steps["']\s+(not\s+)?in\b""",
-    r"""\[\s*["'](plasticity|experts|records|model|optimizer|rng|data|metrics)["']\s*\]\s*"""
-    r"""\[\s*["'](experts|records|model|optimizer|state|usage_counts|rng|data|metrics|plasticity)["']\s*\]""",
+    r"""\[\s*["'](world_size|elapsed)["']\s*\]""",
+    *[rf"""\[\s*["']{a}["']\s*\]\s*\[\s*["']{b}["']\s*\]""" for a, b in _PAIRS],
     r"""nemoe-checkpoint-v\d""",
 ]))
 
@@ -32,12 +35,13 @@ def _spellings(text: str) -> list[str]:
 
 def test_the_guard_catches_the_old_spellings_and_passes_other_nested_reads():
     caught = ['state["ranks"][0]["plasticity"]["experts"]["records"]', "state['train_module']['model']",
-              'mine["plasticity"]["experts"]', 'if "expert_param_steps" not in state:',
-              'state.get("expert_param_steps", 0)', 'fmt == "nemoe-checkpoint-v1"', 'saved = state["world_size"]']
+              'part["metrics"]["plasticity"]', 'experts["records"]["model"]', 'fmt == "nemoe-checkpoint-v1"',
+              'saved = state["world_size"]']
     for text in caught:
         assert _spellings(text), text
     for text in ('config["model"]["n_layers"]', 'raw["model"]["init_from"]', 't4["train"]["grad_accum"]',
-                 'row.update(expert_param_steps=1)', 'RETIRED_KEYS = ("world_size",)'):
+                 'raw["plasticity"]["experts"]["interval"] = 5', 'row["expert_param_steps"] = 1',
+                 'RETIRED_KEYS = ("world_size",)'):
         assert not _spellings(text), text
 
 
