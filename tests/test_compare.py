@@ -323,8 +323,10 @@ def test_a_rebuild_from_committed_rows_alone_matches_the_run_folders(grid, confi
     assert compare(config, grid, *GRID, *DECLARE, "--study", str(study)) == 0
     for run in pd.read_csv(grid / "results.csv")["run"]:
         kept = study / "runs" / run
-        assert sorted(p.name for p in kept.iterdir()) == ["eval.csv", "summary.json"]
+        assert sorted(p.name for p in kept.iterdir()) == ["costs.csv", "eval.csv", "summary.json"]
         assert (kept / "eval.csv").read_bytes() == (grid / "logs" / run / "eval.csv").read_bytes()
+        costs, log = pd.read_csv(kept / "costs.csv"), pd.read_csv(grid / "logs" / run / "training_log.csv")
+        assert costs.equals(log[["step", "elapsed_s", "expert_param_steps"]].astype({"expert_param_steps": float}))
     assert (study / "declared.json").is_file()
     from_runs = {name: (grid / name).read_text() for name in ("report.md", "results.csv", "summary.csv")}
     assert from_runs["report.md"] == (study / "report.md").read_text()

@@ -235,9 +235,14 @@ def test_a_run_without_mechanisms_writes_dormant_fractions(tmp_path):
     from tests.test_trainer import run, set_args
     assert run(tmp_path, "--max-steps", "2", *set_args(["plasticity.experts.enabled=false"])) == 0
     state = pd.read_csv(tmp_path / "logs" / "tiny" / "plasticity.csv")
-    assert set(state["name"]) == {"dormant_0", "dormant_0.025", "dormant_0.1"}
-    assert set(state["granularity"]) == {"neuron"} and sorted(set(state["step"])) == [1, 2]
-    assert len(state) == 2 * 2 * 3 and state["value"].between(0, 1).all()
+    assert set(state["granularity"]) == {"neuron", "expert"}
+    dormant = state[state["granularity"] == "neuron"]
+    assert set(dormant["name"]) == {"dormant_0", "dormant_0.025", "dormant_0.1"} and sorted(set(dormant["step"])) == [1, 2]
+    assert len(dormant) == 2 * 2 * 3 and dormant["value"].between(0, 1).all()
+    # and, as in every run, each live expert's share of its layer's routing since the last row
+    usage = state[state["granularity"] == "expert"]
+    assert set(usage["name"]) == {"usage"} and len(usage) == 2 * 2 * 2   # 2 rows x 2 layers x 2 experts
+    assert (usage.groupby(["step", "layer"])["value"].sum() - 1).abs().max() < 1e-5
 
 
 @pytest.mark.slow
