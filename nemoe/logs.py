@@ -138,7 +138,7 @@ class RunLogger:
         self.eval_csv = CsvLog(log_dir / EVAL_CSV, EVAL_COLUMNS)
         self.state_csv: CsvLog | None = None   # plasticity.csv, opened by the first state row
         self._text = open(log_dir / TEXT_LOG, "a", encoding="utf-8")
-        self.n_layers, self.target_tokens, self.last_step = cfg.model.n_layers, target_tokens, start_step
+        self.target_tokens, self.last_step = target_tokens, start_step
         self.every_steps = cfg.log.every_steps
         self._last_row: tuple[float, int] | None = None   # (time, tokens) of the last training row
         self.tensorboard = self._open_tensorboard(cfg, start_step) if cfg.log.tensorboard else None
