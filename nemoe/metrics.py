@@ -119,5 +119,5 @@ class MetricsWindow:
 
     @classmethod
     def from_state(cls, state: dict, device) -> "MetricsWindow":
-        # (the routing counts an older window held are the expert mechanism's: checkpoint_layout moves them)
-        return cls(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items() if k != "counts"})
+        # (an older window's routing counts were moved to the expert mechanism by checkpoint_layout.read)
+        return cls(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()})
